@@ -1,0 +1,138 @@
+"""What every dataset card is: the raw layout it reads, its classes, its µm/px and how it splits.
+
+A card's ``index`` lists the raw sources (one per image, or per HDF5 row) quickly, without decoding
+pixels, and checks the layout, failing fast with "verify the download". ``read`` then decodes one
+source. Cards hold only their options, so they pickle cleanly into worker processes.
+"""
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..decode import load_rgb
+from ..errors import UserError, verify_download
+
+# HistoKT's default ratios where a dataset (or an official partition) has to be cut: 80/10/10.
+DEFAULT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One raw image (or HDF5 row).
+
+    path: relative to the raw dir, with '/' separators; PCam rows are ``<file>[<row>]``.
+    label: class index, a tuple of 0/1 (multi-label), or None where the label comes from a mask (BCSS).
+    partition: the official split this source belongs to, or "all" where the dataset has none.
+    group: the leakage-safe group key (patient, case, institution or source image).
+    """
+
+    path: str
+    label: object
+    partition: str
+    group: str
+
+
+class Card:
+    """Base class. Subclasses set the class attributes and implement ``index`` (and ``read`` if not files)."""
+
+    name: ClassVar[str]
+    classes: ClassVar[tuple[str, ...]] = ()
+    multi_label: ClassVar[bool] = False
+    mpp: ClassVar[float | None] = None  # native µm/px; None = the user must pass --mpp
+    mpp_source: ClassVar[str] = ""
+    # How each official partition becomes train/valid/test: {partition: {split: ratio}}.
+    split_plan: ClassVar[dict[str, dict[str, float]]] = {"all": DEFAULT_RATIOS}
+    group_rule: ClassVar[str] = "source image"
+    # Known counts of a complete download, {partition: N}; a different count is a warning, not an error.
+    expected_counts: ClassVar[dict[str, int]] = {}
+    # Card options with their defaults; values given on the command line are parsed to the default's type.
+    options: ClassVar[dict[str, object]] = {}
+    # Patch stride if the card's dataset uses a different overlap (BCSS); None = the command's --stride.
+    default_stride: ClassVar[int | None] = None
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise UserError(f"card {self.name}: unknown option {unknown[0]!r} (known options: {known})")
+        self.opts = {**self.options, **options}
+        self.check_options()
+
+    # -- to implement -------------------------------------------------------------------------------------
+    def index(self, raw: Path) -> list[Source]:
+        """List every source under ``raw``; raise ``verify_download(...)`` on a wrong layout."""
+        raise NotImplementedError
+
+    def read(self, raw: Path, source: Source) -> np.ndarray:
+        """Decode one source to (H, W, 3) uint8; raise decode.BadImage for a bad file."""
+        return load_rgb(raw / source.path)
+
+    def read_mask(self, raw: Path, source: Source) -> np.ndarray | None:
+        """Integer label mask aligned with ``read`` (BCSS), or None."""
+        return None
+
+    def mask_label(self, mask_patch: np.ndarray):
+        """Label of a patch from its mask tile (multi-hot tuple), or None to drop it."""
+        raise NotImplementedError
+
+    def check_options(self) -> None:
+        """Validate ``self.opts``; raise UserError naming the option."""
+
+    # -- shared helpers -----------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """The card's identity as stored in the dataset attrs (a different card means a different dataset)."""
+        return {"card": self.name, "options": dict(sorted(self.opts.items()))}
+
+    def require_dir(self, path: Path, what: str) -> Path:
+        if not path.is_dir():
+            raise verify_download(self.name, path, f"expected {what} (a folder)")
+        return path
+
+    def require_file(self, path: Path, what: str) -> Path:
+        if not path.is_file():
+            raise verify_download(self.name, path, f"expected {what} (a file)")
+        return path
+
+    def check_classes(self, found, where) -> None:
+        """The class names found in the raw data must be exactly the card's."""
+        found, want = sorted(set(found)), sorted(self.classes)
+        if found != want:
+            missing = sorted(set(want) - set(found))
+            extra = sorted(set(found) - set(want))
+            detail = "; ".join(
+                s for s in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if s
+            )
+            raise verify_download(self.name, where, f"classes {detail}, expected {list(self.classes)}")
+
+    def count_warnings(self, sources: list[Source]) -> list[str]:
+        """Differences from the known counts (a subset is common): warnings recorded in the store."""
+        out = []
+        for part, want in self.expected_counts.items():
+            got = sum(1 for s in sources if s.partition == part)
+            if got != want:
+                msg = f"{self.name}: {part} has {got} sources, a complete download has {want}"
+                warnings.warn(msg, stacklevel=2)
+                out.append(msg)
+        return out
+
+
+def class_index(classes, name: str, card: str, where) -> int:
+    """Index of a class name, or a clear error naming the unknown class and the file it came from."""
+    try:
+        return classes.index(name)
+    except ValueError:
+        raise verify_download(card, where, f"unknown class {name!r}, expected one of {list(classes)}") from None
+
+
+def image_files(folder: Path, suffixes) -> list[Path]:
+    """Files under ``folder`` (recursively) with one of ``suffixes`` (case-insensitive), sorted."""
+    suffixes = tuple(s.lower() for s in suffixes)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def rel(raw: Path, path: Path) -> str:
+    return path.relative_to(raw).as_posix()

@@ -1,0 +1,12 @@
+"""The one exception type that means "the user gave us something wrong"."""
+
+
+class UserError(Exception):
+    """Bad input: the CLI prints ``histokt: <message>`` on one line and exits with code 2."""
+
+    exit_code = 2
+
+
+def verify_download(dataset: str, path, expectation: str) -> UserError:
+    """A card's layout check failed: name the dataset, the path and what was expected."""
+    return UserError(f"{dataset}: {path}: {expectation}; verify the download")

@@ -1,0 +1,65 @@
+"""Standardization of one image: rescale to the target µm/px, mirror-pad, tile, and reject blank patches.
+
+Follows HistoKT (method.md §2) with one documented difference: the anti-aliased rescale is Pillow's
+bilinear filter with a support widened by the downscale factor (area-aware), not skimage's Gaussian
+pre-blur, so results are close to but not bitwise equal with the original's.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# ITU-R 709 luma weights, as skimage.color.rgb2gray.
+_LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """skimage ``is_low_contrast`` on the gray image: drop if (p_upper - p_lower) / 2 < fraction."""
+
+    fraction: float = 0.05
+    lower_percentile: float = 5.0
+    upper_percentile: float = 99.0
+
+
+def rescaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def rescale(image: np.ndarray, scale: float, labels: bool = False) -> np.ndarray:
+    """Resize by ``scale`` (native µm/px ÷ target µm/px); label masks use nearest neighbour."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = rescaled_size(w, h, scale)
+    if labels:
+        return np.asarray(Image.fromarray(image.astype(np.int32), mode="I").resize(size, Image.NEAREST)).astype(
+            image.dtype
+        )
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, reducing_gap=None))
+
+
+def mirror_pad(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """Pad bottom/right to at least ``patch_size`` by mirroring without repeating the edge pixel."""
+    h, w = image.shape[:2]
+    pad_h, pad_w = max(0, patch_size - h), max(0, patch_size - w)
+    if not (pad_h or pad_w):
+        return image
+    widths = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, widths, mode="reflect")
+
+
+def tile_boxes(height: int, width: int, patch_size: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Full windows only, row-major; each box is (x0, y0, x1, y1) in the rescaled, padded image."""
+    return [
+        (x, y, x + patch_size, y + patch_size)
+        for y in range(0, height - patch_size + 1, stride)
+        for x in range(0, width - patch_size + 1, stride)
+    ]
+
+
+def is_low_contrast(patch: np.ndarray, params: FilterParams) -> bool:
+    gray = patch.reshape(-1, 3).astype(np.float32) @ _LUMA
+    lo, hi = np.percentile(gray, [params.lower_percentile, params.upper_percentile])
+    return (hi - lo) / 2.0 < params.fraction
