@@ -91,7 +91,8 @@ class Osteosarcoma(Card):
                 if not any(cell.strip() for cell in row):
                     continue  # a trailing blank line
                 if len(row) < len(header) or not row[name_col].strip():
-                    raise verify_download(self.name, csv_path, f"row {line} is short or has an empty {NAME_COLUMN}")
+                    detail = f"row {line} is short or has an empty {NAME_COLUMN}"
+                    raise verify_download(self.name, csv_path, detail)
                 rows.append((line, row[name_col].strip(), row[class_col].strip()))
         if not rows:
             raise verify_download(self.name, csv_path, "no data rows")
@@ -106,9 +107,8 @@ class Osteosarcoma(Card):
             )
         if len(found) > 1:
             paths = ", ".join(str(p) for p in found)
-            raise verify_download(
-                self.name, csv_path, f"row {line}: {NAME_COLUMN} {name!r} -> {want!r} matches {len(found)} files: {paths}"
-            )
+            detail = f"row {line}: {NAME_COLUMN} {name!r} -> {want!r} matches {len(found)} files: {paths}"
+            raise verify_download(self.name, csv_path, detail)
         return found[0]
 
     def _check_all_labelled(self, raw, csv_path, by_name, used) -> None:
