@@ -85,7 +85,7 @@ class ADP(Card):
         for root in (raw, raw / RELEASE):
             if (root / CSV_NAME).is_file():
                 return root
-        self.require_dir(raw, f"the '{RELEASE}' folder")
+        self.require_dir(raw, f"the ADP release '{RELEASE}'")
         raise verify_download(self.name, raw / CSV_NAME, f"expected the label CSV of '{RELEASE}' (a file)")
 
     def _read_csv(self, path: Path) -> tuple[list[str], dict[str, tuple]]:
@@ -185,7 +185,7 @@ def load_list(card: str, path: Path) -> np.ndarray:
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise verify_download(
-                card, path, "is a pickled object array, which histokt does not load; re-save it as strings"
+                card, path, "is a pickled object array, which histokt never loads (re-save it as strings or row numbers)"
             ) from None
         raise verify_download(card, path, f"is not a readable .npy file ({exc})") from None
     except OSError as exc:
