@@ -34,11 +34,13 @@ from .cards import CARD_NAMES, card_class, get_card, parse_options
 from .decode import MAX_PIXELS, BadImage
 from .errors import UserError
 from .splits import SPLIT_RULES, check_plan, grouped_splits, patch_splits
-from .store import FORMAT, SPLITS, STAGING, chunk_file, patch_array, small_array, string_array
+from .store import FORMAT, SPLITS, chunk_file, patch_array, small_array, staging_dir, string_array
 from .tiling import FilterParams, is_low_contrast, mirror_pad, rescale, tile_boxes
 
 DEFAULT_STRIDE = 204  # int(272 * (1 - 0.25)): HistoKT's 25 % overlap
-LOCK_STALE_S = 600  # a finalize lock untouched this long belongs to a dead process
+LOCK_STALE_S = 600
+# The root group's metadata, as zarr writes it; written atomically here because shards start concurrently.
+ROOT_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()  # a finalize lock untouched this long belongs to a dead process
 
 
 @dataclass
@@ -132,6 +134,7 @@ def make_plan(cfg: StandardizeConfig):
     """Index the raw data and decide everything that does not need pixels; returns (card, plan dict)."""
     check_config(cfg)
     card = get_card(cfg.dataset, parse_options(card_class(cfg.dataset), cfg.option))
+    card.max_pixels = cfg.max_pixels
     mpp = cfg.mpp if cfg.mpp is not None else card.mpp
     if mpp is None:
         raise UserError(f"card {cfg.dataset} has no known µm/px: pass --mpp (the scanner's µm per pixel)")
@@ -250,7 +253,7 @@ def standardize(cfg: StandardizeConfig) -> dict:
     if existing is not None:
         if existing.get("fingerprint") == plan["fingerprint"]:
             # a kill between the final rename and the clean-up leaves the staging folder behind
-            shutil.rmtree(store / STAGING / name, ignore_errors=True)
+            _remove_staging(staging_dir(store, name))
             return {"dataset": name, "status": "done", "counts": existing["counts"]}
         if not cfg.overwrite:
             raise UserError(
@@ -275,7 +278,7 @@ def standardize(cfg: StandardizeConfig) -> dict:
         _run_parts(todo, cfg.workers, cfg.progress, f"{name} shard {shard}/{nshards}")
     except UserError:
         if nshards == 1:  # nothing half-written stays behind a fatal --strict error
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_staging(staging)
         raise
     missing = [k for k in range(len(plan["parts"])) if not (staging / "parts" / f"p{k:06d}.json").is_file()]
     if missing:
@@ -297,7 +300,7 @@ def _describe(attrs: dict) -> str:
 
 def _prepare_staging(store: Path, name: str, plan: dict, overwrite: bool) -> Path:
     """The staging folder of this dataset, holding a plan identical to ours (or refused)."""
-    staging = store / STAGING / name
+    staging = staging_dir(store, name)
     old = atomic.read_json(staging / "plan.json")
     if old is not None and old["fingerprint"] != plan["fingerprint"]:
         if not overwrite:
@@ -306,8 +309,11 @@ def _prepare_staging(store: Path, name: str, plan: dict, overwrite: bool) -> Pat
                 f"(fingerprint {old['fingerprint']}); re-run it with its own arguments, or pass --overwrite"
             )
         shutil.rmtree(staging)
-    if not store.exists() or not (store / "zarr.json").is_file():
-        zarr.open_group(str(store), mode="a", zarr_format=3)
+    if not (store / "zarr.json").is_file():
+        if store.is_dir() and any(store.iterdir()):
+            raise UserError(f"--store {store}: exists but is not a zarr store; choose a new or existing store path")
+        store.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(store / "zarr.json", ROOT_METADATA)
     (staging / "parts").mkdir(parents=True, exist_ok=True)
     if old is None or old["fingerprint"] != plan["fingerprint"]:
         atomic.write_json(staging / "plan.json", plan)
@@ -461,8 +467,12 @@ def _swap_in(store: Path, name: str, out: Path, staging: Path) -> None:
         os.replace(final, trash)
     os.replace(out, final)
     atomic.fsync_dir(store)
+    _remove_staging(staging)
+
+
+def _remove_staging(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        (store / STAGING).rmdir()
+        staging.parent.rmdir()  # the last dataset of this store to finish removes the shared folder
     except OSError:
         pass

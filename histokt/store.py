@@ -27,7 +27,13 @@ import zarr
 
 FORMAT = "histokt-patches/1"
 SPLITS = ("train", "valid", "test")
-STAGING = ".staging"
+
+
+def staging_dir(store, dataset: str) -> Path:
+    """Work folder of an unfinished dataset: a hidden sibling of the store (zarr warns about foreign
+    folders inside a hierarchy), on the same filesystem so finished files move in by rename."""
+    store = Path(store).absolute()
+    return store.parent / f".{store.name}.staging" / dataset
 
 
 def patch_array(path, n: int, patch_size: int) -> zarr.Array:

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..decode import load_rgb
+from ..decode import MAX_PIXELS, load_rgb
 from ..errors import UserError, verify_download
 
 # HistoKT's default ratios where a dataset (or an official partition) has to be cut: 80/10/10.
@@ -53,6 +53,8 @@ class Card:
     options: ClassVar[dict[str, object]] = {}
     # Patch stride if the card's dataset uses a different overlap (BCSS); None = the command's --stride.
     default_stride: ClassVar[int | None] = None
+    # Largest image decoded; the pipeline sets it from --max-pixels.
+    max_pixels: int = MAX_PIXELS
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))
@@ -69,7 +71,7 @@ class Card:
 
     def read(self, raw: Path, source: Source) -> np.ndarray:
         """Decode one source to (H, W, 3) uint8; raise decode.BadImage for a bad file."""
-        return load_rgb(raw / source.path)
+        return load_rgb(raw / source.path, self.max_pixels)
 
     def read_mask(self, raw: Path, source: Source) -> np.ndarray | None:
         """Integer label mask aligned with ``read`` (BCSS), or None."""

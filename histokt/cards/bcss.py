@@ -168,7 +168,7 @@ class BCSS(Card):
     def read_mask(self, raw: Path, source: Source) -> np.ndarray:
         """The ROI's mask mapped to class numbers (0 = none, c + 1 = classes[c]), checked against the image."""
         path = raw / MASKS / Path(source.path).name
-        mask = load_labels(path)
+        mask = load_labels(path, self.max_pixels)
         width, height = image_size(raw / source.path)
         if mask.shape != (height, width):
             got = f"{mask.shape[1]}x{mask.shape[0]}"
