@@ -49,7 +49,7 @@ def warp(patch: np.ndarray, angle: float, tx: int, ty: int, hflip: bool, vflip: 
     """Flip, then rotate by ``angle`` degrees about the centre, then shift by (tx, ty): one nearest warp."""
     h, w = patch.shape[:2]
     cx, cy = w * 0.5, h * 0.5
-    a = math.radians(angle)
+    a = -math.radians(angle)  # positive = counter-clockwise, as torchvision
     cos, sin = math.cos(a), math.sin(a)
     fx, fy = (-1.0 if hflip else 1.0), (-1.0 if vflip else 1.0)
     # Pillow wants the inverse map, output pixel -> input pixel, in continuous coordinates whose pixel
