@@ -6,6 +6,7 @@ hands the rest of the line to that command's own parser, built from its config d
 
 import argparse
 import sys
+import warnings
 
 from argparse_dataclass import ArgumentParser
 
@@ -31,7 +32,18 @@ def _standardize(argv):
     return 0
 
 
+def _demo(argv):
+    from .demo import DemoConfig, run_demo
+
+    cfg = _parse(DemoConfig, "demo", argv, "Generate a small SYNTHETIC histology collection and run it through histokt.")
+    s = run_demo(cfg)
+    counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items())
+    print(f"demo: standardized synthetic CRC-like data into {cfg.out}/store.zarr/{s['dataset']} ({counts} patches)")
+    return 0
+
+
 COMMANDS = {
+    "demo": (_demo, "a synthetic end-to-end run on this machine (what `make demo` runs)"),
     "standardize": (_standardize, "raw dataset -> standardized 272x272, 1 µm/px patches in a Zarr store"),
 }
 
@@ -58,8 +70,13 @@ def _top_parser():
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    return f"histokt: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _format_warning  # a user reads the message, not our source line
     parser = _top_parser()
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
