@@ -13,14 +13,33 @@ SPLIT_RULES = ("grouped", "patch")
 
 
 def cut_points(n: int, ratios: dict[str, float]) -> list[tuple[str, int, int]]:
-    """HistoKT's cut by cumulative integer percentages: [start, end) of each split over n items."""
-    out, cum = [], 0.0
+    """HistoKT's cut by cumulative integer percentages: [start, end) of each split over n items.
+
+    One change for few groups (e.g. Osteosarcoma's 4 patients, where 80/10/10 would leave valid empty):
+    each split with a positive ratio and no item takes one from the largest split; with fewer items than
+    such splits, the largest ratios get one each. With many items the cut is exactly HistoKT's.
+    """
     names = list(ratios)
+    sizes, cum, start = [], 0.0, 0
     for k, name in enumerate(names):
-        start = int(cum * n)
         cum += ratios[name]
         end = n if k == len(names) - 1 else int(round(cum, 9) * n)
-        out.append((name, start, end))
+        sizes.append(end - start)
+        start = end
+    wanted = [k for k in range(len(names)) if ratios[names[k]] > 0]
+    if n < len(wanted):  # too few for every split: the largest ratios first (ties: test before valid)
+        top = sorted(wanted, key=lambda k: (-ratios[names[k]], -k))[:n]
+        sizes = [1 if k in top else 0 for k in range(len(names))]
+    else:
+        for k in wanted:
+            if sizes[k] == 0:
+                largest = max(range(len(names)), key=lambda j: sizes[j])
+                sizes[k] += 1
+                sizes[largest] -= 1
+    out, start = [], 0
+    for name, size in zip(names, sizes):
+        out.append((name, start, start + size))
+        start += size
     return out
 
 
