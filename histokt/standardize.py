@@ -34,7 +34,7 @@ from .cards import CARD_NAMES, card_class, get_card, parse_options
 from .decode import MAX_PIXELS, BadImage
 from .errors import UserError
 from .splits import SPLIT_RULES, check_plan, grouped_splits, patch_splits
-from .store import FORMAT, SPLITS, chunk_file, patch_array, small_array, staging_dir, string_array
+from .store import FORMAT, SPLITS, chunk_dir, patch_array, small_array, staging_dir, string_array, write_chunk
 from .tiling import FilterParams, is_low_contrast, mirror_pad, rescale, tile_boxes
 
 DEFAULT_STRIDE = 204  # int(272 * (1 - 0.25)): HistoKT's 25 % overlap
@@ -200,7 +200,7 @@ def process_part(task: PartTask) -> dict:
     """Standardize one part into its staging array, then write its manifest (the part's done marker)."""
     from .cards.base import Source  # local: keeps worker start-up imports small
 
-    images = patch_array(task.directory, 1 << 40, task.params.patch_size)
+    patch_array(task.directory, 1 << 40, task.params.patch_size)  # metadata only; chunks written below
     patches, rejected, k = [], [], 0
     for offset, (path, label, partition, group, split) in enumerate(task.sources):
         source = Source(path, tuple(label) if isinstance(label, list) else label, partition, group)
@@ -212,7 +212,7 @@ def process_part(task: PartTask) -> dict:
             rejected.append({"path": path, "reason": str(exc)})
             continue
         for box, patch, patch_label in tiles:
-            images[k] = patch
+            write_chunk(task.directory, k, patch)
             patches.append([task.first + offset, *box, _json_label(patch_label), partition, split])
             k += 1
     manifest = {"patches": patches, "rejected": rejected}
@@ -433,16 +433,14 @@ def _finalize(store: Path, name: str, staging: Path, plan: dict) -> dict:
 
 
 def _move_chunks(staging: Path, images: Path, rows) -> None:
-    """Rename each part's chunk files into place; idempotent, so an interrupted finalize can resume."""
-    made = set()
+    """Rename each patch's chunk folder into place: one rename per patch, no copy. Idempotent, so an
+    interrupted finalize resumes: a folder already moved is found at its destination."""
+    (images / "c").mkdir(exist_ok=True)
     for index, (k, j, _) in enumerate(rows):
-        src = chunk_file(staging / "parts" / f"p{k:06d}", j)
-        dst = chunk_file(images, index)
-        if dst.parent not in made:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            made.add(dst.parent)
+        src = chunk_dir(staging / "parts" / f"p{k:06d}", j)
+        dst = chunk_dir(images, index)
         if src.exists():
-            os.replace(src, dst)
+            os.rename(src, dst)
         elif not dst.exists():
             raise UserError(f"{src}: staged patch is missing; delete {staging} and run again")
 

@@ -53,7 +53,22 @@ def patch_array(path, n: int, patch_size: int) -> zarr.Array:
 
 def chunk_file(array_dir: Path, index: int) -> Path:
     """Where the zarr v3 default chunk-key encoding puts the chunk of patch ``index``."""
-    return Path(array_dir) / "c" / str(index) / "0" / "0" / "0"
+    return chunk_dir(array_dir, index) / "0" / "0" / "0"
+
+
+def chunk_dir(array_dir: Path, index: int) -> Path:
+    """The folder holding only patch ``index``'s chunk: moving it moves the patch."""
+    return Path(array_dir) / "c" / str(index)
+
+
+def write_chunk(array_dir: Path, index: int, patch: np.ndarray) -> None:
+    """Write one patch of a ``patch_array`` array as its chunk file: with the plain ``bytes`` codec a
+    chunk is the C-order bytes (the same bytes zarr writes, 2x faster than ``Array.__setitem__``).
+    Not atomic on its own: staging parts are only trusted once their manifest exists."""
+    path = chunk_file(array_dir, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(np.ascontiguousarray(patch, dtype=np.uint8).data)
 
 
 def small_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
@@ -112,6 +127,7 @@ class PatchReader:
         codecs = [c["name"] for c in meta.get("codecs", [])]
         grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
         enc = meta.get("chunk_key_encoding", {})
+        self._images = str(self.path / "images")
         self._fast = (
             codecs == ["bytes"]
             and meta["data_type"] == "uint8"
@@ -135,8 +151,8 @@ class PatchReader:
             raise IndexError(f"patch {index} out of range for {self.path} ({self.shape[0]} patches)")
         if not self._fast:
             return self._array[index]
-        try:
-            data = np.fromfile(chunk_file(self.path / "images", index), dtype=np.uint8)
+        try:  # an f-string path: pathlib costs ~20 % of a read here
+            data = np.fromfile(f"{self._images}/c/{index}/0/0/0", dtype=np.uint8)
         except FileNotFoundError:  # never written = the fill value, as zarr reads it
             return np.zeros(self.shape[1:], dtype=np.uint8)
         return data.reshape(self.shape[1:])

@@ -5,6 +5,7 @@ bilinear filter with a support widened by the downscale factor (area-aware), not
 pre-blur, so results are close to but not bitwise equal with the original's.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,27 @@ def tile_boxes(height: int, width: int, patch_size: int, stride: int) -> list[tu
 
 
 def is_low_contrast(patch: np.ndarray, params: FilterParams) -> bool:
+    """skimage's decision, usually proven from two counts instead of a full percentile (3x faster).
+
+    np.percentile interpolates between the order statistics at floor(h) and floor(h) + 1, h = (n - 1) q / 100.
+    If at least floor(h_lo) + 2 pixels are <= a, both are <= a, so p_lo <= a; if at least n - floor(h_hi)
+    pixels are >= b, p_hi >= b. With b - a > 2 * fraction (plus a margin far above float rounding) the patch
+    is then provably textured. A 1-in-17 subsample only picks a and b; whatever it cannot prove goes
+    through the full percentile, so the decision never changes.
+    """
     gray = patch.reshape(-1, 3).astype(np.float32) @ _LUMA
+    n = gray.size
+    lo, hi = np.percentile(gray[::17], [params.lower_percentile, params.upper_percentile])
+    if hi - lo > 2 * params.fraction + 0.02:
+        mid = 0.5 * (lo + hi)
+        a, b = mid - params.fraction - 0.005, mid + params.fraction + 0.005
+        need_lo = math.floor((n - 1) * params.lower_percentile / 100) + 2
+        need_hi = n - math.floor((n - 1) * params.upper_percentile / 100)
+        if np.count_nonzero(gray <= a) >= need_lo and np.count_nonzero(gray >= b) >= need_hi:
+            return False
+    return exact_low_contrast(gray, params)
+
+
+def exact_low_contrast(gray: np.ndarray, params: FilterParams) -> bool:
     lo, hi = np.percentile(gray, [params.lower_percentile, params.upper_percentile])
     return (hi - lo) / 2.0 < params.fraction
