@@ -39,20 +39,25 @@ def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> np.ndarray:
     """Return an (H, W, 3) uint8 array; convert grayscale, palette, 16-bit and opaque RGBA, refuse the rest."""
+    return np.asarray(rgb_image(img), dtype=np.uint8)
+
+
+def rgb_image(img: Image.Image) -> Image.Image:
+    """The image in Pillow's RGB mode (no numpy copy: resizing first is cheaper on the full-size image)."""
     mode = img.mode
     if mode == "RGB":
-        return np.asarray(img, dtype=np.uint8)
+        return img
     if mode in ("L", "P", "1", "CMYK", "YCbCr", "LA", "PA"):
         if mode in ("LA", "PA"):
             _check_opaque(img)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return img.convert("RGB")
     if mode in ("RGBA", "RGBa"):
         _check_opaque(img)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return img.convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit grayscale: keep the high byte, so the full 0..65535 range maps onto 0..255.
         gray = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
     raise BadImage(f"unsupported pixel mode {mode!r} (32-bit integer or float images have no known 0-255 range)")
 
 
@@ -64,6 +69,10 @@ def _check_opaque(img: Image.Image) -> None:
 
 def load_rgb(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return to_rgb(open_image(path, max_pixels))
+
+
+def load_rgb_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    return rgb_image(open_image(path, max_pixels))
 
 
 def load_labels(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:

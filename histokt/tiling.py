@@ -28,8 +28,14 @@ def rescaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def rescale(image: np.ndarray, scale: float, labels: bool = False) -> np.ndarray:
-    """Resize by ``scale`` (native µm/px ÷ target µm/px); label masks use nearest neighbour."""
+def rescale(image, scale: float, labels: bool = False) -> np.ndarray:
+    """Resize by ``scale`` (native µm/px ÷ target µm/px); label masks use nearest neighbour.
+
+    ``image`` may be an array or an RGB Pillow image; the result is an array."""
+    if isinstance(image, Image.Image):
+        if scale == 1.0:
+            return np.asarray(image)
+        return np.asarray(image.resize(rescaled_size(*image.size, scale), Image.BILINEAR, reducing_gap=None))
     if scale == 1.0:
         return image
     h, w = image.shape[:2]

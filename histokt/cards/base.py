@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..decode import MAX_PIXELS, load_rgb
+from ..decode import MAX_PIXELS, load_rgb_image
 from ..errors import UserError, verify_download
 
 # HistoKT's default ratios where a dataset (or an official partition) has to be cut: 80/10/10.
@@ -69,9 +69,10 @@ class Card:
         """List every source under ``raw``; raise ``verify_download(...)`` on a wrong layout."""
         raise NotImplementedError
 
-    def read(self, raw: Path, source: Source) -> np.ndarray:
-        """Decode one source to (H, W, 3) uint8; raise decode.BadImage for a bad file."""
-        return load_rgb(raw / source.path, self.max_pixels)
+    def read(self, raw: Path, source: Source):
+        """Decode one source to an (H, W, 3) uint8 array or an RGB Pillow image; raise decode.BadImage for a
+        bad file. (An image skips a full-size numpy copy: the pipeline resizes it first.)"""
+        return load_rgb_image(raw / source.path, self.max_pixels)
 
     def read_mask(self, raw: Path, source: Source) -> np.ndarray | None:
         """Integer label mask aligned with ``read`` (BCSS), or None."""

@@ -1,3 +1,4 @@
+import numpy as np
 import shutil
 
 import pytest
@@ -24,7 +25,7 @@ def test_index_lists_images_by_class_folder(raw):
         ("MCL/sj-05-3165_001.tif", 2), ("MCL/sj-05-3165_002.tif", 2),
     ]  # fmt: skip
     assert all(s.partition == "all" and s.group == s.path for s in sources)
-    assert card.read(raw, sources[0]).shape == (40, 52, 3)
+    assert np.asarray(card.read(raw, sources[0])).shape == (40, 52, 3)
 
 
 def test_card_constants():

@@ -1,3 +1,4 @@
+import numpy as np
 import pickle
 import shutil
 
@@ -46,7 +47,7 @@ def test_raw_may_point_at_photos(raw):
 def test_read_decodes_a_photo(raw):
     card = get_card("bach")
     src = card.index(raw)[0]
-    img = pickle.loads(pickle.dumps(card)).read(raw, src)
+    img = np.asarray(pickle.loads(pickle.dumps(card)).read(raw, src))
     assert img.shape == (48, 64, 3) and img.dtype == "uint8"
 
 

@@ -84,7 +84,7 @@ def test_options_parse_and_validate():
 def test_read_and_read_mask(raw):
     card = BCSS()
     source = card.index(raw)[0]
-    assert card.read(raw, source).shape == (fx.HEIGHT, fx.WIDTH, 3)
+    assert np.asarray(card.read(raw, source)).shape == (fx.HEIGHT, fx.WIDTH, 3)
     mask = card.read_mask(raw, source)
     assert mask.shape == (fx.HEIGHT, fx.WIDTH)
     assert mask[10, 8] == 1  # tumor (code 1) -> class 0 -> 1

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from histokt.cards import get_card
@@ -24,7 +25,7 @@ def test_index_default_columns(raw):
         ("slides/p3/d.png", 1, "all", "slides/p3/d.png"),
     ]
     assert card.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
-    assert card.read(raw, sources[0]).shape == (24, 24, 3)
+    assert np.asarray(card.read(raw, sources[0])).shape == (24, 24, 3)
 
 
 def test_split_and_group_columns(raw):
