@@ -28,11 +28,13 @@ class Augment:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng((self.seed, self.epoch, int(index)))
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, int(index)))
 
-    def __call__(self, patch: np.ndarray, index: int) -> np.ndarray:
-        rng = self.rng(index)
+    def __call__(self, patch: np.ndarray, index: int, epoch: int | None = None) -> np.ndarray:
+        """``epoch`` (when given) overrides ``self.epoch``: samplers pass it with each index, because
+        persistent DataLoader workers never see a ``set_epoch`` made in the main process."""
+        rng = self.rng(index, epoch)
         hflip, vflip = rng.random(2) < 0.5
         angle = rng.uniform(-self.degrees, self.degrees)
         h, w = patch.shape[:2]

@@ -42,7 +42,22 @@ def _demo(argv):
     return 0
 
 
+def _train(argv):
+    from .train import EXIT_REQUEUE, TrainConfig, train
+
+    cfg = _parse(TrainConfig, "train", argv, "Train one cell: Stage A on a source, or Stage B transfer to a target.")
+    result = train(cfg)
+    if result.get("status") == "interrupted":
+        print(f"{cfg.out}: {result['message']}", file=sys.stderr)
+        return EXIT_REQUEUE
+    valid, test = result["valid"], result["test"]
+    print(f"{cfg.out}: done: test top1 {test['top1']:.4f}, balanced {test['balanced_acc']:.4f} "
+          f"(best valid top1 {valid['top1_best']:.4f} at epoch {valid['best_epoch']})")
+    return 0
+
+
 COMMANDS = {
+    "train": (_train, "train one cell (source training or transfer), exactly resumable, DDP"),
     "demo": (_demo, "a synthetic end-to-end run on this machine (what `make demo` runs)"),
     "standardize": (_standardize, "raw dataset -> standardized 272x272, 1 µm/px patches in a Zarr store"),
 }

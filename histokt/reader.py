@@ -63,24 +63,29 @@ class PatchDataset(Dataset):
             self._labels = torch.from_numpy(labels.astype(np.float32) if self.multi_label else labels)
         return self._labels
 
-    def _patch(self, index: int) -> np.ndarray:
+    def _patch(self, key) -> np.ndarray:
+        epoch, index = key
         patch = self.reader.read(index)
-        return self.augment(patch, index) if self.augment else patch
+        return self.augment(patch, index, epoch) if self.augment else patch
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         images, labels = self.__getitems__([index])
         return images[0], labels[0]
 
-    def __getitems__(self, indices):
-        """A whole batch: (images [B, 3, H, W] channels_last, labels [B] or [B, C])."""
-        indices = [int(i) for i in indices]
-        first = self._patch(indices[0])
+    def __getitems__(self, keys):
+        """A whole batch: (images [B, 3, H, W] channels_last, labels [B] or [B, C]).
+
+        A key is a sample index, or (epoch, index) so augmentation follows the sampler's epoch.
+        """
+        keys = [(None, int(k)) if isinstance(k, (int, np.integer)) else (int(k[0]), int(k[1])) for k in keys]
+        indices = [k[1] for k in keys]
+        first = self._patch(keys[0])
         h, w = first.shape[:2]
         dtype = torch.float32 if self.normalize else torch.uint8
         images = _empty((len(indices), h, w, 3), dtype)
         buf = images.numpy()
-        for k, index in enumerate(indices):
-            patch = first if k == 0 else self._patch(index)
+        for k, key in enumerate(keys):
+            patch = first if k == 0 else self._patch(key)
             if self.normalize:
                 self.normalize.into(patch, buf[k])
             else:
@@ -104,8 +109,9 @@ def _batched(batch):
 
 def make_loader(
     dataset: PatchDataset,
-    batch_size: int,
+    batch_size: int | None = None,
     sampler=None,
+    batch_sampler=None,
     shuffle: bool = False,
     workers: int = 0,
     pin_memory: bool = False,
@@ -122,13 +128,14 @@ def make_loader(
         }
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=1 if batch_sampler is not None else batch_size,  # 1: DataLoader's 'unset'
         sampler=sampler,
-        shuffle=shuffle if sampler is None else False,
+        batch_sampler=batch_sampler,
+        shuffle=shuffle if sampler is None and batch_sampler is None else False,
         num_workers=workers,
         collate_fn=_batched,
         pin_memory=pin_memory,
         generator=generator,
-        drop_last=drop_last,
+        drop_last=drop_last and batch_sampler is None,
         **kw,
     )

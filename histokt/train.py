@@ -1,0 +1,455 @@
+"""`histokt train`: one training cell (Stage A source training or Stage B transfer), exactly resumable.
+
+Run directory contract (later stages and users read it):
+    config.json    the TrainConfig, written first; a re-run with a different config is refused
+    metrics.jsonl  one line per finished epoch (rewritten atomically from the checkpointed history)
+    last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step", ...}
+    previous.pt    the checkpoint before last.pt (a damaged last.pt falls back to it)
+    best.pt        {"model": state_dict, "epoch", "valid_top1"}: the best validation epoch so far
+    result.json    written last, atomically: the cell is done and a re-run is a no-op
+
+All checkpoints load with ``torch.load(..., weights_only=True)``.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__, atomic, checkpoint, distributed
+from .augment import Augment
+from .errors import UserError
+from .reader import PatchDataset, make_loader, open_attrs
+from .sampler import GlobalBatchSampler, eval_shards
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command again to resume
+# Options that change how a run executes, not what it computes: they may differ on a resume.
+OPERATIONAL = ("workers", "progress", "ckpt_every_steps", "ckpt_every_min", "nproc", "device")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training cell; serialized to RUN_DIR/config.json and into result.json."""
+
+    store: Path = field(metadata={"help": "the patch store (histokt standardize)"})
+    dataset: str = field(metadata={"help": "dataset name in the store to train on (the target)"})
+    out: Path = field(metadata={"help": "run directory of this cell (created; resumed if it holds a checkpoint)"})
+    init: str = field(
+        default="random", metadata={"help": "random, imagenet (staged torchvision cache file) or PATH of a checkpoint"}
+    )
+    mode: str = field(
+        default="scratch",
+        metadata={"choices": ("scratch", "fine", "deep"),
+                  "help": "scratch: train all layers (Stage A); fine: train only the new head; deep: all layers"},
+    )
+    arch: str = field(default="resnet18", metadata={"help": "any torchvision classification model (default resnet18)"})
+    epochs: int = field(default=250, metadata={"help": "epochs (paper: 250)"})
+    batch_size: int = field(default=64, metadata={"help": "GLOBAL batch size, whatever the world size (paper: 64)"})
+    lr: Optional[float] = field(default=None, metadata={"help": "learning rate (default: the recipe's for mode/target)"})
+    optimizer: Optional[str] = field(
+        default=None, metadata={"help": "adamp, sgd, adam, adamw (default: sgd for scratch, adamp for fine/deep)"}
+    )
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (paper: 5e-4)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)"})
+    scheduler: str = field(default="step", metadata={"help": "step or none"})
+    step_size: Optional[int] = field(
+        default=None, metadata={"help": "epochs per LR step (default: 25 for scratch, 20 for fine/deep)"}
+    )
+    gamma: float = field(default=0.5, metadata={"help": "LR factor per step (paper: 0.5)"})
+    seed: int = field(default=0, metadata={"help": "seed of init, data order and augmentation"})
+    norm: str = field(
+        default="dataset",
+        metadata={"help": "normalization: dataset (this one's train statistics), imagenet, none, or another "
+                          "dataset's name in the store (HistoKT: the source's for random-init transfer)"},
+    )
+    bn: str = field(
+        default="train",
+        metadata={"choices": ("train", "eval"),
+                  "help": "fine mode: encoder BatchNorm statistics keep updating (train, the paper) or frozen (eval)"},
+    )
+    crop: int = field(default=0, metadata={"help": "random crop size after augmentation (0: full patch, the paper)"})
+    augment: bool = field(default=True, metadata={"help": "flips + affine (--no-augment to turn off)"})
+    precision: str = field(
+        default="auto", metadata={"choices": ("auto", "bf16", "fp32"), "help": "auto: bf16 autocast on CUDA, fp32 on CPU"}
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across processes"})
+    nproc: int = field(default=1, metadata={"help": "processes on this machine (DDP, gloo on CPU / NCCL on GPU)"})
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
+    eval_batch_size: int = field(default=128, metadata={"help": "per-rank batch size for validation and test"})
+    ckpt_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: off)"})
+    ckpt_every_min: float = field(default=10.0, metadata={"help": "also checkpoint every M minutes (0: off)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu or cuda"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on a terminal (--no-progress to hide)"})
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """Fill the recipe defaults (method.md §3) so config.json records what actually ran."""
+    from .recipes import TARGET_LR
+
+    values = asdict(cfg)
+    stage_a = cfg.mode == "scratch"
+    if values["optimizer"] is None:
+        values["optimizer"] = "sgd" if stage_a else "adamp"
+    if values["step_size"] is None:
+        values["step_size"] = 25 if stage_a else 20
+    if values["lr"] is None:
+        values["lr"] = 0.03 if stage_a else TARGET_LR.get(cfg.dataset, 1e-4)
+    return TrainConfig(**values)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "nproc", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr {cfg.lr}: must be a positive number")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers}: must be 0 or more")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible here")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create RUN_DIR and write config.json, or check that an existing one matches."""
+    run_dir = Path(cfg.out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {run_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    mine = config_dict(cfg)
+    old = atomic.read_json(run_dir / "config.json")
+    if old is None:
+        atomic.write_json(run_dir / "config.json", mine)
+        return run_dir
+    differ = sorted(k for k in set(mine) | set(old) if k not in OPERATIONAL and mine.get(k) != old.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in differ[:4])
+        raise UserError(f"{run_dir}: holds a run with another config ({shown}); use a new --out")
+    return run_dir
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run or resume the cell; with --nproc K > 1, spawn K local DDP processes."""
+    check_config(cfg)
+    cfg = resolved(cfg)
+    world = distributed.from_environment()
+    if world is None and cfg.nproc > 1:
+        return _spawn(cfg)
+    return run(cfg, world or distributed.World())
+
+
+def _spawn(cfg: TrainConfig) -> dict:
+    import torch.multiprocessing as mp
+
+    prepare_run_dir(cfg)  # fail fast, before any process starts
+    port = distributed.free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank_main, args=(cfg, r, port, errors)) for r in range(cfg.nproc)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if not errors.empty():
+        kind, message = errors.get()
+        if kind == "user":
+            raise UserError(message)
+        if kind == "requeue":
+            return {"status": "interrupted", "message": message}
+        raise RuntimeError(message)
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"a training process failed (exit codes {[p.exitcode for p in procs]})")
+    return json.loads((Path(cfg.out) / "result.json").read_text())
+
+
+def _rank_main(cfg: TrainConfig, rank: int, port: int, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        out = run(cfg, distributed.World(rank, cfg.nproc, rank))
+        if out.get("status") == "interrupted" and rank == 0:
+            errors.put(("requeue", out["message"]))
+    except UserError as exc:
+        errors.put(("user", str(exc)))
+    except BaseException as exc:
+        errors.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+
+
+def device_for(cfg: TrainConfig, world: distributed.World) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    index = world.local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def run(cfg: TrainConfig, world: distributed.World) -> dict:
+    """The training loop of one rank."""
+    run_dir = Path(cfg.out)
+    if world.main:
+        prepare_run_dir(cfg)
+    done = atomic.read_json(run_dir / "result.json")
+    if done is not None:
+        return done
+    device = device_for(cfg, world)
+    distributed.init(world, device)
+    try:
+        return Cell(cfg, world, device).fit()
+    finally:
+        distributed.shutdown()
+
+
+class StopRequested:
+    """SIGUSR2/SIGTERM only set a flag; the loop checks it at the next step boundary (cluster.md §4.2)."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self):
+        self.flag = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Cell:
+    """Everything one rank holds while training a cell."""
+
+    def __init__(self, cfg: TrainConfig, world: distributed.World, device: torch.device):
+        from .metrics import loss_fn, multilabel_pos_weights
+        from .models import apply_bn_mode, build_model, freeze_encoder
+        from .normstats import resolve
+        from .optim import build_optimizer, build_scheduler
+
+        self.cfg, self.world, self.device = cfg, world, device
+        self.run_dir = Path(cfg.out)
+        attrs = open_attrs(cfg.store, cfg.dataset)
+        self.classes, self.multi_label = list(attrs["classes"]), bool(attrs["multi_label"])
+        for split in ("train", "valid", "test"):
+            if int(attrs["counts"][split]) == 0:
+                raise UserError(f"{cfg.store}/{cfg.dataset}: the {split} split is empty; re-standardize with more data")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = build_model(cfg.arch, len(self.classes), cfg.init)
+        if cfg.mode == "fine":
+            freeze_encoder(model, cfg.bn)
+        self.apply_bn_mode = (lambda m: apply_bn_mode(m, cfg.bn)) if cfg.mode == "fine" else (lambda m: None)
+        if cfg.sync_bn and world.size > 1:
+            model = distributed.convert_sync_batchnorm(model, device)
+        cuda = device.type == "cuda"
+        self.memory_format = torch.channels_last if (cuda and cfg.channels_last) else torch.contiguous_format
+        self.model = model.to(device, memory_format=self.memory_format)
+        self.amp = cuda and cfg.precision in ("auto", "bf16")
+        self.net = self.model
+        if world.size > 1:
+            ids = [device.index] if cuda else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.step_size, cfg.gamma)
+        mean, std = resolve(cfg.store, cfg.dataset, cfg.norm)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
+        augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
+        self.train_set = PatchDataset(cfg.store, cfg.dataset, "train", augment=augment)
+        weights = multilabel_pos_weights(self.train_set.labels) if self.multi_label else None
+        self.loss = loss_fn(self.multi_label, weights).to(device)
+        self.eval_loss = loss_fn(self.multi_label, weights)  # on the CPU, where gathered outputs are
+        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.batch_size, world.size, world.rank, cfg.seed)
+        self.loader = make_loader(self.train_set, batch_sampler=self.sampler, workers=cfg.workers, pin_memory=cuda)
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "seconds": 0.0}
+        self._resume()
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt, notes = checkpoint.load_latest(self.run_dir)
+        for note in notes:
+            if self.world.main:
+                print(f"histokt train: warning: {note}", file=sys.stderr)
+        if ckpt is None:
+            return
+        if ckpt.get("arch") != self.cfg.arch:
+            raise UserError(f"{self.run_dir}: checkpoint is for {ckpt.get('arch')!r}, not {self.cfg.arch!r}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        for key in self.state:
+            self.state[key] = ckpt[key]
+
+    def save(self) -> None:
+        """All ranks reach this at the same step; rank 0 writes (replicated weights)."""
+        distributed.barrier()
+        if self.world.main:
+            self.state["seconds"] += time.time() - self.t0
+            self.t0 = time.time()
+            checkpoint.save(self.run_dir, {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": None,  # bf16 autocast needs no loss scaling
+                "rng": checkpoint.rng_state(),
+                "arch": self.cfg.arch,
+                "world_size": self.world.size,
+                "histokt_version": __version__,
+                **self.state,
+            })
+        distributed.barrier()
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.t0 = time.time()
+        last_save = time.time()
+        with StopRequested() as stop:
+            while self.state["epoch"] < self.cfg.epochs:
+                epoch = self.state["epoch"]
+                self.sampler.set_epoch(epoch, self.state["batch"])
+                self.net.train()
+                self.apply_bn_mode(self.model)
+                bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
+                           disable=None if self.cfg.progress and self.world.main else True)
+                for images, labels in bar:
+                    loss = self.step(images, labels)
+                    self.state["step"] += 1
+                    self.state["batch"] += 1
+                    every = self.cfg.ckpt_every_steps and self.state["step"] % self.cfg.ckpt_every_steps == 0
+                    timed = self.cfg.ckpt_every_min and time.time() - last_save > 60 * self.cfg.ckpt_every_min
+                    halt, bad, periodic = distributed.any_rank([stop.flag, not math.isfinite(loss), bool(every or timed)],
+                                                               self.device)
+                    if bad:
+                        raise UserError(
+                            f"loss is not finite at epoch {epoch} step {self.state['step']}; the last good checkpoint "
+                            f"({self.run_dir / checkpoint.LAST}) is kept; lower --lr and run again with a new --out"
+                        )
+                    if halt or periodic:
+                        self.save()
+                        last_save = time.time()
+                    if halt:
+                        return {"status": "interrupted",
+                                "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
+                                           "command again to resume"}
+                self.end_epoch(epoch)
+                last_save = time.time()
+        return self.finish()
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC-strided batch -> normalized float on the device (4x fewer bytes cross the bus)."""
+        x = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        return (x.float() - self.mean) * self.inv_std
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        x = self.to_device(images)
+        y = labels.to(self.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        with autocast:
+            loss = self.loss(self.net(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, split: str, model: torch.nn.Module) -> dict:
+        """Metrics of ``model`` on a whole split; every rank evaluates a shard, rank 0's BN stats."""
+        from .metrics import multi_label, single_label
+
+        distributed.broadcast_buffers(model)
+        model.eval()
+        data = PatchDataset(self.cfg.store, self.cfg.dataset, split)
+        outs, ys = [], []
+        for batch in eval_shards(len(data), self.cfg.eval_batch_size, self.world.size, self.world.rank):
+            images, labels = data.__getitems__(batch)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+            with autocast:
+                outs.append(model(self.to_device(images)).float().cpu())
+            ys.append(labels)
+        logits = distributed.gather_cat(torch.cat(outs) if outs else torch.empty(0, len(self.classes)))
+        targets = distributed.gather_cat(torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64))
+        metrics = multi_label(logits, targets) if self.multi_label else single_label(logits, targets, len(self.classes))
+        metrics["loss"] = float(self.eval_loss(logits, targets))
+        return metrics
+
+    def end_epoch(self, epoch: int) -> None:
+        self.scheduler.step()
+        valid = self.evaluate("valid", self.model)
+        line = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
+                "valid": valid}
+        best = self.state["best"]
+        if best is None or valid["top1"] > best["top1"]:  # strictly improving, as HistoKT
+            self.state["best"] = {"top1": valid["top1"], "epoch": epoch}
+            if self.world.main:
+                checkpoint.save_weights(self.run_dir / "best.pt",
+                                        {"model": self.model.state_dict(), "epoch": epoch, "valid_top1": valid["top1"],
+                                         "arch": self.cfg.arch, "classes": self.classes})
+        self.state["history"].append(line)
+        if self.world.main:
+            text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.state["history"])
+            atomic.write_bytes(self.run_dir / "metrics.jsonl", text.encode())
+            print(f"epoch {epoch}: valid top1 {valid['top1']:.4f} loss {valid['loss']:.4f}", file=sys.stderr)
+        self.state["epoch"], self.state["batch"] = epoch + 1, 0
+        self.save()
+
+    def finish(self) -> dict:
+        best = checkpoint.load(self.run_dir / "best.pt") if self.world.main else None
+        box = [best["model"] if best else None]
+        if distributed.active():
+            torch.distributed.broadcast_object_list(box, src=0)
+        self.model.load_state_dict(box[0])
+        test = self.evaluate("test", self.model)
+        seconds = self.state["seconds"] + time.time() - self.t0
+        result = {
+            "config": config_dict(self.cfg),
+            "classes": self.classes,
+            "valid": {"top1_best": self.state["best"]["top1"], "best_epoch": self.state["best"]["epoch"]},
+            "test": test,
+            "epochs": self.state["epoch"],
+            "steps": self.state["step"],
+            "world_size": self.world.size,
+            "seconds": seconds,
+            "histokt_version": __version__,
+        }
+        if self.world.main:
+            atomic.write_json(self.run_dir / "result.json", result)
+        distributed.barrier()
+        return result
+
+
+__all__ = ["TrainConfig", "train", "EXIT_REQUEUE"]
