@@ -336,39 +336,45 @@ class Cell:
 
     # -- loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        self.t0 = time.time()
-        last_save = time.time()
+        self.t0 = self.last_save = time.time()
         with StopRequested() as stop:
             while self.state["epoch"] < self.cfg.epochs:
                 epoch = self.state["epoch"]
-                self.sampler.set_epoch(epoch, self.state["batch"])
-                self.net.train()
-                self.apply_bn_mode(self.model)
-                bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
-                           disable=None if self.cfg.progress and self.world.main else True)
-                for images, labels in bar:
-                    loss = self.step(images, labels)
-                    self.state["step"] += 1
-                    self.state["batch"] += 1
-                    every = self.cfg.ckpt_every_steps and self.state["step"] % self.cfg.ckpt_every_steps == 0
-                    timed = self.cfg.ckpt_every_min and time.time() - last_save > 60 * self.cfg.ckpt_every_min
-                    halt, bad, periodic = distributed.any_rank([stop.flag, not math.isfinite(loss), bool(every or timed)],
-                                                               self.device)
-                    if bad:
-                        raise UserError(
-                            f"loss is not finite at epoch {epoch} step {self.state['step']}; the last good checkpoint "
-                            f"({self.run_dir / checkpoint.LAST}) is kept; lower --lr and run again with a new --out"
-                        )
-                    if halt or periodic:
-                        self.save()
-                        last_save = time.time()
-                    if halt:
-                        return {"status": "interrupted",
-                                "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
-                                           "command again to resume"}
+                if self.train_epoch(epoch, stop):
+                    return {"status": "interrupted",
+                            "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
+                                       "command again to resume"}
                 self.end_epoch(epoch)
-                last_save = time.time()
+                self.last_save = time.time()
         return self.finish()
+
+    def train_epoch(self, epoch: int, stop: StopRequested) -> bool:
+        """The steps of one epoch from the checkpointed batch on; True if a signal stopped it."""
+        self.sampler.set_epoch(epoch, self.state["batch"])
+        self.net.train()
+        self.apply_bn_mode(self.model)
+        bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
+                   disable=None if self.cfg.progress and self.world.main else True)
+        for images, labels in bar:
+            loss = self.step(images, labels)
+            self.state["step"] += 1
+            self.state["batch"] += 1
+            every = self.cfg.ckpt_every_steps and self.state["step"] % self.cfg.ckpt_every_steps == 0
+            timed = self.cfg.ckpt_every_min and time.time() - self.last_save > 60 * self.cfg.ckpt_every_min
+            # one collective a step: every rank stops, fails or saves at the same step
+            halt, bad, periodic = distributed.any_rank([stop.flag, not math.isfinite(loss), bool(every or timed)],
+                                                       self.device)
+            if bad:
+                raise UserError(
+                    f"loss is not finite at epoch {epoch} step {self.state['step']}; the last good checkpoint "
+                    f"({self.run_dir / checkpoint.LAST}) is kept; lower --lr and run again with a new --out"
+                )
+            if halt or periodic:
+                self.save()
+                self.last_save = time.time()
+            if halt:
+                return True
+        return False
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC-strided batch -> normalized float on the device (4x fewer bytes cross the bus)."""
