@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import UserError
-from .store import SPLITS, PatchReader, dataset_attrs, list_datasets
+from .store import FORMAT, SPLITS, PatchReader, dataset_attrs, list_datasets
 
 
 def open_attrs(store, dataset: str) -> dict:
@@ -27,6 +27,11 @@ def open_attrs(store, dataset: str) -> dict:
     if attrs is None:
         have = ", ".join(list_datasets(store)) or "none"
         raise UserError(f"{store}: no dataset {dataset!r} (datasets in this store: {have})")
+    if attrs.get("format") != FORMAT:
+        raise UserError(
+            f"{store}/{dataset}: store format {attrs.get('format')!r}, this histokt reads {FORMAT!r}; "
+            f"re-standardize it with this version"
+        )
     return attrs
 
 

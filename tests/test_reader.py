@@ -112,3 +112,17 @@ def test_missing_dataset_and_split(store, tmp_path):
         PatchDataset(tmp_path, "folder", "train")
     with pytest.raises(UserError, match="split 'dev'"):
         PatchDataset(store, "folder", "dev")
+
+
+def test_incompatible_store_format_is_refused(store, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "old.zarr"
+    shutil.copytree(store, copy)
+    meta = copy / "folder" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["format"] = "histokt-patches/0"
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="re-standardize"):
+        PatchDataset(copy, "folder", "train")

@@ -214,3 +214,9 @@ def test_ddp_two_processes_match_single_process_with_syncbn(store, tmp_path):
     a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_empty_split_is_refused(tmp_path):
+    store = make_store(tmp_path, per_class=1)  # 2 images: one group each, so valid stays empty
+    with pytest.raises(UserError, match="split is empty"):
+        train(cfg(store, tmp_path / "run"))
