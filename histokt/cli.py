@@ -7,6 +7,9 @@ hands the rest of the line to that command's own parser, built from its config d
 import argparse
 import sys
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 from argparse_dataclass import ArgumentParser
 
@@ -56,10 +59,79 @@ def _train(argv):
     return 0
 
 
+def _sweep(argv):
+    from .sweep import SweepConfig, sweep
+
+    cfg = _parse(SweepConfig, "sweep", argv, "Plan a study from a spec and run or submit the cells that are not done.")
+    out = sweep(cfg)
+    for stage, c in out["stages"].items():
+        print(f"{stage:<12} {c['todo']:>6} to run of {c['total']:>6} cells")
+    if cfg.dry_run:
+        for stage, script in out["scripts"].items():
+            print(f"\n# ---- sbatch script of stage {stage} (first array) ----\n{script}")
+        print("dry run: nothing submitted")
+    elif out.get("status") == "nothing to do":
+        print(f"{out['run_root']}: nothing to do: every cell is done or still queued")
+    elif cfg.executor == "slurm":
+        for stage, job, n in out["arrays"]:
+            print(f"submitted {stage}: job {job} ({n} cells)")
+        print(f"follow it with: histokt status {out['run_root']}")
+    else:
+        print(f"{out['run_root']}: {out['status']}; summary in {out['run_root']}/summary/")
+    return 0 if out.get("not_done", 0) == 0 else 1
+
+
+def _run_cell(argv):
+    from .cellrun import run_cell
+
+    cfg = _parse(RunCellConfig, "run-cell", argv, "Run one cell of a planned study (what each array task does).")
+    return run_cell(cfg.run_root, cfg.stage, cfg.index)
+
+
+def _status(argv):
+    from .status import render, status
+
+    cfg = _parse(StatusConfig, "status", argv, "Counts per stage and the failed cells of a study.")
+    print(render(status(cfg.run_root)))
+    return 0
+
+
+def _collect(argv):
+    from .collect import collect
+
+    cfg = _parse(CollectConfig, "collect", argv, "Summary tables of a study from its cells' result.json files.")
+    out = collect(cfg.run_root, cfg.out)
+    print(f"{cfg.out or Path(cfg.run_root) / 'summary'}: {out['rows']} rows; {out['done']} cells done, "
+          f"{out['failed']} failed, {out['missing']} missing, {out['corrupt']} corrupt")
+    return 0
+
+
+@dataclass
+class RunCellConfig:
+    run_root: Path = field(metadata={"args": ["run_root"], "help": "the study's run root"})
+    stage: str = field(metadata={"help": "stage of the cell"})
+    index: int = field(metadata={"help": "index of the cell in its stage (the array task id plus offset)"})
+
+
+@dataclass
+class StatusConfig:
+    run_root: Path = field(metadata={"args": ["run_root"], "help": "the study's run root"})
+
+
+@dataclass
+class CollectConfig:
+    run_root: Path = field(metadata={"args": ["run_root"], "help": "the study's run root"})
+    out: Optional[Path] = field(default=None, metadata={"help": "output folder (default RUN_ROOT/summary)"})
+
+
 COMMANDS = {
-    "train": (_train, "train one cell (source training or transfer), exactly resumable, DDP"),
-    "demo": (_demo, "a synthetic end-to-end run on this machine (what `make demo` runs)"),
     "standardize": (_standardize, "raw dataset -> standardized 272x272, 1 µm/px patches in a Zarr store"),
+    "train": (_train, "train one cell (source training or transfer), exactly resumable, DDP"),
+    "sweep": (_sweep, "plan a study (jobs/*.toml) and run it here or submit it to SLURM"),
+    "run-cell": (_run_cell, "run one cell of a planned study (used by the array jobs)"),
+    "status": (_status, "where a study stands: counts per stage, failed cells"),
+    "collect": (_collect, "summary tables of a study, offline"),
+    "demo": (_demo, "a synthetic end-to-end run on this machine (what `make demo` runs)"),
 }
 
 

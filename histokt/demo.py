@@ -58,6 +58,39 @@ def write_crc_like(root: Path, per_class: int, seed: int) -> Path:
     return root
 
 
+MHIST_CLASSES = {"HP": (12, 4), "SSA": (30, 6)}
+
+
+def write_mhist_like(root: Path, per_class: int, seed: int) -> Path:
+    """An MHIST-like raw tree (images/MHIST_*.png + annotations.csv, official train/test) at 1.25 µm/px."""
+    import csv
+
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for k in range(2 * per_class):
+        label = list(MHIST_CLASSES)[k % 2]
+        name = f"MHIST_{k:04d}.png"
+        path = root / "images" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(synthetic_tile(224, *MHIST_CLASSES[label], rng)).save(path)
+        rows.append((name, label, 6 if label == "SSA" else 0, "test" if k >= 2 * per_class - 4 else "train"))
+    with (root / "annotations.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA (Out of 7)",
+                         "Partition"])
+        writer.writerows(rows)
+    return root
+
+
+def write_collection(out: Path, per_class: int, seed: int) -> dict[str, Path]:
+    """Every synthetic raw dataset of the demo, by dataset name."""
+    return {
+        "crc": write_crc_like(Path(out) / "raw" / "crc", per_class, seed),
+        "mhist": write_mhist_like(Path(out) / "raw" / "mhist", per_class, seed),
+    }
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     raw = write_crc_like(Path(cfg.out) / "raw" / "crc", cfg.per_class, cfg.seed)
     store = Path(cfg.out) / "store.zarr"

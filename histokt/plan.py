@@ -1,0 +1,124 @@
+"""A spec expanded into cells: one unit of work each, with a stable id and its own run directory.
+
+    RUN_ROOT/spec.toml, RUN_ROOT/plan.json
+    RUN_ROOT/cells/<stage>/<cell id>/     the cell's run directory (a train cell's is issue 2's contract)
+
+Ids are built from what the cell computes (stage, dataset, init, mode, lr, seed), so the same spec gives the
+same ids, and a cell's directory survives re-planning.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import atomic
+from .errors import UserError
+from .spec import STAGES, Spec
+
+PLAN_FORMAT = "histokt-plan/1"
+
+
+@dataclass
+class Cell:
+    stage: str
+    id: str
+    kind: str  # standardize | train | collect
+    args: dict = field(default_factory=dict)  # the command's config fields
+    inputs: list = field(default_factory=list)  # files that must exist before it can run
+    meta: dict = field(default_factory=dict)  # what the collector groups by: family, source, target, mode, lr, seed
+
+
+def lr_name(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def expand(spec: Spec) -> dict[str, list[Cell]]:
+    """Every cell of the spec, by stage, in stage order."""
+    from .recipes import TARGET_LR
+
+    store = str(Path(spec.store).absolute())
+    out: dict[str, list[Cell]] = {}
+    if "standardize" in spec.stages:
+        cells = []
+        for name, d in spec.datasets.items():
+            for i in range(d.shards):
+                args = {"dataset": d.card, "raw": str(Path(d.raw).absolute()), "store": store, "name": name,
+                        "mpp": d.mpp, "shard": f"{i}/{d.shards}", "option": [f"{k}={v}" for k, v in d.options.items()],
+                        "progress": False}
+                cells.append(Cell("standardize", f"std-{name}-{i}of{d.shards}", "standardize", args))
+        out["standardize"] = cells
+    if "pretrain" in spec.stages:
+        st = spec.stages["pretrain"]
+        out["pretrain"] = [
+            Cell("pretrain", f"A-{name}-{init}-s{seed}", "train",
+                 {**st.recipe, "store": store, "dataset": name, "init": init, "mode": "scratch", "seed": seed,
+                  "norm": "imagenet" if init == "imagenet" else "dataset"},
+                 meta={"family": init, "source": name, "target": name, "mode": "scratch",
+                       "lr": st.recipe.get("lr"), "seed": seed})
+            for name in st.datasets for init in st.inits for seed in st.seeds
+        ]
+    if "transfer" in spec.stages:
+        st = spec.stages["transfer"]
+        sources = st.sources or spec.stages["pretrain"].datasets
+        targets = st.targets or list(spec.datasets)
+        cells = []
+        for init in st.inits:
+            for source in sources:
+                for target in targets:
+                    if source == target and not st.include_diagonal:
+                        continue
+                    lrs = [TARGET_LR.get(spec.datasets[target].card, 1e-4)] if st.lrs == "per-target" else st.lrs
+                    for mode in st.modes:
+                        for lr in lrs:
+                            for seed in st.seeds:
+                                src = f"A-{source}-{init}-s{seed}"
+                                init_path = f"{{run_root}}/cells/pretrain/{src}/best.pt"
+                                cells.append(Cell(
+                                    "transfer", f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}", "train",
+                                    {**st.recipe, "store": store, "dataset": target, "init": init_path, "mode": mode,
+                                     "lr": lr, "seed": seed, "norm": "imagenet" if init == "imagenet" else source},
+                                    inputs=[init_path],
+                                    meta={"family": init, "source": source, "target": target, "mode": mode,
+                                          "lr": lr, "seed": seed}))
+        out["transfer"] = cells
+    out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
+    return {s: out[s] for s in STAGES if s in out}
+
+
+def cell_dir(run_root, cell: Cell) -> Path:
+    return Path(run_root) / "cells" / cell.stage / cell.id
+
+
+def resolve(value, run_root):
+    """Cell arguments may name files under the run root as '{run_root}/...'."""
+    if isinstance(value, str):
+        return value.replace("{run_root}", str(Path(run_root).absolute()))
+    if isinstance(value, list):
+        return [resolve(v, run_root) for v in value]
+    return value
+
+
+def is_done(run_root, cell: Cell) -> bool:
+    marker = "result.json" if cell.kind == "train" else "done.json"
+    return (cell_dir(run_root, cell) / marker).is_file()
+
+
+def write(run_root, spec: Spec, plan: dict[str, list[Cell]], force: bool = False) -> None:
+    """Write RUN_ROOT/spec.toml and plan.json; a run root made from another spec is refused unless force."""
+    root = Path(run_root)
+    old = atomic.read_json(root / "plan.json")
+    if old is not None and old.get("spec_digest") != spec.digest and not force:
+        raise UserError(f"{root}: was made from another spec (digest {old.get('spec_digest')}, this one "
+                        f"{spec.digest}); use another run_root, or --force to re-plan it")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(root / "spec.toml", spec.text.encode())
+    doc = {"format": PLAN_FORMAT, "study": spec.name, "spec_digest": spec.digest, "store": spec.store,
+           "stages": {stage: [asdict(c) for c in cells] for stage, cells in plan.items()}}
+    atomic.write_bytes(root / "plan.json", json.dumps(doc, separators=(",", ":")).encode())
+
+
+def read(run_root) -> dict[str, list[Cell]]:
+    doc = atomic.read_json(Path(run_root) / "plan.json")
+    if doc is None:
+        raise UserError(f"{run_root}: no plan.json here; run 'histokt sweep SPEC' first")
+    return {stage: [Cell(**c) for c in cells] for stage, cells in doc["stages"].items()}

@@ -1,0 +1,270 @@
+"""Experiment specs (`jobs/*.toml`): a whole HistoKT study in one file, checked before anything runs.
+
+    [study]        name, store, run_root, container
+    [datasets.X]   card, raw, mpp, options, shards     (X = the dataset's name in the store)
+    [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
+                   each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
+                   [stages.<stage>.recipe] table of `histokt train` options.
+
+Every error names the key path (``stages.transfer.lrs[2]``) and what is expected; nothing is submitted.
+Relative paths are relative to the directory the command runs in.
+"""
+
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cards import CARD_NAMES
+from .errors import UserError
+from .trainconfig import TrainConfig
+
+STAGES = ("standardize", "pretrain", "transfer", "collect")
+INITS = ("random", "imagenet")
+MODES = ("fine", "deep")
+# train options a spec may not set: the sweep decides them per cell
+CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "lr", "norm", "nproc", "progress"}
+
+
+@dataclass
+class Resources:
+    gpus: int = 0
+    cpus: int = 2
+    mem_gb: float = 8.0
+    time_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    array_parallelism: int = 64
+    nodes: int = 1
+
+
+@dataclass
+class Dataset:
+    name: str
+    card: str
+    raw: str
+    mpp: float | None = None
+    options: dict = field(default_factory=dict)
+    shards: int = 1
+
+
+@dataclass
+class Stage:
+    name: str
+    resources: Resources = field(default_factory=Resources)
+    datasets: list = field(default_factory=list)  # pretrain: sources to train
+    sources: list = field(default_factory=list)  # transfer
+    targets: list = field(default_factory=list)  # transfer
+    inits: list = field(default_factory=lambda: ["random"])
+    modes: list = field(default_factory=lambda: ["deep"])
+    lrs: object = "per-target"  # transfer: "per-target" or a list of floats
+    seeds: list = field(default_factory=lambda: [0])
+    recipe: dict = field(default_factory=dict)
+    include_diagonal: bool = False  # transfer: also source == target
+
+
+@dataclass
+class Spec:
+    name: str
+    store: str
+    run_root: str
+    container: str = ""
+    datasets: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    text: str = ""  # the file as read, stored in the run root
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+# -- parsing --------------------------------------------------------------------------------------------------
+
+STAGE_KEYS = {
+    "standardize": {"resources"},
+    "pretrain": {"resources", "datasets", "inits", "seeds", "recipe"},
+    "transfer": {"resources", "sources", "targets", "inits", "modes", "lrs", "seeds", "recipe", "include_diagonal"},
+    "collect": {"resources"},
+}
+
+
+def load(path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the spec ({exc.strerror})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    return parse(doc, text, str(path))
+
+
+def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
+    _keys(doc, {"study", "datasets", "stages"}, "", where)
+    study = _table(doc, "study", where)
+    _keys(study, {"name", "store", "run_root", "container"}, "study", where)
+    spec = Spec(
+        name=_get(study, "name", str, "study", where),
+        store=_get(study, "store", str, "study", where),
+        run_root=_get(study, "run_root", str, "study", where),
+        container=_get(study, "container", str, "study", where, default=""),
+        text=text,
+    )
+    for name, table in _table(doc, "datasets", where).items():
+        spec.datasets[name] = _dataset(name, table, where)
+    for name, table in _table(doc, "stages", where).items():
+        if name not in STAGES:
+            raise UserError(f"{where}: stages.{name}: unknown stage; known: {', '.join(STAGES)}")
+        spec.stages[name] = _stage(name, table, where)
+    _cross_check(spec, where)
+    return spec
+
+
+def _dataset(name: str, t, where) -> Dataset:
+    key = f"datasets.{name}"
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table")
+    _keys(t, {"card", "raw", "mpp", "options", "shards"}, key, where)
+    card = _get(t, "card", str, key, where)
+    if card not in CARD_NAMES:
+        raise UserError(f"{where}: {key}.card: unknown card {card!r}; choose one of {', '.join(CARD_NAMES)}")
+    d = Dataset(name, card, _get(t, "raw", str, key, where), _get(t, "mpp", float, key, where, default=None),
+                _get(t, "options", dict, key, where, default={}), _get(t, "shards", int, key, where, default=1))
+    if d.mpp is not None and not d.mpp > 0:
+        raise UserError(f"{where}: {key}.mpp: {d.mpp} must be a positive µm/px")
+    if d.shards < 1:
+        raise UserError(f"{where}: {key}.shards: {d.shards} must be at least 1")
+    return d
+
+
+def _stage(name: str, t, where) -> Stage:
+    key = f"stages.{name}"
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table")
+    _keys(t, STAGE_KEYS[name], key, where)
+    stage = Stage(name=name)
+    stage.resources = _resources(t.get("resources", {}), f"{key}.resources", where)
+    for attr, typ in (("datasets", str), ("sources", str), ("targets", str), ("inits", str), ("modes", str),
+                      ("seeds", int)):
+        if attr in t:
+            setattr(stage, attr, _list(t, attr, typ, key, where))
+    if "include_diagonal" in t:
+        stage.include_diagonal = _get(t, "include_diagonal", bool, key, where)
+    for i, init in enumerate(stage.inits):
+        if init not in INITS:
+            raise UserError(f"{where}: {key}.inits[{i}]: {init!r}; choose from {', '.join(INITS)}")
+    for i, mode in enumerate(stage.modes):
+        if mode not in MODES:
+            raise UserError(f"{where}: {key}.modes[{i}]: {mode!r}; choose from {', '.join(MODES)}")
+    if "lrs" in t:
+        lrs = t["lrs"]
+        if lrs != "per-target":
+            lrs = _list(t, "lrs", float, key, where)
+            for i, lr in enumerate(lrs):
+                if not lr > 0:
+                    raise UserError(f"{where}: {key}.lrs[{i}]: {lr} must be positive")
+        stage.lrs = lrs
+    if "recipe" in t:
+        stage.recipe = _recipe(t["recipe"], f"{key}.recipe", where)
+    return stage
+
+
+def _resources(t, key, where) -> Resources:
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table")
+    known = {f.name: f for f in dataclasses.fields(Resources)}
+    _keys(t, set(known), key, where)
+    r = Resources()
+    for name, value in t.items():
+        typ = float if known[name].type in (float, "float") else type(getattr(r, name))
+        setattr(r, name, _check_type(value, typ, f"{key}.{name}", where))
+    for name in ("cpus", "time_min", "array_parallelism", "nodes"):
+        if getattr(r, name) < 1:
+            raise UserError(f"{where}: {key}.{name}: {getattr(r, name)} is impossible; must be at least 1")
+    if r.gpus < 0 or r.mem_gb <= 0:
+        raise UserError(f"{where}: {key}: gpus must be >= 0 and mem_gb > 0")
+    return r
+
+
+def _recipe(t, key, where) -> dict:
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table of histokt train options")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, value in t.items():
+        if name in CELL_OWNED:
+            raise UserError(f"{where}: {key}.{name}: set per cell by the sweep; remove it from the recipe")
+        if name not in fields:
+            raise UserError(f"{where}: {key}.{name}: unknown train option; see 'histokt train --help'")
+        default = fields[name].default
+        if isinstance(default, bool):
+            _check_type(value, bool, f"{key}.{name}", where)
+        elif isinstance(default, (int, float, str)):
+            _check_type(value, type(default), f"{key}.{name}", where)
+    return dict(t)
+
+
+def _cross_check(spec: Spec, where) -> None:
+    names = set(spec.datasets)
+    for stage in spec.stages.values():
+        for attr in ("datasets", "sources", "targets"):
+            for i, name in enumerate(getattr(stage, attr)):
+                if name not in names:
+                    raise UserError(f"{where}: stages.{stage.name}.{attr}[{i}]: unknown dataset {name!r}; "
+                                    f"declare it under [datasets.{name}]")
+    if "transfer" in spec.stages:
+        t, p = spec.stages["transfer"], spec.stages.get("pretrain")
+        missing = [s for s in (t.sources or []) if p is None or s not in p.datasets]
+        if missing:
+            raise UserError(f"{where}: stages.transfer.sources: {missing[0]!r} is not trained in stages.pretrain")
+        for init in t.inits:
+            if p is None or init not in p.inits:
+                raise UserError(f"{where}: stages.transfer.inits: {init!r} models are not trained in stages.pretrain")
+    for name, d in spec.datasets.items():
+        if not Path(d.raw).is_dir():
+            raise UserError(f"{where}: datasets.{name}.raw: {d.raw}: no such folder (stage the raw data first)")
+
+
+# -- small typed getters ---------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _keys(t: dict, allowed: set, key: str, where) -> None:
+    for k in t:
+        if k not in allowed:
+            path = f"{key}.{k}" if key else k
+            raise UserError(f"{where}: {path}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+
+def _table(doc, name, where) -> dict:
+    t = doc.get(name)
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: [{name}]: missing table")
+    return t
+
+
+def _check_type(value, typ, key, where):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise UserError(f"{where}: {key}: {value!r} is not a {typ.__name__}")
+    return value
+
+
+def _get(t, name, typ, key, where, default=_MISSING):
+    if name not in t:
+        if default is _MISSING:
+            raise UserError(f"{where}: {key}.{name}: missing")
+        return default
+    return _check_type(t[name], typ, f"{key}.{name}", where)
+
+
+def _list(t, name, typ, key, where) -> list:
+    value = t[name]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: {key}.{name}: expected a list")
+    return [_check_type(v, typ, f"{key}.{name}[{i}]", where) for i, v in enumerate(value)]
