@@ -53,7 +53,7 @@ def run_cell(run_root, stage: str, index: int) -> int:
     cell = cells[index]
     directory = plan.cell_dir(run_root, cell)
     directory.mkdir(parents=True, exist_ok=True)
-    if plan.is_done(run_root, cell):
+    if plan.is_done(run_root, cell) and cell.kind != "collect":  # the collector re-reads every time
         return 0
     state = atomic.read_json(directory / "state.json") or {}
     set_state(directory, status="running", attempts=state.get("attempts", 0) + 1, error=None)
@@ -82,7 +82,7 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
         atomic.write_json(directory / "done.json", result)
         return 0
     if cell.kind == "train":
-        from .trainconfig import TrainConfig, train
+        from .train import TrainConfig, train
 
         result = train(TrainConfig(**{"progress": False, **args, "out": directory}))
         return EXIT_REQUEUE if result.get("status") == "interrupted" else 0

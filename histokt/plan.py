@@ -43,7 +43,8 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
         for name, d in spec.datasets.items():
             for i in range(d.shards):
                 args = {"dataset": d.card, "raw": str(Path(d.raw).absolute()), "store": store, "name": name,
-                        "mpp": d.mpp, "shard": f"{i}/{d.shards}", "option": [f"{k}={v}" for k, v in d.options.items()],
+                        "mpp": d.mpp, "shard": f"{i}/{d.shards}",
+                        "patch_size": spec.patch_size, "target_mpp": spec.target_mpp, "option": [f"{k}={v}" for k, v in d.options.items()],
                         "progress": False}
                 cells.append(Cell("standardize", f"std-{name}-{i}of{d.shards}", "standardize", args))
         out["standardize"] = cells
@@ -98,9 +99,13 @@ def resolve(value, run_root):
     return value
 
 
+def marker(run_root, cell: Cell) -> Path:
+    """The file whose existence means the cell is done."""
+    return cell_dir(run_root, cell) / ("result.json" if cell.kind == "train" else "done.json")
+
+
 def is_done(run_root, cell: Cell) -> bool:
-    marker = "result.json" if cell.kind == "train" else "done.json"
-    return (cell_dir(run_root, cell) / marker).is_file()
+    return marker(run_root, cell).is_file()
 
 
 def write(run_root, spec: Spec, plan: dict[str, list[Cell]], force: bool = False) -> None:

@@ -1,6 +1,6 @@
 """Experiment specs (`jobs/*.toml`): a whole HistoKT study in one file, checked before anything runs.
 
-    [study]        name, store, run_root, container
+    [study]        name, store, run_root, container, patch_size (272), target_mpp (1.0)
     [datasets.X]   card, raw, mpp, options, shards     (X = the dataset's name in the store)
     [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
                    each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
@@ -24,7 +24,7 @@ STAGES = ("standardize", "pretrain", "transfer", "collect")
 INITS = ("random", "imagenet")
 MODES = ("fine", "deep")
 # train options a spec may not set: the sweep decides them per cell
-CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "lr", "norm", "nproc", "progress"}
+CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "norm", "nproc", "progress"}
 
 
 @dataclass
@@ -71,6 +71,8 @@ class Spec:
     store: str
     run_root: str
     container: str = ""
+    patch_size: int = 272
+    target_mpp: float = 1.0
     datasets: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     text: str = ""  # the file as read, stored in the run root
@@ -106,14 +108,18 @@ def load(path) -> Spec:
 def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     _keys(doc, {"study", "datasets", "stages"}, "", where)
     study = _table(doc, "study", where)
-    _keys(study, {"name", "store", "run_root", "container"}, "study", where)
+    _keys(study, {"name", "store", "run_root", "container", "patch_size", "target_mpp"}, "study", where)
     spec = Spec(
         name=_get(study, "name", str, "study", where),
         store=_get(study, "store", str, "study", where),
         run_root=_get(study, "run_root", str, "study", where),
         container=_get(study, "container", str, "study", where, default=""),
+        patch_size=_get(study, "patch_size", int, "study", where, default=272),
+        target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
         text=text,
     )
+    if spec.patch_size < 8 or not spec.target_mpp > 0:
+        raise UserError(f"{where}: study: patch_size must be >= 8 and target_mpp > 0")
     for name, table in _table(doc, "datasets", where).items():
         spec.datasets[name] = _dataset(name, table, where)
     for name, table in _table(doc, "stages", where).items():
@@ -170,6 +176,8 @@ def _stage(name: str, t, where) -> Stage:
         stage.lrs = lrs
     if "recipe" in t:
         stage.recipe = _recipe(t["recipe"], f"{key}.recipe", where)
+        if name == "transfer" and "lr" in stage.recipe:
+            raise UserError(f"{where}: {key}.recipe.lr: transfer LRs come from {key}.lrs (a list, or 'per-target')")
     return stage
 
 

@@ -57,7 +57,7 @@ class StandardizeConfig:
     target_mpp: float = field(default=1.0, metadata={"help": "µm/px of the standardized patches (default 1.0)"})
     patch_size: int = field(default=272, metadata={"help": "patch side in pixels (default 272)"})
     stride: Optional[int] = field(
-        default=None, metadata={"help": "tiling stride (default 204 = 25%% overlap; BCSS card: 68)"}
+        default=None, metadata={"help": "tiling stride (default: 25%% overlap, 204 at 272 px; BCSS card: 75%%, 68)"}
     )
     split_seed: int = field(default=0, metadata={"help": "seed of the grouped train/valid/test cut (default 0)"})
     split_rule: str = field(
@@ -149,7 +149,8 @@ def make_plan(cfg: StandardizeConfig):
     plan = getattr(card, "split_plan")
     check_plan(plan, {s.partition for s in sources}, cfg.dataset)
     splits = grouped_splits(sources, plan, cfg.split_seed) if cfg.split_rule == "grouped" else [None] * len(sources)
-    stride = cfg.stride or card.default_stride or DEFAULT_STRIDE
+    # the card's overlap (25 %, BCSS 75 %) at whatever patch size
+    stride = cfg.stride or round((card.default_stride or DEFAULT_STRIDE) * cfg.patch_size / 272)
     size = part_size(len(sources))
     settings = {
         "card": card.describe(),

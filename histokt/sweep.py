@@ -55,8 +55,21 @@ def prepare(cfg: SweepConfig):
 
 
 def todo(run_root: Path, cells: dict, stages: list, queued: set) -> dict[str, list[int]]:
-    return {s: [i for i, c in enumerate(cells[s]) if c.id not in queued and not plan.is_done(run_root, c)]
-            for s in stages}
+    out = {s: [i for i, c in enumerate(cells[s]) if c.id not in queued and not plan.is_done(run_root, c)]
+           for s in stages if s != "collect"}
+    if "collect" in stages:
+        out["collect"] = [0] if collect_stale(run_root, cells, any(out.values())) else []
+    return out
+
+
+def collect_stale(run_root: Path, cells: dict, more_work: bool) -> bool:
+    """The collector runs again whenever a cell finished after its last summary (or more cells will)."""
+    marker = plan.cell_dir(run_root, cells["collect"][0]) / "done.json"
+    if more_work or not marker.exists():
+        return True
+    newest = max((plan.marker(run_root, c).stat().st_mtime for s, cs in cells.items() if s != "collect"
+                  for c in cs if plan.is_done(run_root, c)), default=0.0)
+    return newest > marker.stat().st_mtime
 
 
 def sweep(cfg: SweepConfig) -> dict:

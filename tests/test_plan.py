@@ -1,0 +1,60 @@
+"""Planning: stable cell ids, the paper's study in thousands of cells, transfer inputs and normalization."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from histokt import plan
+from histokt.errors import UserError
+from histokt.spec import load, parse
+from histokt.sweep import chunks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def paper(tmp_path, monkeypatch):
+    doc = tomllib.loads((ROOT / "jobs" / "paper.toml").read_text())
+    for d in doc["datasets"].values():
+        (tmp_path / d["raw"]).mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return load(ROOT / "jobs" / "paper.toml")
+
+
+def test_paper_study_cell_counts(paper):
+    cells = plan.expand(paper)
+    # shards 1+1+4+1+8+8+1+4+8; 9 sources x 2 inits x 3 seeds; 9 x 8 pairs x 2 inits x 2 modes x 5 LRs x 3 seeds
+    assert {s: len(c) for s, c in cells.items()} == {
+        "standardize": 36, "pretrain": 54, "transfer": 4320, "collect": 1}
+    ids = [c.id for cs in cells.values() for c in cs]
+    assert len(set(ids)) == len(ids)
+    assert [c.id for c in plan.expand(paper)["transfer"]] == [c.id for c in cells["transfer"]]  # stable
+
+
+def test_transfer_cells_read_their_source_and_normalize_like_histokt(paper):
+    cells = {c.id: c for c in plan.expand(paper)["transfer"]}
+    r = cells["B-random-crc-bach-deep-lr5e-4-s1"]
+    assert r.args["init"] == "{run_root}/cells/pretrain/A-crc-random-s1/best.pt" == r.inputs[0]
+    assert r.args["norm"] == "crc" and r.args["dataset"] == "bach" and r.args["lr"] == 5e-4
+    i = cells["B-imagenet-crc-bach-fine-lr1e-3-s0"]
+    assert i.args["norm"] == "imagenet" and i.args["mode"] == "fine"
+    assert i.meta == {"family": "imagenet", "source": "crc", "target": "bach", "mode": "fine", "lr": 1e-3, "seed": 0}
+    pre = {c.id: c for c in plan.expand(paper)["pretrain"]}
+    assert pre["A-bach-imagenet-s2"].args["init"] == "imagenet" and pre["A-bach-random-s0"].args["norm"] == "dataset"
+
+
+def test_plan_round_trips_and_another_spec_is_refused(paper, tmp_path):
+    cells = plan.expand(paper)
+    plan.write(tmp_path / "root", paper, cells)
+    back = plan.read(tmp_path / "root")
+    assert [c.id for c in back["transfer"]] == [c.id for c in cells["transfer"]]
+    other = parse(tomllib.loads(paper.text), paper.text + "\n# changed\n")
+    with pytest.raises(UserError, match="made from another spec"):
+        plan.write(tmp_path / "root", other, plan.expand(other))
+    plan.write(tmp_path / "root", other, plan.expand(other), force=True)
+
+
+def test_array_chunks_stay_below_max_array_size():
+    got = chunks(list(range(2500)), 1000)
+    assert [len(c) for c in got] == [1000, 1000, 500] and got[1][0] == 1000

@@ -1,0 +1,84 @@
+"""`histokt sweep` on the local executor (the embedded default): the whole demo study, idempotent re-runs,
+a killed sweep that continues, a failing cell that does not stop the rest, and `histokt status`."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from histokt.demo import write_collection
+
+from .conftest import ROOT, histokt_cmd
+
+SPEC = ROOT / "jobs" / "demo.toml"
+
+
+@pytest.fixture
+def study(tmp_path):
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    return tmp_path
+
+
+def sweep(cwd, *extra, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress", *extra), cwd=cwd,
+                          env=env, capture_output=True, text=True, **kw)
+
+
+def rows(run_root: Path):
+    with open(run_root / "summary" / "transfer.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_study_end_to_end_then_nothing_to_do(study):
+    r = sweep(study)
+    assert r.returncode == 0, r.stderr
+    runs = study / "demo" / "runs"
+    assert (runs / "spec.toml").read_text() == SPEC.read_text()
+    plan = json.loads((runs / "plan.json").read_text())
+    assert [len(plan["stages"][s]) for s in ("standardize", "pretrain", "transfer", "collect")] == [3, 2, 2, 1]
+    got = {(x["init"], x["mode"], x["source"], x["target"]) for x in rows(runs)}
+    assert got == {("random", "scratch", "crc", "crc"), ("random", "scratch", "mhist", "mhist"),
+                   ("random", "deep", "crc", "mhist"), ("random", "deep", "mhist", "crc")}
+    for cell in ("A-crc-random-s0", "B-random-crc-mhist-deep-lr1e-3-s0"):
+        assert (runs / "cells" / ("pretrain" if cell[0] == "A" else "transfer") / cell / "result.json").is_file()
+    again = sweep(study)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True)
+    assert "8/8 cells done" in status.stdout and "failed" not in status.stdout.split("\n", 1)[1].split("[")[0]
+
+
+def test_failing_cell_does_not_stop_the_rest_and_is_reported(study):
+    (study / "demo" / "raw" / "mhist" / "annotations.csv").write_text("Image Name,Partition\n")  # broken download
+    r = sweep(study)
+    assert r.returncode == 1
+    runs = study / "demo" / "runs"
+    report = (runs / "summary" / "report.md").read_text()
+    assert "A-mhist-random-s0" in report and "input missing" in report
+    assert {(x["source"], x["target"]) for x in rows(runs)} == {("crc", "crc")}  # the rest finished
+    status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True).stdout
+    assert "failed standardize/std-mhist-0of1: " in status and "verify the download" in status
+
+
+def test_killed_sweep_continues_where_it_stopped(study):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress"), cwd=study, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = study / "demo" / "runs" / "cells" / "pretrain" / "A-crc-random-s0" / "last.pt"
+    while not last.exists():
+        assert proc.poll() is None, "the sweep ended before a pretrain checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and every cell it started
+    proc.wait()
+    r = sweep(study)
+    assert r.returncode == 0, r.stderr
+    state = json.loads((last.parent / "state.json").read_text())
+    assert state["status"] == "done" and state["attempts"] == 2
+    assert len(rows(study / "demo" / "runs")) == 4
