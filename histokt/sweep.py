@@ -162,7 +162,9 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) ->
         "array_parallelism": r.array_parallelism,
         "signal_delay_s": 120,
         "additional_parameters": {"requeue": True},
-        "setup": [f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}"],
+        # one intra-op thread per allocated CPU: no oversubscription, and the same arithmetic on every requeue
+        "setup": [f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
+                  "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"],
         "teardown": teardown_lines(run_root),
         "stderr_to_stdout": True,
     }
