@@ -1,0 +1,56 @@
+"""Planning benchmark: `jobs/paper.toml` (4,411 cells) expanded, written to plan.json, and every stage's
+sbatch script rendered (--dry-run), in a fresh interpreter: wall time and peak memory.
+
+    .venv/bin/python benchmarks/plan.py
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = """
+import resource, sys, time
+t = time.perf_counter()
+from histokt import plan
+from histokt.spec import load
+from histokt.sweep import SweepConfig, sweep
+spec = load(sys.argv[1])
+cells = plan.expand(spec)
+plan.write("runs/paper", spec, cells)
+out = sweep(SweepConfig(spec=sys.argv[1], executor="slurm", dry_run=True, progress=False))
+print(sum(len(c) for c in cells.values()), time.perf_counter() - t,
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def main() -> int:
+    spec = ROOT / "jobs" / "paper.toml"
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in tomllib.loads(spec.read_text())["datasets"].values():
+            (Path(tmp) / d["raw"]).mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", CHILD, str(spec)], cwd=tmp, capture_output=True, text=True,
+                             check=True, env={"PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t
+        plan_bytes = (Path(tmp) / "runs" / "paper" / "plan.json").stat().st_size
+    cells, inside, rss = out.stdout.split()
+    result = {"cells": int(cells), "process_wall_s": wall, "plan_and_dry_run_s": float(inside),
+              "peak_rss_mb": float(rss), "plan_json_mb": plan_bytes / 2**20, "date": time.strftime("%Y-%m-%d")}
+    print("| measure | value |\n|---|---:|")
+    print(f"| cells planned | {result['cells']:,} |")
+    print(f"| plan + plan.json + sbatch scripts, s | {result['plan_and_dry_run_s']:.2f} |")
+    print(f"| whole process (interpreter start included), s | {wall:.2f} |")
+    print(f"| peak RSS, MB | {result['peak_rss_mb']:.0f} |")
+    print(f"| plan.json, MB | {result['plan_json_mb']:.1f} |")
+    path = ROOT / "benchmarks" / "results" / "plan.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
