@@ -131,3 +131,39 @@ def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatc
         assert queue is not None
     finally:
         subprocess.run(["scancel", *[r["job"] for r in records]], check=False)
+
+
+def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+    """--container runs each task as `apptainer exec --nv --bind ... IMG python ...`. A stand-in apptainer
+    (no Apptainer here) logs its arguments and runs the command with no SLURM tools on PATH, as in an image."""
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apptainer.log"
+    fake = bin_dir / "apptainer"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$@" >> {log}\n'
+        '[ "$1" = exec ] || exit 64\n'
+        "shift\n"
+        'while [ "${1#-}" != "$1" ]; do case "$1" in --bind) shift 2;; *) shift;; esac; done\n'
+        "image=$1; shift\n"
+        '[ -f "$image" ] || { echo "no image $image" >&2; exit 65; }\n'
+        f'exec env PATH=/nonexistent {Path(__import__("sys").executable).parent}/"$@"\n'
+    )
+    fake.chmod(0o755)
+    image = tmp_path / "histokt.sif"
+    image.write_bytes(b"stand-in")
+    run_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    r = subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container",
+                                   image), cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = tmp_path / "demo" / "runs"
+    wait_until(lambda: queue_empty_for(runs), "the standardize tasks")
+    cells = runs / "cells" / "standardize"
+    assert all((cells / c / "done.json").exists() for c in ("std-crc-0of2", "std-crc-1of2", "std-mhist-0of1"))
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3
+    assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c
+               for c in calls)
+    assert str(runs) in calls[0]
