@@ -17,7 +17,6 @@ time breakdown of one single-process run (stage timers wrapped around histokt's 
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys

@@ -170,7 +170,7 @@ def child_args(args):
 def child_resume(args) -> None:
     """Resume the benchmark's run directory and print the wall clock after the first step."""
     from histokt import distributed
-    from histokt.train import Cell, StopRequested, device_for, resolved
+    from histokt.train import Cell, device_for, resolved
 
     store = args.work / f"store-{args.images}.zarr"
     cfg = resolved(config(args, store, args.child_resume))

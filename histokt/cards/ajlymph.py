@@ -12,8 +12,7 @@ No official split and no patient IDs are published, so the source image is the g
 
 from pathlib import Path
 
-from ..errors import verify_download
-from .base import Card, Source, image_files, rel
+from .base import Card, Source
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -30,13 +29,7 @@ class AJLymph(Card):
         self.require_dir(raw, "AJ-Lymph/ with CLL, FL, MCL class folders")
         class_dirs = {p.name: p for p in raw.iterdir() if p.is_dir() and not p.name.startswith(".")}
         self.check_classes(class_dirs, raw)
-        sources = []
-        for label, cls in enumerate(self.classes):
-            files = image_files(class_dirs[cls], SUFFIXES)
-            if not files:
-                raise verify_download(self.name, class_dirs[cls], "class folder holds no .tif images")
-            sources += [Source(rel(raw, f), label, "all", rel(raw, f)) for f in files]
-        return sorted(sources, key=lambda s: s.path)
+        return sorted(self.class_folder_sources(raw, raw, SUFFIXES), key=lambda s: s.path)
 
 
 CARD = AJLymph

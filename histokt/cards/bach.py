@@ -20,7 +20,7 @@ import csv
 from pathlib import Path
 
 from ..errors import UserError, verify_download
-from .base import Card, Source, image_files, rel
+from .base import Card, Source, rel
 
 CLASSES = ("Benign", "InSitu", "Invasive", "Normal")
 SUFFIXES = (".tif", ".tiff")
@@ -45,12 +45,7 @@ class Bach(Card):
         photos = self._photos_dir(raw)
         class_dirs = {p.name: p for p in photos.iterdir() if p.is_dir() and not p.name.startswith(".")}
         self.check_classes(class_dirs, photos)
-        sources = []
-        for label, cls in enumerate(self.classes):
-            files = image_files(class_dirs[cls], SUFFIXES)
-            if not files:
-                raise verify_download(self.name, class_dirs[cls], "class folder holds no .tif images")
-            sources += [Source(rel(raw, f), label, "all", rel(raw, f)) for f in files]
+        sources = self.class_folder_sources(raw, photos, SUFFIXES)
         if self.opts["patients"]:
             sources = self._group_by_patient(raw, photos, sources)
         return sorted(sources, key=lambda s: s.path)

@@ -100,6 +100,16 @@ class Card:
             raise verify_download(self.name, path, f"expected {what} (a file)")
         return path
 
+    def class_folder_sources(self, raw: Path, parent: Path, suffixes, partition: str = "all") -> list[Source]:
+        """One source per image in ``parent/<class>/`` for each of the card's classes (group: the image)."""
+        sources = []
+        for label, cls in enumerate(self.classes):
+            files = image_files(parent / cls, suffixes)
+            if not files:
+                raise verify_download(self.name, parent / cls, f"class folder holds no {suffixes[0]} images")
+            sources += [Source(rel(raw, f), label, partition, rel(raw, f)) for f in files]
+        return sources
+
     def check_classes(self, found, where) -> None:
         """The class names found in the raw data must be exactly the card's."""
         found, want = sorted(set(found)), sorted(self.classes)

@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 
 from ..errors import UserError, verify_download
-from .base import DEFAULT_RATIOS, Card, Source, image_files, rel
+from .base import DEFAULT_RATIOS, Card, Source
 
 ALL_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 HISTOKT_CLASSES = ("ADI", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
@@ -93,13 +93,7 @@ class CRC(Card):
         missing = [c for c in self.classes if c not in found]
         if missing:
             raise verify_download(self.name, folder / missing[0], "missing class folder")
-        sources = []
-        for label, cls in enumerate(self.classes):
-            files = image_files(folder / cls, SUFFIXES)
-            if not files:
-                raise verify_download(self.name, folder / cls, "class folder holds no .tif images")
-            sources += [Source(rel(raw, f), label, partition, rel(raw, f)) for f in files]
-        return sources
+        return self.class_folder_sources(raw, folder, SUFFIXES, partition)
 
     def _subset(self, sources: list[Source]) -> list[Source]:
         """HistoKT's per-class archive: one seeded shuffle of the sorted list, then the first k per class."""
