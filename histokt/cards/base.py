@@ -5,6 +5,7 @@ pixels, and checks the layout, failing fast with "verify the download". ``read``
 source. Cards hold only their options, so they pickle cleanly into worker processes.
 """
 
+import csv
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,18 @@ class Card:
                 raise verify_download(self.name, parent / cls, f"class folder holds no {suffixes[0]} images")
             sources += [Source(rel(raw, f), label, partition, rel(raw, f)) for f in files]
         return sources
+
+    def csv_rows(self, path: Path, required, hint: str = ""):
+        """(line number, row) of a CSV whose header names are stripped of spaces (GlaS ships ' grade');
+        a missing required column fails naming the file."""
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise verify_download(self.name, path, f"missing columns {missing}{hint}")
+            reader.fieldnames = header
+            yield from enumerate(reader, start=2)
 
     def check_classes(self, found, where) -> None:
         """The class names found in the raw data must be exactly the card's."""

@@ -11,7 +11,6 @@ Raw layout (the raw dir is the release folder, or a folder holding it, as unzipp
 stripped. Partitions come from the name prefix (HistoKT used CSV row positions instead).
 """
 
-import csv
 import re
 from pathlib import Path
 
@@ -57,28 +56,21 @@ class GlaS(Card):
 
     def _read_csv(self, path: Path) -> dict[str, tuple[int, str]]:
         """Image name -> (class index, patient ID), with headers and values stripped."""
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            missing = [c for c in (NAME, PATIENT, GRADE) if c not in header]
-            if missing:
-                raise verify_download(self.name, path, f"missing columns {missing} (after stripping spaces)")
-            reader.fieldnames = header
-            rows: dict[str, tuple[int, str]] = {}
-            for line, row in enumerate(reader, start=2):
-                name = (row[NAME] or "").strip()
-                if not name:
-                    continue
-                where = f"{path} line {line}"
-                if not NAME_RE.match(name):
-                    expected = "expected train_<n>, testA_<n> or testB_<n>"
-                    raise verify_download(self.name, where, f"name {name!r}, {expected}")
-                if name in rows:
-                    raise verify_download(self.name, where, f"duplicate image name {name!r}")
-                patient = (row[PATIENT] or "").strip()
-                if not patient:
-                    raise verify_download(self.name, where, f"{name!r} has no patient ID")
-                rows[name] = (class_index(self.classes, (row[GRADE] or "").strip(), self.name, where), patient)
+        rows: dict[str, tuple[int, str]] = {}
+        for line, row in self.csv_rows(path, (NAME, PATIENT, GRADE), " (after stripping spaces)"):
+            name = (row[NAME] or "").strip()
+            if not name:
+                continue
+            where = f"{path} line {line}"
+            if not NAME_RE.match(name):
+                expected = "expected train_<n>, testA_<n> or testB_<n>"
+                raise verify_download(self.name, where, f"name {name!r}, {expected}")
+            if name in rows:
+                raise verify_download(self.name, where, f"duplicate image name {name!r}")
+            patient = (row[PATIENT] or "").strip()
+            if not patient:
+                raise verify_download(self.name, where, f"{name!r} has no patient ID")
+            rows[name] = (class_index(self.classes, (row[GRADE] or "").strip(), self.name, where), patient)
         if not rows:
             raise verify_download(self.name, path, "grade CSV has no rows")
         return rows

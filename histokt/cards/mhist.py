@@ -9,7 +9,6 @@ Raw layout (``images.zip`` unzipped next to the CSV)::
 The CSV and the images must match one-to-one. No patient IDs are published: the image is the group.
 """
 
-import csv
 from pathlib import Path
 
 from ..errors import verify_download
@@ -45,22 +44,15 @@ class MHIST(Card):
 
     def _read_csv(self, path: Path) -> dict[str, tuple[int, str]]:
         """Image name -> (class index, partition)."""
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            missing = [c for c in (NAME, LABEL, PARTITION) if c not in header]
-            if missing:
-                raise verify_download(self.name, path, f"missing columns {missing}")
-            reader.fieldnames = header
-            rows: dict[str, tuple[int, str]] = {}
-            for line, row in enumerate(reader, start=2):
-                name = (row[NAME] or "").strip()
-                if not name:
-                    continue
-                if name in rows:
-                    raise verify_download(self.name, path, f"duplicate image name {name!r} (line {line})")
-                label = class_index(self.classes, (row[LABEL] or "").strip(), self.name, f"{path} line {line}")
-                rows[name] = (label, self._partition(path, line, row[PARTITION]))
+        rows: dict[str, tuple[int, str]] = {}
+        for line, row in self.csv_rows(path, (NAME, LABEL, PARTITION)):
+            name = (row[NAME] or "").strip()
+            if not name:
+                continue
+            if name in rows:
+                raise verify_download(self.name, path, f"duplicate image name {name!r} (line {line})")
+            label = class_index(self.classes, (row[LABEL] or "").strip(), self.name, f"{path} line {line}")
+            rows[name] = (label, self._partition(path, line, row[PARTITION]))
         if not rows:
             raise verify_download(self.name, path, "label CSV has no rows")
         return rows
