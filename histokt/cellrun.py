@@ -86,6 +86,13 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
 
         result = train(TrainConfig(**{"progress": False, **args, "out": directory}))
         return EXIT_REQUEUE if result.get("status") == "interrupted" else 0
+    if cell.kind == "merge":
+        from .distill import DistillConfig, distill
+
+        result = distill(DistillConfig(sources=[Path(p) for p in args["sources"]], rule=args["rule"],
+                                       lowrank=args["lowrank"], out=directory / "merged.pt"))
+        atomic.write_json(directory / "done.json", result)
+        return 0
     if cell.kind == "collect":
         from .collect import collect
 

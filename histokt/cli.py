@@ -59,6 +59,19 @@ def _train(argv):
     return 0
 
 
+def _distill(argv):
+    from .distill import DistillConfig, distill
+
+    cfg = _parse(DistillConfig, "distill", argv,
+                 "Merge Stage-A models of one architecture into one, without training.")
+    s = distill(cfg)
+    picks = "; picks " + ", ".join(f"{run} {n}" for run, n in s["picks"].items()) if s["picks"] else ""
+    low = ", lowrank" if s["lowrank"] else ""
+    print(f"{s['out']}: merged {s['sources']} {s['arch']} models ({s['rule']}{low}) over {s['layers']} conv layers"
+          f"{picks}; per-layer report in {s['json']}")
+    return 0
+
+
 def _sweep(argv):
     from .sweep import SweepConfig, sweep
 
@@ -100,9 +113,11 @@ def _collect(argv):
     from .collect import collect
 
     cfg = _parse(CollectConfig, "collect", argv, "Summary tables of a study from its cells' result.json files.")
-    out = collect(cfg.run_root, cfg.out)
-    print(f"{cfg.out or Path(cfg.run_root) / 'summary'}: {out['rows']} rows; {out['done']} cells done, "
-          f"{out['failed']} failed, {out['missing']} missing, {out['corrupt']} corrupt")
+    out = collect(cfg.run_root, cfg.out, compare_paper=cfg.compare_paper)
+    matrices = ", ".join(out["matrices"]) or "no matrix"
+    print(f"{out['out']}: {out['rows']} rows, {matrices}; {out['done']} cells done, {out['failed']} failed, "
+          f"{out['running']} running, {out['missing']} not started, {out['corrupt']} corrupt "
+          f"(report.md; {out['seconds']:.2f} s)")
     return 0
 
 
@@ -122,11 +137,14 @@ class StatusConfig:
 class CollectConfig:
     run_root: Path = field(metadata={"args": ["run_root"], "help": "the study's run root"})
     out: Optional[Path] = field(default=None, metadata={"help": "output folder (default RUN_ROOT/summary)"})
+    compare_paper: bool = field(default=False, metadata={
+        "help": "also write compare_<init>_deep.csv/.md: our deep matrices minus the published HistoKT ones"})
 
 
 COMMANDS = {
     "standardize": (_standardize, "raw dataset -> standardized 272x272, 1 µm/px patches in a Zarr store"),
     "train": (_train, "train one cell (source training or transfer), exactly resumable, DDP"),
+    "distill": (_distill, "merge Stage-A models into one by knowledge gain or averaging, no training"),
     "sweep": (_sweep, "plan a study (jobs/*.toml) and run it here or submit it to SLURM"),
     "run-cell": (_run_cell, "run one cell of a planned study (used by the array jobs)"),
     "status": (_status, "where a study stands: counts per stage, failed cells"),

@@ -82,8 +82,46 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
                                     meta={"family": init, "source": source, "target": target, "mode": mode,
                                           "lr": lr, "seed": seed}))
         out["transfer"] = cells
+    if "distill" in spec.stages:
+        out["merge"], out["distill"] = distill_cells(spec, store)
     out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
     return {s: out[s] for s in STAGES if s in out}
+
+
+def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
+    """Weight distillation: merge cells (no training) and the deep-tuning of each merged model on each target.
+
+    HistoKT merged Stage-A models of one family (random or ImageNet init) and deep-tuned the result with the
+    Stage-B recipe over the LR grid; normalization: the target's own statistics (random family) or ImageNet's.
+    """
+    from .recipes import TARGET_LR
+
+    st = spec.stages["distill"]
+    merges, tunes = [], []
+    for init in st.inits:
+        for members in st.source_sets:
+            for rule in st.rules:
+                for lowrank in st.lowrank:
+                    for seed in st.seeds:
+                        name = f"{init}-{'+'.join(members)}-{rule}{'-lowrank' if lowrank else ''}"
+                        sources = [f"{{run_root}}/cells/pretrain/A-{m}-{init}-s{seed}" for m in members]
+                        merge = Cell("merge", f"M-{name}-s{seed}", "merge",
+                                     {"sources": sources, "rule": rule, "lowrank": lowrank},
+                                     inputs=[f"{s}/best.pt" for s in sources])
+                        merges.append(merge)
+                        merged = f"{{run_root}}/cells/merge/{merge.id}/merged.pt"
+                        for target in st.targets:
+                            lrs = [TARGET_LR.get(spec.datasets[target].card, 1e-4)] if st.lrs == "per-target" \
+                                else st.lrs
+                            for lr in lrs:
+                                tunes.append(Cell(
+                                    "distill", f"D-{name}-{target}-lr{lr_name(lr)}-s{seed}", "train",
+                                    {**st.recipe, "store": store, "dataset": target, "init": merged, "mode": "deep",
+                                     "lr": lr, "seed": seed, "norm": "imagenet" if init == "imagenet" else "dataset"},
+                                    inputs=[merged],
+                                    meta={"family": init, "source": "+".join(members), "target": target,
+                                          "mode": "deep", "lr": lr, "seed": seed, "rule": rule, "lowrank": lowrank}))
+    return merges, tunes
 
 
 def cell_dir(run_root, cell: Cell) -> Path:

@@ -20,7 +20,8 @@ from .cards import CARD_NAMES
 from .errors import UserError
 from .trainconfig import TrainConfig
 
-STAGES = ("standardize", "pretrain", "transfer", "collect")
+STAGES = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
+RULES = ("kg-select", "average", "kg-weighted")
 INITS = ("random", "imagenet")
 MODES = ("fine", "deep")
 # train options a spec may not set: the sweep decides them per cell
@@ -63,6 +64,9 @@ class Stage:
     seeds: list = field(default_factory=lambda: [0])
     recipe: dict = field(default_factory=dict)
     include_diagonal: bool = False  # transfer: also source == target
+    source_sets: list = field(default_factory=list)  # distill: lists of pretrain datasets merged into one model
+    rules: list = field(default_factory=lambda: ["kg-select"])  # distill
+    lowrank: list = field(default_factory=lambda: [False])  # distill: without / with the EVBMF low-rank step
 
 
 @dataclass
@@ -88,6 +92,7 @@ STAGE_KEYS = {
     "standardize": {"resources"},
     "pretrain": {"resources", "datasets", "inits", "seeds", "recipe"},
     "transfer": {"resources", "sources", "targets", "inits", "modes", "lrs", "seeds", "recipe", "include_diagonal"},
+    "distill": {"resources", "source_sets", "rules", "lowrank", "targets", "inits", "lrs", "seeds", "recipe"},
     "collect": {"resources"},
 }
 
@@ -123,7 +128,7 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     for name, table in _table(doc, "datasets", where).items():
         spec.datasets[name] = _dataset(name, table, where)
     for name, table in _table(doc, "stages", where).items():
-        if name not in STAGES:
+        if name not in STAGE_KEYS:  # "merge" is planned from [stages.distill], not written
             raise UserError(f"{where}: stages.{name}: unknown stage; known: {', '.join(STAGES)}")
         spec.stages[name] = _stage(name, table, where)
     _cross_check(spec, where)
@@ -160,6 +165,22 @@ def _stage(name: str, t, where) -> Stage:
             setattr(stage, attr, _list(t, attr, typ, key, where))
     if "include_diagonal" in t:
         stage.include_diagonal = _get(t, "include_diagonal", bool, key, where)
+    if "rules" in t:
+        stage.rules = _list(t, "rules", str, key, where)
+        for i, rule in enumerate(stage.rules):
+            if rule not in RULES:
+                raise UserError(f"{where}: {key}.rules[{i}]: {rule!r}; choose from {', '.join(RULES)}")
+    if "lowrank" in t:
+        stage.lowrank = _list(t, "lowrank", bool, key, where)
+    if "source_sets" in t:
+        sets = t["source_sets"]
+        if not isinstance(sets, list) or not all(isinstance(x, list) for x in sets):
+            raise UserError(f"{where}: {key}.source_sets: expected a list of lists of dataset names")
+        for i, members in enumerate(sets):
+            stage.source_sets.append([_check_type(v, str, f"{key}.source_sets[{i}][{j}]", where)
+                                      for j, v in enumerate(members)])
+            if len(members) < 2:
+                raise UserError(f"{where}: {key}.source_sets[{i}]: merging needs at least 2 datasets")
     for i, init in enumerate(stage.inits):
         if init not in INITS:
             raise UserError(f"{where}: {key}.inits[{i}]: {init!r}; choose from {', '.join(INITS)}")
@@ -176,7 +197,7 @@ def _stage(name: str, t, where) -> Stage:
         stage.lrs = lrs
     if "recipe" in t:
         stage.recipe = _recipe(t["recipe"], f"{key}.recipe", where)
-        if name == "transfer" and "lr" in stage.recipe:
+        if name in ("transfer", "distill") and "lr" in stage.recipe:
             raise UserError(f"{where}: {key}.recipe.lr: transfer LRs come from {key}.lrs (a list, or 'per-target')")
     return stage
 
@@ -223,6 +244,18 @@ def _cross_check(spec: Spec, where) -> None:
                 if name not in names:
                     raise UserError(f"{where}: stages.{stage.name}.{attr}[{i}]: unknown dataset {name!r}; "
                                     f"declare it under [datasets.{name}]")
+    if "distill" in spec.stages:
+        d, p = spec.stages["distill"], spec.stages.get("pretrain")
+        for i, members in enumerate(d.source_sets):
+            for name in members:
+                if name not in names:
+                    raise UserError(f"{where}: stages.distill.source_sets[{i}]: unknown dataset {name!r}")
+                if p is None or name not in p.datasets:
+                    raise UserError(f"{where}: stages.distill.source_sets[{i}]: {name!r} is not trained in "
+                                    f"stages.pretrain")
+        for init in d.inits:
+            if p is None or init not in p.inits:
+                raise UserError(f"{where}: stages.distill.inits: {init!r} models are not trained in stages.pretrain")
     if "transfer" in spec.stages:
         t, p = spec.stages["transfer"], spec.stages.get("pretrain")
         missing = [s for s in (t.sources or []) if p is None or s not in p.datasets]
