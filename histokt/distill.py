@@ -42,13 +42,15 @@ class DistillConfig:
     """One merge: which Stage-A runs, how, and where the merged checkpoint goes."""
 
     sources: List[Path] = field(
-        metadata={"nargs": "+", "help": "Stage-A run directories (each holding best.pt) of one architecture"}
+        metadata={"nargs": "+", "metavar": "RUN_DIR",
+                  "help": "Stage-A run directories (each holding best.pt) of one architecture"}
     )
     rule: str = field(
         metadata={"choices": RULES, "help": "kg-select: per conv layer the source with the highest knowledge "
                                             "gain; average: element-wise mean; kg-weighted: mean weighted by gain"}
     )
-    out: Path = field(metadata={"help": "merged checkpoint MERGED.pt (MERGED.json is written beside it)"})
+    out: Path = field(metadata={"metavar": "MERGED.pt",
+                                "help": "merged checkpoint (MERGED.json is written beside it)"})
     lowrank: bool = field(
         default=False, metadata={"help": "replace each merged conv by its EVBMF low-rank reconstruction (postSVD)"}
     )
