@@ -41,17 +41,25 @@ def test_demo_study_end_to_end_then_nothing_to_do(study):
     runs = study / "demo" / "runs"
     assert (runs / "spec.toml").read_text() == SPEC.read_text()
     plan = json.loads((runs / "plan.json").read_text())
-    assert [len(plan["stages"][s]) for s in ("standardize", "pretrain", "transfer", "collect")] == [3, 2, 2, 1]
+    stages = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
+    assert [len(plan["stages"][s]) for s in stages] == [3, 2, 2, 1, 1, 1]
     got = {(x["init"], x["mode"], x["source"], x["target"]) for x in rows(runs)}
     assert got == {("random", "scratch", "crc", "crc"), ("random", "scratch", "mhist", "mhist"),
                    ("random", "deep", "crc", "mhist"), ("random", "deep", "mhist", "crc")}
     for cell in ("A-crc-random-s0", "B-random-crc-mhist-deep-lr1e-3-s0"):
         assert (runs / "cells" / ("pretrain" if cell[0] == "A" else "transfer") / cell / "result.json").is_file()
+    merged = runs / "cells" / "merge" / "M-random-crc+mhist-kg-select-s0"
+    assert (merged / "merged.pt").is_file() and json.loads((merged / "merged.json").read_text())["rule"] == "kg-select"
+    with open(runs / "summary" / "distill.csv") as f:
+        distilled = list(csv.DictReader(f))
+    assert len(distilled) == 1 and distilled[0]["target"] == "mhist" and distilled[0]["sources"] == "crc+mhist"
+    for name in ("matrix_random_deep.png", "matrix_random_deep.tex", "report.md"):
+        assert (runs / "summary" / name).stat().st_size > 0
     again = sweep(study)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True)
-    assert "8/8 cells done" in status.stdout and "failed" not in status.stdout.split("\n", 1)[1].split("[")[0]
+    assert "10/10 cells done" in status.stdout and "failed" not in status.stdout.split("\n", 1)[1].split("[")[0]
 
 
 def test_failing_cell_does_not_stop_the_rest_and_is_reported(study):
@@ -82,3 +90,5 @@ def test_killed_sweep_continues_where_it_stopped(study):
     state = json.loads((last.parent / "state.json").read_text())
     assert state["status"] == "done" and state["attempts"] == 2
     assert len(rows(study / "demo" / "runs")) == 4
+    assert (study / "demo" / "runs" / "cells" / "distill" / "D-random-crc+mhist-kg-select-mhist-lr1e-3-s0" /
+            "result.json").is_file()
