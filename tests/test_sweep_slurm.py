@@ -120,7 +120,8 @@ def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatc
         by_stage = {}
         for r in records:
             by_stage.setdefault(r["stage"], []).append(len(r["cells"]))
-        assert by_stage == {"standardize": [2, 1], "pretrain": [2], "transfer": [2], "collect": [1]}
+        assert by_stage == {"standardize": [2, 1], "pretrain": [2], "transfer": [2], "merge": [1], "distill": [1],
+                            "collect": [1]}
         assert all(n <= 2 for sizes in by_stage.values() for n in sizes)
         queue = sweep_module.squeue()
         deps = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
