@@ -38,11 +38,14 @@ def _standardize(argv):
 def _demo(argv):
     from .demo import DemoConfig, run_demo
 
-    cfg = _parse(DemoConfig, "demo", argv, "Generate a small SYNTHETIC histology collection and run it through histokt.")
-    s = run_demo(cfg)
-    counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items())
-    print(f"demo: standardized synthetic CRC-like data into {cfg.out}/store.zarr/{s['dataset']} ({counts} patches)")
-    return 0
+    cfg = _parse(DemoConfig, "demo", argv,
+                 "Generate a small SYNTHETIC histology collection and run a whole study on it (jobs/demo.toml).")
+    out = run_demo(cfg)
+    summary = Path(out["summary"])
+    print(f"demo: finished in {out['seconds'] / 60:.1f} min ({out['run_root']})")
+    print(f"  transfer matrices: {summary}/matrix_<init>_<mode>.md, .csv, .tex and .png heatmaps")
+    print(f"  weight distillation: {summary}/distill.md; what ran: {summary}/report.md")
+    return 0 if out.get("not_done", 0) == 0 else 1
 
 
 def _train(argv):

@@ -1,51 +1,80 @@
-"""`histokt demo`: a synthetic histology-like collection, standardized into a store, on 2 CPU cores.
+"""`histokt demo`: a whole HistoKT study in minutes on 2 CPU cores, on a SYNTHETIC collection.
 
-The images are SYNTHETIC (no download): H&E-coloured textures whose nuclei density and size differ by
-class, so a network can learn them. They are written in a real card's raw layout and go through the
-same code path as a real dataset.
+Three small datasets are generated (no download) in the raw layouts of real cards, each at its own µm/px
+and with its own stain colours (the domain shift): a CRC-like class-folder tree (0.5 µm/px), an MHIST-like
+image folder with its CSV (1.25 µm/px) and a PCam-like HDF5 pair (0.972 µm/px). Classes differ by the
+density and size of nuclei, which a ResNet18 learns. A stand-in "ImageNet" checkpoint (random weights of
+the right shapes) is staged where torchvision's cache would be, so the ImageNet family runs offline.
+Then `jobs/demo.toml`, with its paths pointed at the output folder, goes through the same code path as
+a cluster study: standardize, pretrain (random and ImageNet init), transfer (fine and deep), distill,
+collect.
 """
 
+import csv
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .standardize import StandardizeConfig, standardize
+from .errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "jobs" / "demo.toml"
 
 # class -> (nuclei per 100x100 px, nucleus radius px); distinct enough to learn, close enough to be a task
-DEMO_CLASSES = {"ADI": (2, 5), "LYM": (40, 4), "MUC": (6, 6), "MUS": (10, 3), "NORM": (18, 5), "STR": (8, 4), "TUM": (28, 7)}
+DEMO_CLASSES = {"ADI": (2, 5), "LYM": (40, 4), "MUC": (6, 6), "MUS": (10, 3), "NORM": (18, 5), "STR": (8, 4),
+                "TUM": (28, 7)}
+MHIST_CLASSES = {"HP": (12, 4), "SSA": (30, 6)}
+PCAM_CLASSES = {"non_tumor": (8, 3), "tumor": (35, 5)}
+# (stroma RGB, nucleus RGB) per dataset: each scanner and lab stains differently
+STAINS = {
+    "crc": ((225, 160, 205), (95, 55, 140)),
+    "mhist": ((235, 185, 200), (120, 60, 120)),
+    "pcam": ((200, 140, 215), (70, 40, 150)),
+}
 
 
 @dataclass
 class DemoConfig:
-    out: Path = field(default=Path("demo"), metadata={"help": "folder for the raw data and the store (default: demo)"})
-    per_class: int = field(default=12, metadata={"help": "images per class (default 12)"})
-    workers: int = field(default=2, metadata={"help": "worker processes (default 2)"})
+    out: Path = field(default=Path("demo"), metadata={"help": "folder for the raw data, store and runs (demo)"})
+    executor: str = field(default="local", metadata={"choices": ("local", "slurm"),
+                                                     "help": "run the cells here (local) or on SLURM"})
+    per_class: int = field(default=12, metadata={"help": "synthetic images per class (default 12)"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic images (default 0)"})
+    parallel: int = field(default=2, metadata={"help": "local executor: cells at once (default 2)"})
+    raw_root: Optional[Path] = field(
+        default=None, metadata={"help": "run the demo spec on real data: DIR/crc, DIR/mhist, DIR/pcam laid out as "
+                                        "the cards expect (nothing synthetic is generated)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
 
 
-def synthetic_tile(size: int, density: float, radius: int, rng: np.random.Generator) -> np.ndarray:
-    """An H&E-like tile: pink stroma texture with purple nuclei."""
+def synthetic_tile(size: int, density: float, radius: int, rng: np.random.Generator, stain=STAINS["crc"]):
+    """An H&E-like tile: stroma texture with nuclei."""
+    (sr, sg, sb), nucleus = stain
     h = w = size
     stroma = rng.normal(0, 1, (h // 4, w // 4))
     stroma = np.asarray(Image.fromarray(((stroma + 3) * 40).clip(0, 255).astype(np.uint8)).resize((w, h)))
     img = np.empty((h, w, 3), np.float32)
-    img[..., 0] = 225 - stroma * 0.25
-    img[..., 1] = 160 - stroma * 0.45
-    img[..., 2] = 205 - stroma * 0.2
+    img[..., 0] = sr - stroma * 0.25
+    img[..., 1] = sg - stroma * 0.45
+    img[..., 2] = sb - stroma * 0.2
     n = rng.poisson(density * h * w / 10000)
     yy, xx = np.ogrid[:h, :w]
     for cy, cx, r in zip(rng.integers(0, h, n), rng.integers(0, w, n), rng.integers(radius - 1, radius + 2, n)):
         y0, y1, x0, x1 = max(cy - r, 0), min(cy + r + 1, h), max(cx - r, 0), min(cx + r + 1, w)
         disk = (yy[y0:y1] - cy) ** 2 + (xx[:, x0:x1] - cx) ** 2 <= r * r
-        img[y0:y1, x0:x1][disk] = (95, 55, 140)
+        img[y0:y1, x0:x1][disk] = nucleus
     out = Image.fromarray(img.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.8))
     return np.asarray(out)
 
 
 def write_crc_like(root: Path, per_class: int, seed: int) -> Path:
-    """A CRC-like raw tree (NCT-CRC-HE-100K-NONORM/<class>/*.tif and CRC-VAL-HE-7K/) at 0.5 µm/px."""
+    """NCT-CRC-HE-100K-NONORM/<class>/*.tif and CRC-VAL-HE-7K/ (the test split), 224 px at 0.5 µm/px."""
     rng = np.random.default_rng(seed)
     for part, n in (("NCT-CRC-HE-100K-NONORM", per_class), ("CRC-VAL-HE-7K", max(2, per_class // 3))):
         for name, (density, radius) in DEMO_CLASSES.items():
@@ -54,17 +83,12 @@ def write_crc_like(root: Path, per_class: int, seed: int) -> Path:
             for i in range(n):
                 path = folder / f"{name}-DEMO{i:04d}.tif"
                 if not path.exists():
-                    Image.fromarray(synthetic_tile(224, density, radius, rng)).save(path)
+                    Image.fromarray(synthetic_tile(224, density, radius, rng, STAINS["crc"])).save(path)
     return root
 
 
-MHIST_CLASSES = {"HP": (12, 4), "SSA": (30, 6)}
-
-
 def write_mhist_like(root: Path, per_class: int, seed: int) -> Path:
-    """An MHIST-like raw tree (images/MHIST_*.png + annotations.csv, official train/test) at 1.25 µm/px."""
-    import csv
-
+    """images/MHIST_*.png + annotations.csv (official train/test), 224 px at 1.25 µm/px."""
     rng = np.random.default_rng(seed + 1)
     rows = []
     for k in range(2 * per_class):
@@ -73,7 +97,7 @@ def write_mhist_like(root: Path, per_class: int, seed: int) -> Path:
         path = root / "images" / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(synthetic_tile(224, *MHIST_CLASSES[label], rng)).save(path)
+            Image.fromarray(synthetic_tile(224, *MHIST_CLASSES[label], rng, STAINS["mhist"])).save(path)
         rows.append((name, label, 6 if label == "SSA" else 0, "test" if k >= 2 * per_class - 4 else "train"))
     with (root / "annotations.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -83,15 +107,90 @@ def write_mhist_like(root: Path, per_class: int, seed: int) -> Path:
     return root
 
 
+def write_pcam_like(root: Path, per_class: int, seed: int) -> Path:
+    """camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5: 96 px patches at 0.972 µm/px."""
+    import h5py
+
+    rng = np.random.default_rng(seed + 2)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 2 * per_class), ("valid", max(2, per_class // 2)), ("test", max(2, per_class // 2))):
+        x_path = root / f"camelyonpatch_level_2_split_{split}_x.h5"
+        y_path = root / f"camelyonpatch_level_2_split_{split}_y.h5"
+        if x_path.exists() and y_path.exists():
+            continue
+        labels = np.arange(n) % 2
+        x = np.stack([synthetic_tile(96, *list(PCAM_CLASSES.values())[c], rng, STAINS["pcam"]) for c in labels])
+        with h5py.File(x_path, "w") as f:
+            f.create_dataset("x", data=x.astype(np.uint8))
+        with h5py.File(y_path, "w") as f:
+            f.create_dataset("y", data=labels.astype(np.uint8).reshape(n, 1, 1, 1))
+    return root
+
+
 def write_collection(out: Path, per_class: int, seed: int) -> dict[str, Path]:
-    """Every synthetic raw dataset of the demo, by dataset name."""
+    """Every synthetic raw dataset of the demo, by dataset name (the names jobs/demo.toml uses)."""
+    raw = Path(out) / "raw"
     return {
-        "crc": write_crc_like(Path(out) / "raw" / "crc", per_class, seed),
-        "mhist": write_mhist_like(Path(out) / "raw" / "mhist", per_class, seed),
+        "crc": write_crc_like(raw / "crc", per_class, seed),
+        "mhist": write_mhist_like(raw / "mhist", per_class, seed),
+        "pcam": write_pcam_like(raw / "pcam", per_class, seed),
     }
 
 
+def stage_imagenet_stand_in(out: Path) -> Path:
+    """Random weights of ResNet18's shapes where torchvision keeps ImageNet's; TORCH_HOME points there."""
+    from .models import imagenet_cache_path, stand_in_imagenet
+
+    torch_home = (Path(out) / "torch").absolute()
+    os.environ["TORCH_HOME"] = str(torch_home)  # the cells (local processes or SLURM jobs) inherit it
+    path = imagenet_cache_path("resnet18")
+    if not path.exists():
+        stand_in_imagenet(path)
+    return path
+
+
+def render_spec(out: Path, raw_root: Path | None) -> Path:
+    """jobs/demo.toml with its 'demo/...' paths pointed at OUT (and raw data at RAW_ROOT if given)."""
+    out = Path(out).absolute()
+    text = TEMPLATE.read_text().replace('"demo/raw/', f'"{(raw_root or out / "raw").absolute()}/')
+    text = text.replace('"demo/', f'"{out}/')
+    path = out / "demo.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    raw = write_crc_like(Path(cfg.out) / "raw" / "crc", cfg.per_class, cfg.seed)
-    store = Path(cfg.out) / "store.zarr"
-    return standardize(StandardizeConfig(dataset="crc", raw=raw, store=store, workers=cfg.workers))
+    from .sweep import SweepConfig, sweep
+
+    if cfg.per_class < 2:
+        raise UserError(f"--per-class {cfg.per_class}: at least 2 images per class")
+    out = Path(cfg.out).absolute()
+    if cfg.raw_root is None:
+        print(f"demo: writing the SYNTHETIC collection to {out / 'raw'} ...", file=sys.stderr)
+        write_collection(out, cfg.per_class, cfg.seed)
+    elif not Path(cfg.raw_root).is_dir():
+        raise UserError(f"--raw-root {cfg.raw_root}: no such folder")
+    stage_imagenet_stand_in(out)
+    spec = render_spec(out, cfg.raw_root)
+    t = time.time()
+    result = sweep(SweepConfig(spec=spec, executor=cfg.executor, parallel=cfg.parallel, progress=cfg.progress))
+    if cfg.executor == "slurm" and result.get("status") == "submitted":
+        wait_for_slurm(Path(result["run_root"]), cfg.progress)
+    return {**result, "spec": str(spec), "seconds": time.time() - t, "summary": str(out / "runs" / "summary")}
+
+
+def wait_for_slurm(run_root: Path, progress: bool) -> None:
+    """Follow a submitted demo until its collector has run and nothing is queued (squeue, not sacct)."""
+    from tqdm import tqdm
+
+    from . import plan
+    from .sweep import queued_cells
+
+    cells = plan.read(run_root)
+    total = sum(len(c) for c in cells.values())
+    bar = tqdm(total=total, desc="slurm", unit="cell", file=sys.stderr, disable=None if progress else True)
+    while queued_cells(run_root):  # the collector is queued last (afterany), so an empty queue means finished
+        bar.update(sum(plan.is_done(run_root, c) for cs in cells.values() for c in cs) - bar.n)
+        time.sleep(5)  # SLURM schedules in passes of seconds; polling the run root is cheap
+    bar.close()

@@ -15,7 +15,7 @@ from histokt.demo import write_collection
 
 from .conftest import ROOT, histokt_cmd
 
-SPEC = ROOT / "jobs" / "demo.toml"
+SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
 
 
 @pytest.fixture

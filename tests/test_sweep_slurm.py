@@ -17,7 +17,7 @@ from histokt.demo import write_collection
 from .conftest import ROOT, histokt_cmd
 from .slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
-SPEC = ROOT / "jobs" / "demo.toml"
+SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
 pytestmark = pytest.mark.slurm
 
 
