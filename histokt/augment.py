@@ -35,16 +35,24 @@ class Augment:
         """``epoch`` (when given) overrides ``self.epoch``: samplers pass it with each index, because
         persistent DataLoader workers never see a ``set_epoch`` made in the main process."""
         rng = self.rng(index, epoch)
-        hflip, vflip = rng.random(2) < 0.5
-        angle = rng.uniform(-self.degrees, self.degrees)
         h, w = patch.shape[:2]
-        tx = round(rng.uniform(-self.translate * w, self.translate * w))
-        ty = round(rng.uniform(-self.translate * h, self.translate * h))
+        hflip, vflip, angle, tx, ty = self._draw(rng, h, w)
         out = warp(patch, angle, tx, ty, hflip, vflip)
         if self.crop:
             y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
             out = out[y : y + self.crop, x : x + self.crop]
         return out
+
+    def _draw(self, rng: np.random.Generator, h: int, w: int) -> tuple:
+        hflip, vflip = rng.random(2) < 0.5
+        angle = rng.uniform(-self.degrees, self.degrees)
+        tx = round(rng.uniform(-self.translate * w, self.translate * w))
+        ty = round(rng.uniform(-self.translate * h, self.translate * h))
+        return bool(hflip), bool(vflip), float(angle), tx, ty
+
+    def params(self, index: int, epoch: int | None, h: int, w: int) -> np.ndarray:
+        """The draws of ``__call__`` as [hflip, vflip, angle, tx, ty], for ``warp_batch`` on the GPU."""
+        return np.array(self._draw(self.rng(index, epoch), h, w), dtype=np.float32)
 
 
 def warp(patch: np.ndarray, angle: float, tx: int, ty: int, hflip: bool, vflip: bool) -> np.ndarray:
@@ -62,6 +70,29 @@ def warp(patch: np.ndarray, angle: float, tx: int, ty: int, hflip: bool, vflip: 
     m = (a11, a12, cx - a11 * ox - a12 * oy, a21, a22, cy - a21 * ox - a22 * oy)
     img = Image.fromarray(patch).transform((w, h), Image.AFFINE, m, resample=Image.NEAREST, fillcolor=(0, 0, 0))
     return np.asarray(img)
+
+
+def warp_batch(images, params):
+    """``warp`` for a whole batch on the device: images float [B, C, H, W], params [B, 5] from ``params``.
+
+    Pillow's inverse map, in grid_sample's normalized coordinates (align_corners=False puts pixel centres
+    at +0.5, as Pillow does): input = A (output - c - t) + c becomes theta = [A | -(2 / size) A t].
+    Nearest sampling, zero fill. Pixels on a rounding boundary can land one pixel off Pillow's choice.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    p = params.to(images.device, torch.float32)
+    b, _, h, w = images.shape
+    a = -torch.deg2rad(p[:, 2])
+    cos, sin = torch.cos(a), torch.sin(a)
+    fx, fy = 1 - 2 * p[:, 0], 1 - 2 * p[:, 1]
+    a11, a12, a21, a22 = fx * cos, fx * sin * h / w, -fy * sin * w / h, fy * cos
+    tx, ty = p[:, 3] * 2 / w, p[:, 4] * 2 / h
+    theta = torch.stack([torch.stack([a11, a12, -(a11 * tx + a12 * ty)], 1),
+                         torch.stack([a21, a22, -(a21 * tx + a22 * ty)], 1)], 1)
+    grid = F.affine_grid(theta, (b, images.shape[1], h, w), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 class Normalize:

@@ -42,7 +42,7 @@ class PatchDataset(Dataset):
     normalize: ``augment.Normalize`` for float32 output, or None for uint8 output.
     """
 
-    def __init__(self, store, dataset: str, split: str, augment=None, normalize=None):
+    def __init__(self, store, dataset: str, split: str, augment=None, normalize=None, augment_on_device=False):
         if split not in SPLITS:
             raise UserError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
         self.attrs = open_attrs(store, dataset)
@@ -53,6 +53,8 @@ class PatchDataset(Dataset):
         self.reader = PatchReader(store, dataset, split)
         self.augment = augment
         self.normalize = normalize
+        # the warp runs on the GPU (augment.warp_batch): batches carry raw patches and the per-sample draws
+        self.augment_on_device = bool(augment and augment_on_device)
         self._labels = None
 
     def __len__(self) -> int:
@@ -71,14 +73,15 @@ class PatchDataset(Dataset):
     def _patch(self, key) -> np.ndarray:
         epoch, index = key
         patch = self.reader.read(index)
-        return self.augment(patch, index, epoch) if self.augment else patch
+        return self.augment(patch, index, epoch) if self.augment and not self.augment_on_device else patch
 
     def __getitem__(self, index):
         images, labels = self.__getitems__([index])
         return images[0], labels[0]
 
     def __getitems__(self, keys):
-        """A whole batch: (images [B, 3, H, W] channels_last, labels [B] or [B, C]).
+        """A whole batch: (images [B, 3, H, W] channels_last, labels [B] or [B, C]), plus the augmentation
+        draws [B, 5] when the warp runs on the device.
 
         A key is a sample index, or (epoch, index) so augmentation follows the sampler's epoch.
         """
@@ -95,6 +98,9 @@ class PatchDataset(Dataset):
                 self.normalize.into(patch, buf[k])
             else:
                 buf[k] = patch
+        if self.augment_on_device:
+            params = np.stack([self.augment.params(i, e, h, w) for e, i in keys])
+            return images.permute(0, 3, 1, 2), self.labels[indices], torch.from_numpy(params)
         return images.permute(0, 3, 1, 2), self.labels[indices]
 
 

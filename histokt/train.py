@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__, atomic, checkpoint, distributed
-from .augment import Augment
+from .augment import Augment, warp_batch
 from .errors import UserError
 from .reader import PatchDataset, make_loader, open_attrs
 from .sampler import GlobalBatchSampler, eval_shards
@@ -207,7 +207,10 @@ class Cell:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
         augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
-        self.train_set = PatchDataset(cfg.store, cfg.dataset, "train", augment=augment)
+        if cfg.augment_on == "device" and cfg.crop:
+            raise UserError("--crop needs --augment-on loader (the device warp has no crop)")
+        on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and cuda and not cfg.crop)
+        self.train_set = PatchDataset(cfg.store, cfg.dataset, "train", augment=augment, augment_on_device=on_device)
         weights = multilabel_pos_weights(self.train_set.labels) if self.multi_label else None
         self.loss = loss_fn(self.multi_label, weights).to(device)
         self.eval_loss = loss_fn(self.multi_label, weights)  # on the CPU, where gathered outputs are
@@ -273,8 +276,8 @@ class Cell:
         self.apply_bn_mode(self.model)
         bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
                    disable=None if self.cfg.progress and self.world.main else True)
-        for images, labels in bar:
-            loss = self.step(images, labels)
+        for batch in bar:
+            loss = self.step(*batch)
             self.state["step"] += 1
             self.state["batch"] += 1
             every = self.cfg.ckpt_every_steps and self.state["step"] % self.cfg.ckpt_every_steps == 0
@@ -299,8 +302,13 @@ class Cell:
         x = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         return (x.float() - self.mean) * self.inv_std
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        x = self.to_device(images)
+    def step(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None = None) -> float:
+        if params is None:
+            x = self.to_device(images)
+        else:  # warp the raw pixels (zero fill = black), then normalize
+            x = images.to(self.device, non_blocking=True).float()
+            x = warp_batch(x, params).contiguous(memory_format=self.memory_format)
+            x = (x - self.mean) * self.inv_std
         y = labels.to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
         with autocast:

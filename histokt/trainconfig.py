@@ -51,6 +51,12 @@ class TrainConfig:
     )
     crop: int = field(default=0, metadata={"help": "random crop size after augmentation (0: full patch, the paper)"})
     augment: bool = field(default=True, metadata={"help": "flips + affine (--no-augment to turn off)"})
+    augment_on: str = field(
+        default="auto",
+        metadata={"choices": ("auto", "loader", "device"),
+                  "help": "where the affine warp runs: loader workers (Pillow), or batched on the device; auto: the "
+                          "device on CUDA (the CPU loader cannot keep a GPU busy), the loader otherwise"},
+    )
     precision: str = field(
         default="auto", metadata={"choices": ("auto", "bf16", "fp32"), "help": "auto: bf16 autocast on CUDA, fp32 on CPU"}
     )

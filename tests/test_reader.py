@@ -126,3 +126,18 @@ def test_incompatible_store_format_is_refused(store, tmp_path):
     meta.write_text(json.dumps(doc))
     with pytest.raises(UserError, match="re-standardize"):
         PatchDataset(copy, "folder", "train")
+
+
+def test_device_warp_matches_the_loader_warp(store):
+    from histokt.augment import warp_batch
+
+    loader_side = PatchDataset(store, "folder", "train", augment=Augment(seed=2))
+    device_side = PatchDataset(store, "folder", "train", augment=Augment(seed=2), augment_on_device=True)
+    keys = [(3, 0), (3, 4), (5, 1)]
+    want, labels = loader_side.__getitems__(keys)
+    raw, labels2, params = device_side.__getitems__(keys)
+    assert params.shape == (3, 5) and torch.equal(labels, labels2)
+    got = warp_batch(raw.float(), params).round().to(torch.uint8)
+    mismatch = (got != want).any(dim=1).float().mean()
+    assert mismatch < 0.005  # nearest-neighbour rounding at a few boundary pixels only
+    assert not torch.equal(raw, want)  # the device side really got unwarped pixels

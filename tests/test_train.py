@@ -220,3 +220,8 @@ def test_empty_split_is_refused(tmp_path):
     store = make_store(tmp_path, per_class=1)  # 2 images: one group each, so valid stays empty
     with pytest.raises(UserError, match="split is empty"):
         train(cfg(store, tmp_path / "run"))
+
+
+def test_augmentation_on_the_device_path_trains(store, tmp_path):
+    result = train(cfg(store, tmp_path / "dev", epochs=1, augment_on="device"))
+    assert result["config"]["augment_on"] == "device" and result["steps"] == 5
