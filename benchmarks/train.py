@@ -141,6 +141,8 @@ def measure(args, store: Path) -> dict:
         saves.append(time.perf_counter() - t)
     size_mb = (out / "last.pt").stat().st_size / 2**20
 
+    print(f"full loop {loop_images / loop_s:.1f} img/s, in memory {n_mem * args.batch_size / mem_s:.1f} img/s",
+          file=sys.stderr, flush=True)
     # process start -> first resumed step, in a fresh interpreter
     t = time.time()
     child = subprocess.run([sys.executable, __file__, "--child-resume", str(out), *child_args(args)],
@@ -177,8 +179,7 @@ def child_resume(args) -> None:
     device = device_for(cfg, distributed.World())
     cell = Cell(cfg, distributed.World(), device)
     assert cell.state["step"] > 0, "nothing was resumed"
-    images, labels = next(iter(cell.loader))
-    cell.step(images, labels)
+    cell.step(*next(iter(cell.loader)))  # (images, labels) or (images, labels, augmentation draws)
     sync(device)
     print(time.time())
 
