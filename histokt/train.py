@@ -4,7 +4,7 @@ Run directory contract (later stages and users read it):
     config.json    the TrainConfig, written first; a re-run with a different config is refused
     metrics.jsonl  one line per finished epoch (rewritten atomically from the checkpointed history)
     last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step", ...}
-    previous.pt    the checkpoint before last.pt (a damaged last.pt falls back to it)
+    previous.pt    the checkpoint before last.pt (a damaged last.pt falls back to it); removed when done
     best.pt        {"model": state_dict, "epoch", "valid_top1"}: the best validation epoch so far
     result.json    written last, atomically: the cell is done and a re-run is a no-op
 
@@ -380,6 +380,8 @@ class Cell:
         }
         if self.world.main:
             atomic.write_json(self.run_dir / "result.json", result)
+            # a finished cell never resumes: its fallback checkpoint is only disk (85-135 MB a cell)
+            (self.run_dir / checkpoint.PREVIOUS).unlink(missing_ok=True)
         distributed.barrier()
         return result
 

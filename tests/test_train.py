@@ -82,6 +82,7 @@ def cli_env_module():
 def test_run_directory_contract(reference):
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "result.json"):
         assert (reference / name).is_file(), name
+    assert not (reference / "previous.pt").exists()  # a done cell keeps no fallback checkpoint
     lines = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]
     result = json.loads((reference / "result.json").read_text())
