@@ -72,7 +72,9 @@ class ADP(Card):
         prefix = root.relative_to(raw).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
         names, labels = self._read_csv(root / CSV_NAME)
-        self._check_images(root / IMAGE_DIR, names)
+        images = self.require_dir(root / IMAGE_DIR, "the patch images folder")
+        on_disk = {p.name for p in images.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
+        self.match_files(images, on_disk, names, CSV_NAME)
         partitions = self._partitions(root, names)
         sources = [
             Source(f"{prefix}{IMAGE_DIR}/{n}", labels[n], partitions[n], source_image(n)) for n in names
@@ -122,21 +124,6 @@ class ADP(Card):
         if value in ("1", "1.0"):
             return 1
         raise verify_download(self.name, path, f"line {line}, column {code!r}: {value!r} is not 0 or 1")
-
-    def _check_images(self, folder: Path, names: list[str]) -> None:
-        """Every CSV row names an existing image, and every image has a row."""
-        self.require_dir(folder, "the patch images folder")
-        on_disk = {p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
-        missing = [n for n in names if n not in on_disk]
-        if missing:
-            raise verify_download(
-                self.name, folder / missing[0], f"named in {CSV_NAME} but not found ({len(missing)} missing)"
-            )
-        unlabelled = sorted(on_disk - set(names))
-        if unlabelled:
-            raise verify_download(
-                self.name, folder / unlabelled[0], f"has no row in {CSV_NAME} ({len(unlabelled)} unlabelled)"
-            )
 
     # -- splits --------------------------------------------------------------------------------------------
     def _partitions(self, root: Path, names: list[str]) -> dict[str, str]:

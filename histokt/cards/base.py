@@ -111,6 +111,26 @@ class Card:
             sources += [Source(rel(raw, f), label, partition, rel(raw, f)) for f in files]
         return sources
 
+    def match_files(
+        self, folder: Path, on_disk: set[str] | dict[str, str], listed: list[str], csv_name: str, suffix: str = ""
+    ) -> None:
+        """Check that the label CSV and the image folder match one-to-one, so that a partial download or a
+        renamed file fails fast, naming the first offending file and how many there are.
+
+        on_disk: the images found, as a set of file names or a dict {name: file name} (GlaS keys by stem).
+        listed: the names in the CSV; the first missing one reported is the first in this order.
+        suffix: appended to a missing name to give its expected file name (GlaS: ".bmp").
+        """
+        files = on_disk if isinstance(on_disk, dict) else {n: n for n in on_disk}
+        missing = [n for n in listed if n not in files]
+        if missing:
+            detail = f"named in {csv_name} but not found ({len(missing)} missing)"
+            raise verify_download(self.name, folder / f"{missing[0]}{suffix}", detail)
+        unlabelled = sorted(set(files) - set(listed))
+        if unlabelled:
+            detail = f"has no row in {csv_name} ({len(unlabelled)} unlabelled)"
+            raise verify_download(self.name, folder / files[unlabelled[0]], detail)
+
     def csv_rows(self, path: Path, required, hint: str = ""):
         """(line number, row) of a CSV whose header names are stripped of spaces (GlaS ships ' grade');
         a missing required column fails naming the file."""
