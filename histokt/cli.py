@@ -39,7 +39,8 @@ def _demo(argv):
     from .demo import DemoConfig, run_demo
 
     cfg = _parse(DemoConfig, "demo", argv,
-                 "Generate a small SYNTHETIC histology collection and run a whole study on it (jobs/demo.toml).")
+                 "Generate a small SYNTHETIC histology collection and run a whole study on it (jobs/demo.toml); "
+                 "with --raw-root, run the same study on real data.")
     out = run_demo(cfg)
     summary = Path(out["summary"])
     print(f"demo: finished in {out['seconds'] / 60:.1f} min ({out['run_root']})")
@@ -152,7 +153,7 @@ COMMANDS = {
     "run-cell": (_run_cell, "run one cell of a planned study (used by the array jobs)"),
     "status": (_status, "where a study stands: counts per stage, failed cells"),
     "collect": (_collect, "summary tables of a study, offline"),
-    "demo": (_demo, "a synthetic end-to-end run on this machine (what `make demo` runs)"),
+    "demo": (_demo, "a whole study on a synthetic collection (or real data: --raw-root), here or on SLURM"),
 }
 
 

@@ -14,6 +14,7 @@ import csv
 import os
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,6 +22,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageFilter
 
+from . import atomic, spec
 from .errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +46,20 @@ class DemoConfig:
     out: Path = field(default=Path("demo"), metadata={"help": "folder for the raw data, store and runs (demo)"})
     executor: str = field(default="local", metadata={"choices": ("local", "slurm"),
                                                      "help": "run the cells here (local) or on SLURM"})
-    per_class: int = field(default=12, metadata={"help": "synthetic images per class (default 12)"})
+    per_class: int = field(default=12, metadata={
+        "help": "synthetic images per class; with --raw-root, at most this many real images per class and "
+                "official partition, unless the dataset sets max_per_class (default 12)"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic images (default 0)"})
     parallel: int = field(default=2, metadata={"help": "local executor: cells at once (default 2)"})
     raw_root: Optional[Path] = field(
         default=None, metadata={"help": "run the demo spec on real data: DIR/crc, DIR/mhist, DIR/pcam laid out as "
-                                        "the cards expect (nothing synthetic is generated)"})
+                                        "the cards expect, or the datasets of --datasets (nothing synthetic is "
+                                        "generated)"})
+    datasets: Optional[Path] = field(
+        default=None, metadata={"help": "a TOML file of [datasets.NAME] tables (as in a spec; raw relative to "
+                                        "--raw-root) replacing the demo's crc/mhist/pcam: each is pretrained, "
+                                        "transferred to every other, and all but the last are merged and tuned "
+                                        "on the last; e.g. jobs/demo-shared-data.toml"})
     progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
 
 
@@ -149,15 +159,76 @@ def stage_imagenet_stand_in(out: Path) -> Path:
     return path
 
 
-def render_spec(out: Path, raw_root: Path | None) -> Path:
-    """jobs/demo.toml with its 'demo/...' paths pointed at OUT (and raw data at RAW_ROOT if given)."""
-    out = Path(out).absolute()
-    text = TEMPLATE.read_text().replace('"demo/raw/', f'"{(raw_root or out / "raw").absolute()}/')
-    text = text.replace('"demo/', f'"{out}/')
-    path = out / "demo.toml"
+def render_spec(cfg: "DemoConfig") -> Path:
+    """jobs/demo.toml for this run, written to OUT/demo.toml (see ``demo_spec``)."""
+    return write_spec(cfg, demo_spec(cfg))
+
+
+def demo_spec(cfg: "DemoConfig") -> dict:
+    """jobs/demo.toml with its paths pointed at OUT, its raw data at the synthetic collection or at --raw-root,
+    and with --datasets, its stages re-pointed at those datasets. Writes nothing: bad input fails first."""
+    out = Path(cfg.out).absolute()
+    doc = tomllib.loads(TEMPLATE.read_text())
+    doc["study"]["store"] = str(out / "store.zarr")
+    doc["study"]["run_root"] = str(out / "runs")
+    if cfg.raw_root is None:
+        for name, table in doc["datasets"].items():
+            table["raw"] = str(out / "raw" / name)
+        return doc
+    if cfg.datasets is not None:
+        doc["datasets"] = read_datasets(Path(cfg.datasets))
+        repoint_stages(doc, list(doc["datasets"]))
+    else:  # the demo's own datasets: DIR/crc, DIR/mhist, DIR/pcam
+        for name, table in doc["datasets"].items():
+            table["raw"] = name
+    raw_root = Path(os.path.abspath(cfg.raw_root))  # without "..": the paths are read in job logs
+    for table in doc["datasets"].values():
+        table["raw"] = str(raw_root / table["raw"])  # an absolute raw path stays as it is
+        table.setdefault("max_per_class", cfg.per_class)  # minutes, not hours, on a full download
+    return doc
+
+
+def write_spec(cfg: "DemoConfig", doc: dict) -> Path:
+    path = Path(cfg.out).absolute() / "demo.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    # no absolute paths in the header: a re-run from another folder must render the same spec (same digest)
+    header = "# rendered by `histokt demo` from jobs/demo.toml" + (f" and {Path(cfg.datasets).name}"
+                                                                   if cfg.datasets else "")
+    atomic.write_bytes(path, (header + "\n" + spec.to_toml(doc)).encode())
     return path
+
+
+def read_datasets(path: Path) -> dict:
+    """A --datasets file: [datasets.NAME] tables as in a spec, their raw paths relative to --raw-root."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"--datasets {path}: cannot read it ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--datasets {path}: not valid TOML ({exc})") from None
+    extra = sorted(set(doc) - {"datasets"})
+    if extra or not isinstance(doc.get("datasets"), dict) or len(doc["datasets"]) < 2:
+        raise UserError(f"--datasets {path}: expected only [datasets.NAME] tables, at least two "
+                        f"(found {', '.join(extra) or len(doc.get('datasets') or {})})")
+    for name, table in doc["datasets"].items():
+        if not isinstance(table, dict) or "raw" not in table:
+            raise UserError(f"--datasets {path}: datasets.{name}.raw: missing (the folder under --raw-root)")
+        spec.parse_dataset(name, {**table, "raw": str(table["raw"])}, str(path))
+    return doc["datasets"]
+
+
+def repoint_stages(doc: dict, names: list) -> None:
+    """The demo's stages on other datasets: each pretrained, every one transferred to every other, and all but
+    the last merged by weight distillation and deep-tuned on the last (three datasets at least)."""
+    stages = doc["stages"]
+    stages["pretrain"]["datasets"] = list(names)
+    stages["transfer"]["sources"] = stages["transfer"]["targets"] = list(names)
+    if len(names) >= 3:
+        stages["distill"]["source_sets"] = [names[:-1]]
+        stages["distill"]["targets"] = [names[-1]]
+    else:
+        print("demo: two datasets, so no weight distillation (it merges two sources into a third)", file=sys.stderr)
+        del stages["distill"]
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -165,19 +236,25 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     if cfg.per_class < 2:
         raise UserError(f"--per-class {cfg.per_class}: at least 2 images per class")
+    if cfg.raw_root is not None and not Path(cfg.raw_root).is_dir():
+        raise UserError(f"--raw-root {cfg.raw_root}: no such folder")
+    if cfg.datasets is not None and cfg.raw_root is None:
+        raise UserError(f"--datasets {cfg.datasets}: pass --raw-root DIR too (the folder its raw paths are under)")
+    doc = demo_spec(cfg)
     out = Path(cfg.out).absolute()
     if cfg.raw_root is None:
         print(f"demo: writing the SYNTHETIC collection to {out / 'raw'} ...", file=sys.stderr)
         write_collection(out, cfg.per_class, cfg.seed)
-    elif not Path(cfg.raw_root).is_dir():
-        raise UserError(f"--raw-root {cfg.raw_root}: no such folder")
+    else:
+        print(f"demo: real data from {os.path.abspath(cfg.raw_root)}, at most {cfg.per_class} images per class "
+              f"and partition unless a dataset sets max_per_class (--per-class)", file=sys.stderr)
     stage_imagenet_stand_in(out)
-    spec = render_spec(out, cfg.raw_root)
+    spec_path = write_spec(cfg, doc)
     t = time.time()
-    result = sweep(SweepConfig(spec=spec, executor=cfg.executor, parallel=cfg.parallel, progress=cfg.progress))
+    result = sweep(SweepConfig(spec=spec_path, executor=cfg.executor, parallel=cfg.parallel, progress=cfg.progress))
     if cfg.executor == "slurm" and result.get("status") == "submitted":
         wait_for_slurm(Path(result["run_root"]), cfg.progress)
-    return {**result, "spec": str(spec), "seconds": time.time() - t, "summary": str(out / "runs" / "summary")}
+    return {**result, "spec": str(spec_path), "seconds": time.time() - t, "summary": str(out / "runs" / "summary")}
 
 
 def wait_for_slurm(run_root: Path, progress: bool) -> None:

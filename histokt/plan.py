@@ -43,9 +43,9 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
         for name, d in spec.datasets.items():
             for i in range(d.shards):
                 args = {"dataset": d.card, "raw": str(Path(d.raw).absolute()), "store": store, "name": name,
-                        "mpp": d.mpp, "shard": f"{i}/{d.shards}",
-                        "patch_size": spec.patch_size, "target_mpp": spec.target_mpp, "option": [f"{k}={v}" for k, v in d.options.items()],
-                        "progress": False}
+                        "mpp": d.mpp, "shard": f"{i}/{d.shards}", "patch_size": spec.patch_size,
+                        "target_mpp": spec.target_mpp, "option": [f"{k}={v}" for k, v in d.options.items()],
+                        "max_per_class": d.max_per_class, "progress": False}
                 cells.append(Cell("standardize", f"std-{name}-{i}of{d.shards}", "standardize", args))
         out["standardize"] = cells
     if "pretrain" in spec.stages:

@@ -1,7 +1,7 @@
 """Experiment specs (`jobs/*.toml`): a whole HistoKT study in one file, checked before anything runs.
 
     [study]        name, store, run_root, container, patch_size (272), target_mpp (1.0)
-    [datasets.X]   card, raw, mpp, options, shards     (X = the dataset's name in the store)
+    [datasets.X]   card, raw, mpp, options, shards, max_per_class   (X = the dataset's name in the store)
     [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
                    each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
                    [stages.<stage>.recipe] table of `histokt train` options.
@@ -12,6 +12,7 @@ Relative paths are relative to the directory the command runs in.
 
 import dataclasses
 import hashlib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class Dataset:
     mpp: float | None = None
     options: dict = field(default_factory=dict)
     shards: int = 1
+    max_per_class: int | None = None  # a quick trial: at most N source images per class and partition
 
 
 @dataclass
@@ -126,7 +128,7 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     if spec.patch_size < 8 or not spec.target_mpp > 0:
         raise UserError(f"{where}: study: patch_size must be >= 8 and target_mpp > 0")
     for name, table in _table(doc, "datasets", where).items():
-        spec.datasets[name] = _dataset(name, table, where)
+        spec.datasets[name] = parse_dataset(name, table, where)
     for name, table in _table(doc, "stages", where).items():
         if name not in STAGE_KEYS:  # "merge" is planned from [stages.distill], not written
             raise UserError(f"{where}: stages.{name}: unknown stage; known: {', '.join(STAGES)}")
@@ -135,20 +137,24 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     return spec
 
 
-def _dataset(name: str, t, where) -> Dataset:
+def parse_dataset(name: str, t, where) -> Dataset:
+    """One [datasets.NAME] table, checked (also used for the demo's dataset files)."""
     key = f"datasets.{name}"
     if not isinstance(t, dict):
         raise UserError(f"{where}: {key}: expected a table")
-    _keys(t, {"card", "raw", "mpp", "options", "shards"}, key, where)
+    _keys(t, {"card", "raw", "mpp", "options", "shards", "max_per_class"}, key, where)
     card = _get(t, "card", str, key, where)
     if card not in CARD_NAMES:
         raise UserError(f"{where}: {key}.card: unknown card {card!r}; choose one of {', '.join(CARD_NAMES)}")
     d = Dataset(name, card, _get(t, "raw", str, key, where), _get(t, "mpp", float, key, where, default=None),
-                _get(t, "options", dict, key, where, default={}), _get(t, "shards", int, key, where, default=1))
+                _get(t, "options", dict, key, where, default={}), _get(t, "shards", int, key, where, default=1),
+                _get(t, "max_per_class", int, key, where, default=None))
     if d.mpp is not None and not d.mpp > 0:
         raise UserError(f"{where}: {key}.mpp: {d.mpp} must be a positive µm/px")
     if d.shards < 1:
         raise UserError(f"{where}: {key}.shards: {d.shards} must be at least 1")
+    if d.max_per_class is not None and d.max_per_class < 1:
+        raise UserError(f"{where}: {key}.max_per_class: {d.max_per_class} must be at least 1")
     return d
 
 
@@ -267,6 +273,43 @@ def _cross_check(spec: Spec, where) -> None:
     for name, d in spec.datasets.items():
         if not Path(d.raw).is_dir():
             raise UserError(f"{where}: datasets.{name}.raw: {d.raw}: no such folder (stage the raw data first)")
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+def to_toml(doc: dict) -> str:
+    """A spec document (tables of strings, numbers, booleans and lists) as TOML that ``tomllib`` reads back
+    equal; written by ``histokt demo``, which renders jobs/demo.toml for its output folder."""
+    lines: list[str] = []
+    _toml_table(doc, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_table(table: dict, path: list, lines: list) -> None:
+    values = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    if path and (values or not table):
+        lines += ["", "[" + ".".join(_toml_key(k) for k in path) + "]"]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            _toml_table(v, [*path, k], lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) and key.isascii() else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are a subset of TOML's basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"to_toml: {type(value).__name__} values are not written")
 
 
 # -- small typed getters ---------------------------------------------------------------------------------------

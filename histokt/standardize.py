@@ -80,6 +80,9 @@ class StandardizeConfig:
         default_factory=list, metadata={"nargs": "*", "help": "card options KEY=VALUE (e.g. classes=9 for crc)"}
     )
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": f"largest image accepted (default {MAX_PIXELS:,})"})
+    max_per_class: Optional[int] = field(
+        default=None, metadata={"help": "use at most N source images per class in each official partition, a "
+                                        "seeded choice (--split-seed): a quick trial on a big download"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
 
 
@@ -120,6 +123,8 @@ def check_config(cfg: StandardizeConfig) -> None:
         raise UserError(f"--stride {cfg.stride}: must be at least 1")
     if cfg.workers < 1:
         raise UserError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.max_per_class is not None and cfg.max_per_class < 1:
+        raise UserError(f"--max-per-class {cfg.max_per_class}: must be at least 1")
     name = cfg.name or cfg.dataset
     if not name or name.startswith(".") or "/" in name or name in SPLITS:
         raise UserError(f"--name {name!r}: use a plain name without '/' or a leading '.'")
@@ -142,6 +147,8 @@ def make_plan(cfg: StandardizeConfig):
     sources = card.index(raw)
     if not sources:
         raise UserError(f"{cfg.dataset}: {raw}: no images found; verify the download")
+    if cfg.max_per_class is not None:
+        sources = subsample(sources, cfg.max_per_class, cfg.split_seed)
     paths = [s.path for s in sources]
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
@@ -166,6 +173,8 @@ def make_plan(cfg: StandardizeConfig):
         "max_pixels": cfg.max_pixels,
         "strict": cfg.strict,
     }
+    if cfg.max_per_class is not None:  # only when set: stores made before the option keep their fingerprint
+        settings["max_per_class"] = cfg.max_per_class
     listing = [[s.path, _json_label(s.label), s.partition, s.group, sp] for s, sp in zip(sources, splits)]
     digest = hashlib.sha256(json.dumps([settings, listing], sort_keys=True).encode()).hexdigest()[:16]
     return card, {
@@ -178,6 +187,22 @@ def make_plan(cfg: StandardizeConfig):
         "sources": listing,
         "parts": [[a, min(a + size, len(sources))] for a in range(0, len(sources), size)],
     }
+
+
+def subsample(sources: list, n: int, seed: int) -> list:
+    """At most ``n`` sources of each (official partition, label), chosen by a seeded shuffle; order kept.
+
+    Per partition, so that an official test set is never emptied; mask-labelled sources (label None) count
+    as one class."""
+    by_key: dict = {}
+    for i, s in enumerate(sources):
+        by_key.setdefault((s.partition, repr(s.label)), []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = set()
+    for key in sorted(by_key):
+        members = by_key[key]
+        keep.update(members if len(members) <= n else rng.choice(members, n, replace=False).tolist())
+    return [s for i, s in enumerate(sources) if i in keep]
 
 
 def _json_label(label):

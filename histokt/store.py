@@ -11,7 +11,7 @@ Schema (a contract; later stages and other tools read it, see README "Store sche
 
 Dataset attrs: classes, multi_label, mpp_native, mpp_source, mpp_target, patch_size, stride, filter,
 split_rule, split_seed, split_plan, group_rule, counts {split: N}, rejected [{path, reason}], warnings,
-card {card, options}, fingerprint, histokt_version, format.
+card {card, options}, fingerprint, histokt_version, format; max_per_class where a subset was asked for.
 
 Images use one chunk per patch with no compressor: histology patches compress by only ~10% losslessly
 (measured), and a raw chunk is one file read, so the reader can fetch a random patch in ~40 µs instead of

@@ -114,3 +114,25 @@ def test_shipped_specs_parse(tmp_path, monkeypatch):
     assert set(load(ROOT / "jobs" / "paper.toml").datasets) == {
         "adp", "mhist", "bach", "ajlymph", "pcam", "crc", "glas", "os", "bcss"}
     assert load(ROOT / "jobs" / "demo.toml").patch_size == 112
+
+
+def test_max_per_class_is_read_and_checked(text):
+    import tomllib
+
+    capped = text.replace('card = "folder"', 'card = "folder"\nmax_per_class = 5')
+    assert parse(tomllib.loads(capped), capped).datasets["a"].max_per_class == 5
+    assert parse(tomllib.loads(text), text).datasets["a"].max_per_class is None
+    bad = text.replace('card = "folder"', 'card = "folder"\nmax_per_class = 0')
+    with pytest.raises(UserError, match=r"datasets.a.max_per_class: 0 must be at least 1"):
+        parse(tomllib.loads(bad), bad)
+
+
+def test_to_toml_reads_back_equal(text):
+    import tomllib
+
+    from histokt.spec import to_toml
+
+    for doc in (tomllib.loads(text), tomllib.loads((ROOT / "jobs" / "paper.toml").read_text()),
+                {"a": {"b": {"c": 1e-5, "d": {"quote\"d key": 'x"y\\z é\n'}}}, "f": [[1, 2], ["a"]],
+                 "t": True, "e": {}}):
+        assert tomllib.loads(to_toml(doc)) == doc

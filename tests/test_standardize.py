@@ -303,3 +303,38 @@ def test_unfinished_run_with_other_settings_is_refused(tmp_path, raw):
         standardize(cfg(raw, store, shard="1/2", stride=100))
     plan = json.loads((staging_dir(store, "folder") / "plan.json").read_text())
     assert plan["settings"]["stride"] == 204
+
+
+def test_max_per_class_is_a_seeded_subset_per_class(tmp_path, raw, reference):
+    store = tmp_path / "cap.zarr"
+    standardize(cfg(raw, store, max_per_class=2))
+    g = zarr.open_group(str(store / "folder"), mode="r")
+    full = zarr.open_group(str(reference / "folder"), mode="r")
+    sources = list(g["sources"][:])
+    # 2 of each class folder's 6 images, a subset of the full dataset's sources
+    assert sorted(p.split("/")[0] for p in sources) == ["a", "a", "b", "b", "c", "c"]
+    assert set(sources) < set(full["sources"][:])
+    assert g.attrs["max_per_class"] == 2 and g.attrs["fingerprint"] != full.attrs["fingerprint"]
+    again = tmp_path / "again.zarr"  # the same choice every time; another split seed chooses others
+    standardize(cfg(raw, again, max_per_class=2))
+    assert list(zarr.open_group(str(again / "folder"), mode="r")["sources"][:]) == sources
+    other = tmp_path / "other.zarr"
+    standardize(cfg(raw, other, max_per_class=2, split_seed=3))
+    assert list(zarr.open_group(str(other / "folder"), mode="r")["sources"][:]) != sources
+
+
+def test_subsample_keeps_every_official_partition():
+    from histokt.cards.base import Source
+
+    sources = [Source(f"{part}/{i}", i % 2, part, f"{part}{i}") for part in ("test", "train") for i in range(10)]
+    kept = st.subsample(sources, 3, seed=0)
+    assert sorted((s.partition, s.label) for s in kept) == sorted(
+        (p, c) for p in ("test", "train") for c in (0, 1) for _ in range(3))
+    assert kept == [s for s in sources if s in kept]  # the listing's order is kept
+    assert st.subsample(sources, 10, seed=0) == sources
+
+
+def test_bad_max_per_class(tmp_path, raw):
+    with pytest.raises(UserError, match="--max-per-class 0: must be at least 1"):
+        standardize(cfg(raw, tmp_path / "s.zarr", max_per_class=0))
+    assert not (tmp_path / "s.zarr").exists()

@@ -92,3 +92,25 @@ def test_killed_sweep_continues_where_it_stopped(study):
     assert len(rows(study / "demo" / "runs")) == 4
     assert (study / "demo" / "runs" / "cells" / "distill" / "D-random-crc+mhist-kg-select-mhist-lr1e-3-s0" /
             "result.json").is_file()
+
+
+def test_dry_run_of_the_paper_spec(tmp_path, monkeypatch, capsys):
+    """The README's `histokt sweep jobs/paper.toml --executor slurm --dry-run`: counts and scripts, nothing written."""
+    import tomllib
+
+    from histokt import cli
+
+    doc = tomllib.loads((ROOT / "jobs" / "paper.toml").read_text())
+    for d in doc["datasets"].values():  # the spec checks that every raw folder exists
+        (tmp_path / d["raw"]).mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert cli.main(["sweep", str(ROOT / "jobs" / "paper.toml"), "--executor", "slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    counts = {line.split()[0]: int(line.split()[-2]) for line in out.splitlines() if " to run of " in line}
+    assert sum(counts.values()) == 4675 and counts["collect"] == 1
+    scripts = out.split("# ---- sbatch script of stage ")[1:]
+    assert [s.split()[0] for s in scripts] == [s for s in counts if counts[s]]
+    assert "#SBATCH --array=0-" in scripts[1] and "afterany" in scripts[1]  # pretrain waits for standardize
+    assert out.rstrip().endswith("dry run: nothing submitted")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no run root, no plan

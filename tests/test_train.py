@@ -226,3 +226,22 @@ def test_empty_split_is_refused(tmp_path):
 def test_augmentation_on_the_device_path_trains(store, tmp_path):
     result = train(cfg(store, tmp_path / "dev", epochs=1, augment_on="device"))
     assert result["config"]["augment_on"] == "device" and result["steps"] == 5
+
+
+def test_readme_stage_b_command_line(reference, tmp_path, cli_env_module):
+    """The README's Stage B line: a Stage-A model deep-tuned on a target, normalized with the source's statistics."""
+    from histokt.standardize import StandardizeConfig, standardize
+
+    store = make_store(tmp_path / "b", per_class=4)  # target "toy"
+    standardize(StandardizeConfig(dataset="folder", raw=tmp_path / "b" / "raw", store=store, name="crc", mpp=1.0,
+                                  patch_size=64, stride=64, split_seed=1, progress=False))  # the "source"
+    out = tmp_path / "runs" / "B-crc-toy-deep-s0"
+    args = ["train", "--store", store, "--dataset", "toy", "--out", out, "--init", reference / "best.pt",
+            "--mode", "deep", "--norm", "crc", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+            "--device", "cpu", "--no-progress"]
+    r = subprocess.run(histokt_cmd(*args), env=cli_env_module, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "result.json").read_text())["config"]
+    assert (config["mode"], config["norm"], config["init"]) == ("deep", "crc", str(reference / "best.pt"))
+    attrs = {name: json.loads((store / name / "zarr.json").read_text())["attributes"] for name in ("toy", "crc")}
+    assert "norm" in attrs["crc"] and "norm" not in attrs["toy"]  # the source's statistics were the ones computed
