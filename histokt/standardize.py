@@ -176,7 +176,10 @@ def make_plan(cfg: StandardizeConfig):
     if cfg.max_per_class is not None:  # only when set: stores made before the option keep their fingerprint
         settings["max_per_class"] = cfg.max_per_class
     listing = [[s.path, _json_label(s.label), s.partition, s.group, sp] for s, sp in zip(sources, splits)]
-    digest = hashlib.sha256(json.dumps([settings, listing], sort_keys=True).encode()).hexdigest()[:16]
+    # the identity hashes only the card options that were set: a card option added later, at its default,
+    # leaves the fingerprints of datasets already standardized unchanged
+    identity = {**settings, "card": {"card": card.name, "options": card.options_set()}}
+    digest = hashlib.sha256(json.dumps([identity, listing], sort_keys=True).encode()).hexdigest()[:16]
     return card, {
         "fingerprint": digest,
         "settings": settings,
@@ -336,10 +339,11 @@ def _prepare_staging(store: Path, name: str, plan: dict, overwrite: bool) -> Pat
             )
         shutil.rmtree(staging)
     if not (store / "zarr.json").is_file():
-        if store.is_dir() and any(store.iterdir()):
+        # another shard may be creating the store right now: its temporary zarr.json is not foreign content
+        if store.is_dir() and any(not p.name.startswith(".zarr.json.") for p in store.iterdir()):
             raise UserError(f"--store {store}: exists but is not a zarr store; choose a new or existing store path")
         store.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(store / "zarr.json", ROOT_METADATA)
+        atomic.write_bytes(store / "zarr.json", ROOT_METADATA)  # every shard writes the same bytes
     (staging / "parts").mkdir(parents=True, exist_ok=True)
     if old is None or old["fingerprint"] != plan["fingerprint"]:
         atomic.write_json(staging / "plan.json", plan)
@@ -371,8 +375,19 @@ def _run_parts(todo: list[PartTask], workers: int, progress: bool, desc: str) ->
 
 def _finalize_locked(store: Path, name: str, staging: Path, plan: dict) -> dict:
     lock = staging / "finalize.lock"
-    if not _acquire(lock):
-        return {"dataset": name, "status": "finalizing elsewhere", "lock": lock.read_text().strip()}
+    try:
+        acquired = _acquire(lock)
+    except FileNotFoundError:  # another shard finalized and removed the staging folder meanwhile
+        acquired = False
+    if not acquired:
+        done = _attrs(store / name)
+        if done is not None and done.get("fingerprint") == plan["fingerprint"]:
+            return {"dataset": name, "status": "done", "counts": done["counts"]}
+        try:
+            holder = lock.read_text().strip()
+        except FileNotFoundError:
+            holder = "released"
+        return {"dataset": name, "status": "finalizing elsewhere", "lock": holder}
     try:
         return _finalize(store, name, staging, plan)
     finally:
@@ -380,20 +395,26 @@ def _finalize_locked(store: Path, name: str, staging: Path, plan: dict) -> dict:
 
 
 def _acquire(lock: Path) -> bool:
-    """An exclusive finalize lock; a lock of a dead local process, or an old one, is taken over."""
+    """An exclusive finalize lock; a lock of a dead local process, or an old one, is taken over.
+
+    The lock appears by a hard link of a file already holding its owner: an empty lock, seen between
+    creating and writing it, would look stale and let a second process in."""
     me = f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _stale(lock):
-                lock.unlink(missing_ok=True)
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        return True
-    return False
+    mine = lock.with_name(f"{lock.name}.{socket.gethostname()}.{os.getpid()}")
+    mine.write_text(me + "\n")
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, lock)
+            except FileExistsError:
+                if _stale(lock):
+                    lock.unlink(missing_ok=True)
+                    continue
+                return False
+            return True
+        return False
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def _stale(lock: Path) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 
@@ -281,8 +282,19 @@ def test_store_with_other_card_is_refused_unless_overwrite(tmp_path, raw, refere
         standardize(cfg(other, reference, option=["group=img"]))
     assert standardize(cfg(other, reference, option=["group=img"], overwrite=True))["status"] == "written"
     g = zarr.open_group(str(reference / "folder"), mode="r")
-    assert g.attrs["card"]["options"] == {"group": "img"}
+    assert g.attrs["card"]["options"] == {"group": "img", "class_regex": ""}
     assert sum(g.attrs["counts"].values()) == 6
+
+
+def test_a_card_option_added_later_keeps_fingerprints(tmp_path, raw, monkeypatch):
+    from histokt.cards.folder import Folder
+
+    _, before = st.make_plan(cfg(raw, tmp_path / "s.zarr", option=["group=img"]))
+    monkeypatch.setattr(Folder, "options", {**Folder.options, "added_later": ""})
+    _, after = st.make_plan(cfg(raw, tmp_path / "s.zarr", option=["group=img"]))
+    assert after["settings"]["card"]["options"]["added_later"] == "" and after["fingerprint"] == before["fingerprint"]
+    _, other = st.make_plan(cfg(raw, tmp_path / "s.zarr", option=["group=img", "added_later=x"]))
+    assert other["fingerprint"] != before["fingerprint"]
 
 
 def test_unknown_card_option(tmp_path, raw):
@@ -338,3 +350,24 @@ def test_bad_max_per_class(tmp_path, raw):
     with pytest.raises(UserError, match="--max-per-class 0: must be at least 1"):
         standardize(cfg(raw, tmp_path / "s.zarr", max_per_class=0))
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_finalize_lock_is_never_seen_empty_and_excludes_a_second_taker(tmp_path):
+    lock = tmp_path / "finalize.lock"
+    assert st._acquire(lock)
+    host, pid, _ = lock.read_text().split()  # whole from the moment it exists (a hard link of a written file)
+    assert int(pid) == os.getpid() and not st._stale(lock)
+    assert not st._acquire(lock)  # held by a live process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finalize.lock"]  # no temporary left behind
+    lock.write_text(f"{host} 999999999 0\n")  # a dead local process's lock is taken over
+    assert st._stale(lock) and st._acquire(lock) and lock.read_text().split()[1] == str(os.getpid())
+
+
+def test_a_shard_arriving_after_another_finalized_reports_done(tmp_path, raw, reference):
+    store = tmp_path / "late.zarr"
+    standardize(cfg(raw, store))
+    _, plan = st.make_plan(cfg(raw, store))
+    gone = staging_dir(store, "folder")  # removed by the finalizing shard
+    assert not gone.exists()
+    r = st._finalize_locked(store, "folder", gone, plan)
+    assert r["status"] == "done" and r["counts"] == zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]

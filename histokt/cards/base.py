@@ -91,6 +91,10 @@ class Card:
         """The card's identity as stored in the dataset attrs (a different card means a different dataset)."""
         return {"card": self.name, "options": dict(sorted(self.opts.items()))}
 
+    def options_set(self) -> dict:
+        """The options that differ from their defaults."""
+        return {k: v for k, v in sorted(self.opts.items()) if v != self.options[k]}
+
     def require_dir(self, path: Path, what: str) -> Path:
         if not path.is_dir():
             raise verify_download(self.name, path, f"expected {what} (a folder)")
