@@ -42,8 +42,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, atomic, paper, plan
+from . import __version__, atomic, figures, paper, plan
 from .errors import UserError
+from .matrix import MISSING, Matrix, Stat, diag_text, title
 
 COLUMNS = ["init", "mode", "source", "target", "lr", "n", "valid_top1_mean", "test_top1_mean", "test_top1_std"]
 DISTILL_COLUMNS = ["family", "target", "sources", "rule", "lowrank", "lr", "n", "top1_pct_mean", "top1_pct_std",
@@ -51,7 +52,6 @@ DISTILL_COLUMNS = ["family", "target", "sources", "rule", "lowrank", "lr", "n", 
                    "best_source_pct_mean", "best_source_pct_std", "gain_vs_best_source_pp"]
 COMPARE_COLUMNS = ["source", "target", "ours_mean", "ours_std", "paper_mean", "paper_std", "diff_pp"]
 MODES = ("fine", "deep")
-MISSING = "—"
 STATUSES = ("done", "running", "failed", "corrupt", "missing")
 LISTED = 100  # not-started cells listed by name in report.md; the rest are counted
 
@@ -76,22 +76,6 @@ def _scores(result: dict):
     except (KeyError, TypeError, ValueError):
         return None
     return pair if all(math.isfinite(x) for x in pair) else None
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Top-1 over a group of seeds, as fractions: n, mean best validation, mean test, sample std of test."""
-
-    n: int
-    valid: float
-    test: float
-    std: float | None  # ddof=1; None when n < 2
-
-    @classmethod
-    def of(cls, pairs):
-        valid, test = [v for v, _ in pairs], [t for _, t in pairs]
-        std = statistics.stdev(test) if len(test) > 1 else None
-        return cls(len(pairs), statistics.fmean(valid), statistics.fmean(test), std)
 
 
 @dataclass
@@ -212,33 +196,6 @@ def choose_lr(by_lr: dict):
     return chosen
 
 
-@dataclass
-class Matrix:
-    """One transfer matrix (init family, mode); every top-1 a Stat of fractions, None where planned but missing."""
-
-    init: str
-    mode: str
-    rows: list  # sources (and targets, so every target has its diagonal row)
-    cols: list  # targets
-    lr: dict  # target -> chosen LR (None: no results yet)
-    cells: dict  # (source, target) -> Stat | None, planned transfers only
-    diag: dict  # target -> Stat | None, planned Stage-A cells only
-
-    @property
-    def name(self) -> str:
-        return f"matrix_{self.init}_{self.mode}"
-
-    def at(self, s, t):
-        """(planned, Stat or None) of one cell; the diagonal is the target's Stage A."""
-        table, key = (self.diag, t) if s == t else (self.cells, (s, t))
-        return key in table, table.get(key)
-
-    def gain(self, s, t):
-        """Test top-1 gain over the target's diagonal, in points; None where either is missing."""
-        cell, base = self.cells.get((s, t)), self.diag.get(t)
-        return None if cell is None or base is None else 100 * (cell.test - base.test)
-
-
 def _stage_a(scan: _Scan, family: str, dataset: str):
     by_lr = {}
     for (f, mode, s, t, lr), pairs in scan.runs.items():
@@ -269,8 +226,6 @@ def _matrix(scan: _Scan, init: str, mode: str) -> Matrix:
 
 def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     """Write the summary of a study (see the module docstring); returns counts and the files written."""
-    from . import figures  # imported here: figures builds on this module's Matrix
-
     started = time.perf_counter()
     run_root = Path(run_root)
     out = Path(out) if out else run_root / "summary"
@@ -364,17 +319,6 @@ def _matrix_csv(m: Matrix) -> str:
     return buf.getvalue()
 
 
-def _title(m: Matrix) -> str:
-    init = {"random": "Random", "imagenet": "ImageNet"}.get(m.init, m.init)
-    return f"{init} init, {m.mode}-tuning"
-
-
-def _diag_text(init: str) -> str:
-    if init == "imagenet":
-        return "ImageNet init trained on the target (ImageNet → target)"
-    return f"{init}-init Stage A trained on the target alone"
-
-
 def _md_table(header, rows) -> list[str]:
     return (["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
             + ["| " + " | ".join(r) + " |" for r in rows])
@@ -394,8 +338,8 @@ def _matrix_md(m: Matrix) -> str:
     top1.append(["LR", *(_lr_text(m.lr[t]) for t in m.cols)])
     gains = [[f"**{d(s)}**", *((_signed(m.gain(s, t)) or MISSING) if s != t and m.at(s, t)[0] else ""
                                 for t in m.cols)] for s in m.rows]
-    lines = [f"# {_title(m)}: test top-1 (%)", "",
-             f"Rows = source, columns = target; mean ± sample std over seeds. **Diagonal** = {_diag_text(m.init)}. "
+    lines = [f"# {title(m)}: test top-1 (%)", "",
+             f"Rows = source, columns = target; mean ± sample std over seeds. **Diagonal** = {diag_text(m.init)}. "
              "LR chosen per target on validation (the same for every source; row LR). "
              f"{MISSING} = planned, no result yet; blank = not planned.", "",
              *_md_table(head, top1), "", "## Gain over the target's diagonal (points)", "",
@@ -472,7 +416,7 @@ def _compare(m: Matrix) -> list[list]:
 
 
 def _compare_md(m: Matrix, rows: list[list]) -> str:
-    lines = [f"# {_title(m)}: ours minus the paper (test top-1, points)", "",
+    lines = [f"# {title(m)}: ours minus the paper (test top-1, points)", "",
              f"Published: method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
              "matched by name with the paper's cards (" + ", ".join(paper.CARDS) + f"). {MISSING}: no result yet.",
              ""]
@@ -523,12 +467,12 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
     if distill:
         done = sum(r["stat"] is not None for r in distill)
         lines += ["", f"Distillation: {done}/{len(distill)} merged models have results (distill.md)."]
-    for kind, title in (("failed", "Failed"), ("corrupt", "Corrupt or incomplete results (skipped)"),
+    for kind, heading in (("failed", "Failed"), ("corrupt", "Corrupt or incomplete results (skipped)"),
                         ("running", "Running or requeued"), ("missing", "Not started")):
         items = st[kind]
         if not items:
             continue
-        lines += ["", f"## {title} ({len(items)})", ""]
+        lines += ["", f"## {heading} ({len(items)})", ""]
         shown = items if kind != "missing" else items[:LISTED]
         lines += [f"- `{x['cell']}` ({x['stage']}): {x['why']}" for x in shown]
         if len(shown) < len(items):

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from . import __version__, atomic, paper
-from .collect import MISSING, Matrix, Stat, _diag_text, _title
+from .matrix import MISSING, Matrix, Stat, diag_text, title
 
 # ---- LaTeX ----------------------------------------------------------------------------------------------------
 
@@ -32,9 +32,9 @@ def matrix_tex(m: Matrix) -> str:
     """A tabular fragment: \\input it in a document with \\usepackage[table]{xcolor}."""
     d = lambda name: _tex_escape(paper.display(name))  # noqa: E731
     gains = {t: [g for s in m.rows if s != t and (g := m.gain(s, t)) is not None] for t in m.cols}
-    lines = [f"% histokt {__version__} collect: {_title(m)}, test top-1 (%) mean$_{{std}}$ over seeds; rows = "
+    lines = [f"% histokt {__version__} collect: {title(m)}, test top-1 (%) mean$_{{std}}$ over seeds; rows = "
              "source, columns = target.",
-             f"% Bold diagonal: {_diag_text(m.init)}. Off-diagonal cells shaded green (gain) or red (loss) "
+             f"% Bold diagonal: {diag_text(m.init)}. Off-diagonal cells shaded green (gain) or red (loss) "
              "against it; gray: no result.",
              "% Needs \\usepackage[table]{xcolor} (xcolor with colortbl).",
              f"\\begin{{tabular}}{{l|{'c' * len(m.cols)}}}", "\\hline",
@@ -125,9 +125,9 @@ def heatmap(m: Matrix, path: Path) -> None:
     ax.tick_params(which="minor", length=0)
     bar = fig.colorbar(image, cax=cax)
     bar.set_label("gain over the diagonal (points)", fontsize=9)
-    fig.text(0.5, 1 - 0.12 / height, f"{_title(m)}: test top-1 (%), mean ± std over seeds", ha="center", va="top",
+    fig.text(0.5, 1 - 0.12 / height, f"{title(m)}: test top-1 (%), mean ± std over seeds", ha="center", va="top",
              fontsize=12, fontweight="bold")
-    fig.text(0.5, 1 - 0.42 / height, f"outlined diagonal: {_diag_text(m.init)}\ncolour: gain over that "
+    fig.text(0.5, 1 - 0.42 / height, f"outlined diagonal: {diag_text(m.init)}\ncolour: gain over that "
              "diagonal; hatched: no result yet", ha="center", va="top", fontsize=8, color="0.3")
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
