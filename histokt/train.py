@@ -3,10 +3,12 @@
 Run directory contract (later stages and users read it):
     config.json    the TrainConfig, written first; a re-run with a different config is refused
     metrics.jsonl  one line per finished epoch (rewritten atomically from the checkpointed history)
-    last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step", ...}
+    last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step", ...}: the
+                   training state a resume starts from; removed once the cell is done
     previous.pt    the checkpoint before last.pt (a damaged last.pt falls back to it); removed when done
     best.pt        {"model": state_dict, "epoch", "valid_top1"}: the best validation epoch so far
-    result.json    written last, atomically: the cell is done and a re-run is a no-op
+    final.pt       {"model": state_dict, "epoch"}: the weights after the last epoch, written when done
+    result.json    written after final.pt, atomically: the cell is done and a re-run is a no-op
 
 All checkpoints load with ``torch.load(..., weights_only=True)``.
 """
@@ -135,6 +137,8 @@ def run(cfg: TrainConfig, world: distributed.World) -> dict:
         prepare_run_dir(cfg)
     done = atomic.read_json(run_dir / "result.json")
     if done is not None:
+        if world.main:
+            drop_training_state(run_dir)  # a kill right after result.json left it behind
         return done
     device = device_for(cfg, world)
     distributed.init(world, device)
@@ -360,6 +364,7 @@ class Cell:
         self.save()
 
     def finish(self) -> dict:
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # before best replaces it
         best = checkpoint.load(self.run_dir / "best.pt") if self.world.main else None
         box = [best["model"] if best else None]
         if distributed.active():
@@ -379,11 +384,19 @@ class Cell:
             "histokt_version": __version__,
         }
         if self.world.main:
+            checkpoint.save_weights(self.run_dir / "final.pt", {"model": final, "epoch": self.state["epoch"] - 1})
             atomic.write_json(self.run_dir / "result.json", result)
-            # a finished cell never resumes: its fallback checkpoint is only disk (85-135 MB a cell)
-            (self.run_dir / checkpoint.PREVIOUS).unlink(missing_ok=True)
+            drop_training_state(self.run_dir)
         distributed.barrier()
         return result
+
+
+def drop_training_state(run_dir: Path) -> None:
+    """A finished cell never resumes: its optimizer state and fallback are only disk (135-270 MB a ResNet18
+    cell); final.pt keeps the last weights. Cells finished before final.pt existed keep their last.pt."""
+    if (run_dir / "final.pt").is_file():
+        for name in (checkpoint.LAST, checkpoint.PREVIOUS):
+            (run_dir / name).unlink(missing_ok=True)
 
 
 __all__ = ["TrainConfig", "train", "EXIT_REQUEUE"]

@@ -80,9 +80,12 @@ def cli_env_module():
 
 
 def test_run_directory_contract(reference):
-    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "result.json"):
+    for name in ("config.json", "metrics.jsonl", "best.pt", "final.pt", "result.json"):
         assert (reference / name).is_file(), name
-    assert not (reference / "previous.pt").exists()  # a done cell keeps no fallback checkpoint
+    for name in ("last.pt", "previous.pt"):  # a done cell keeps no training state
+        assert not (reference / name).exists(), name
+    final = checkpoint.load(reference / "final.pt")
+    assert final["epoch"] == 2 and set(final) == {"model", "epoch"}
     lines = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]
     result = json.loads((reference / "result.json").read_text())
@@ -102,6 +105,18 @@ def test_finished_run_is_a_noop(store, reference):
     result = train(cfg(store, reference, ckpt_every_steps=1))
     assert result == json.loads((reference / "result.json").read_text())
     assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+
+
+def test_rerun_after_a_kill_between_result_and_cleanup_drops_the_training_state(store, tmp_path):
+    import shutil
+
+    out = tmp_path / "killed"
+    done = train(cfg(store, out, epochs=1))
+    files = sorted(p.name for p in out.iterdir())
+    for name in ("last.pt", "previous.pt"):  # as a kill right after result.json leaves them
+        shutil.copy(out / "final.pt", out / name)
+    assert train(cfg(store, out, epochs=1)) == json.loads((out / "result.json").read_text()) == done
+    assert sorted(p.name for p in out.iterdir()) == files and "last.pt" not in files
 
 
 def test_other_config_into_same_dir_is_refused(store, reference):
@@ -125,7 +140,7 @@ def test_sigkill_and_resume_is_bitwise_identical(store, reference, tmp_path, cli
     assert not (out / "result.json").exists()
     assert subprocess.run(cli_args(store, out, ckpt_every_steps=1), env=cli_env_module).returncode == 0
     assert_same_weights(weights(out / "best.pt"), weights(reference / "best.pt"))
-    assert_same_weights(weights(out / "last.pt"), weights(reference / "last.pt"))
+    assert_same_weights(weights(out / "final.pt"), weights(reference / "final.pt"))
     assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     assert same_result(out / "result.json", reference / "result.json")
 
@@ -142,7 +157,7 @@ def test_sigusr2_checkpoints_exits_and_resumes(store, reference, tmp_path, cli_e
     state = checkpoint.load(out / "last.pt")
     assert 5 <= state["step"] < 15 and not (out / "result.json").exists()
     assert subprocess.run(cli_args(store, out, ckpt_every_steps=0), env=cli_env_module).returncode == 0
-    assert_same_weights(weights(out / "last.pt"), weights(reference / "last.pt"))
+    assert_same_weights(weights(out / "final.pt"), weights(reference / "final.pt"))
     assert same_result(out / "result.json", reference / "result.json")
 
 
@@ -152,7 +167,7 @@ def test_fine_freezes_encoder_and_deep_trains_it(store, reference, tmp_path):
         out = tmp_path / mode
         result = train(cfg(store, out, init=str(reference / "best.pt"), mode=mode, epochs=1, lr=1e-3))
         assert result["config"]["optimizer"] == "adamp"
-        tuned = weights(out / "last.pt")
+        tuned = weights(out / "final.pt")
         encoder = [k for k in source if not k.startswith("fc.") and "running" not in k and "num_batches" not in k]
         same = [torch.equal(source[k], tuned[k]) for k in encoder]
         if mode == "fine":
@@ -169,7 +184,7 @@ def test_imagenet_init_from_staged_file(store, tmp_path, monkeypatch):
     stand_in = stand_in_imagenet(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     result = train(cfg(store, tmp_path / "in", init="imagenet", mode="fine", epochs=1, norm="imagenet"))
     staged = torch.load(stand_in, weights_only=True)
-    tuned = weights(tmp_path / "in" / "last.pt")
+    tuned = weights(tmp_path / "in" / "final.pt")
     assert torch.equal(staged["layer4.1.conv2.weight"], tuned["layer4.1.conv2.weight"])
     assert result["config"]["init"] == "imagenet"
 
@@ -212,7 +227,7 @@ def test_ddp_two_processes_match_single_process_with_syncbn(store, tmp_path):
     one = train(cfg(store, tmp_path / "one", epochs=1, sync_bn=True, augment=False))
     two = train(cfg(store, tmp_path / "two", epochs=1, sync_bn=True, augment=False, nproc=2))
     assert one["world_size"] == 1 and two["world_size"] == 2
-    a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
+    a, b = weights(tmp_path / "one" / "final.pt"), weights(tmp_path / "two" / "final.pt")
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=k)
 
