@@ -85,7 +85,12 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
         from .train import TrainConfig, train
 
         result = train(TrainConfig(**{"progress": False, **args, "out": directory}))
-        return EXIT_REQUEUE if result.get("status") == "interrupted" else 0
+        if result.get("status") != "interrupted":
+            return 0
+        # where each preemption caught the cell: kept across attempts, for `histokt status` and post-mortems
+        history = (atomic.read_json(directory / "state.json") or {}).get("interrupted_at_steps", [])
+        set_state(directory, interrupted_at_steps=[*history, result.get("step")])
+        return EXIT_REQUEUE
     if cell.kind == "merge":
         from .distill import DistillConfig, distill
 

@@ -93,16 +93,20 @@ def _spawn(cfg: TrainConfig) -> dict:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     procs = [ctx.Process(target=_rank_main, args=(cfg, r, port, errors)) for r in range(cfg.nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    with ForwardSignals(procs) as signals:
+        for p in procs:
+            p.start()
+        signals.arm()
+        for p in procs:
+            while p.is_alive():
+                p.join(timeout=1.0)
+                signals.send()
     if not errors.empty():
         kind, message = errors.get()
         if kind == "user":
             raise UserError(message)
         if kind == "requeue":
-            return {"status": "interrupted", "message": message}
+            return message  # rank 0's {"status": "interrupted", "step", "message"}
         raise RuntimeError(message)
     if any(p.exitcode for p in procs):
         raise RuntimeError(f"a training process failed (exit codes {[p.exitcode for p in procs]})")
@@ -114,7 +118,7 @@ def _rank_main(cfg: TrainConfig, rank: int, port: int, errors) -> None:
     try:
         out = run(cfg, distributed.World(rank, cfg.nproc, rank))
         if out.get("status") == "interrupted" and rank == 0:
-            errors.put(("requeue", out["message"]))
+            errors.put(("requeue", out))
     except UserError as exc:
         errors.put(("user", str(exc)))
     except BaseException as exc:
@@ -164,6 +168,42 @@ class StopRequested:
 
     def _handle(self, signum, frame):
         self.flag = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class ForwardSignals:
+    """The --nproc parent passes SIGUSR2/SIGTERM on to its ranks, which checkpoint and exit 75 together.
+
+    A scheduler signals the parent only (the sbatch scripts forward to histokt, not to its children), and
+    the parent would die of SIGUSR2's default action. The ranks start with the signals ignored (an ignored
+    disposition survives exec) until their own handlers are in place, and the parent sends again every
+    second while any rank runs: a signal that arrives during start-up is delayed, never lost or fatal."""
+
+    def __init__(self, procs):
+        self.procs, self.pending, self.previous = procs, [], {}
+
+    def __enter__(self):
+        for sig in StopRequested.SIGNALS:
+            self.previous[sig] = signal.signal(sig, signal.SIG_IGN)  # inherited by the ranks started next
+        return self
+
+    def arm(self):
+        """After the ranks started: a Python handler would not survive their exec, SIG_IGN does."""
+        for sig in StopRequested.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.pending.append(signum)
+        self.send()
+
+    def send(self):
+        for p in self.procs:
+            if p.pid is not None and p.is_alive():
+                for sig in set(self.pending):
+                    os.kill(p.pid, sig)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -266,7 +306,7 @@ class Cell:
             while self.state["epoch"] < self.cfg.epochs:
                 epoch = self.state["epoch"]
                 if self.train_epoch(epoch, stop):
-                    return {"status": "interrupted",
+                    return {"status": "interrupted", "step": self.state["step"],
                             "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
                                        "command again to resume"}
                 self.end_epoch(epoch)

@@ -71,7 +71,9 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     subprocess.run(["scancel", "--signal=USR2", task], check=True)
     wait_until(lambda: state(crc).get("status") == "interrupted" or (crc / "result.json").exists(),
                "the checkpoint-and-exit")
-    interrupted_at = checkpoint.load(crc / "last.pt")["step"]
+    # state.json, not last.pt: the requeued task may already have finished and dropped last.pt
+    wait_until(lambda: state(crc).get("interrupted_at_steps"), "the interruption to be recorded")
+    interrupted_at = state(crc)["interrupted_at_steps"][0]
     wait_until(lambda: (runs / "cells" / "collect" / "collect" / "done.json").exists() and queue_empty_for(runs),
                "the study to finish")
 
@@ -87,7 +89,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     r = subprocess.run(histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    a, b = checkpoint.load(crc / "last.pt")["model"], checkpoint.load(ref / "last.pt")["model"]
+    a, b = checkpoint.load(crc / "final.pt")["model"], checkpoint.load(ref / "final.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     report = (runs / "summary" / "report.md").read_text()

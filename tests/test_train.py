@@ -260,3 +260,19 @@ def test_readme_stage_b_command_line(reference, tmp_path, cli_env_module):
     assert (config["mode"], config["norm"], config["init"]) == ("deep", "crc", str(reference / "best.pt"))
     attrs = {name: json.loads((store / name / "zarr.json").read_text())["attributes"] for name in ("toy", "crc")}
     assert "norm" in attrs["crc"] and "norm" not in attrs["toy"]  # the source's statistics were the ones computed
+
+
+def test_nproc_parent_forwards_sigusr2_to_its_ranks(store, tmp_path, cli_env_module):
+    """The sbatch scripts signal histokt itself: with --nproc 2 the ranks must still checkpoint and exit 75."""
+    ddp = dict(nproc=2, ckpt_every_steps=0, sync_bn=True)  # 3 epochs of 5 steps
+    out = tmp_path / "ddp"
+    proc = subprocess.Popen(cli_args(store, out, **ddp), env=cli_env_module, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), proc, "the first epoch ended")
+    proc.send_signal(signal.SIGUSR2)  # the parent only, as slurm/*.sbatch forwards it
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, err
+    assert 5 <= checkpoint.load(out / "last.pt")["step"] < 15 and not (out / "result.json").exists()
+    assert subprocess.run(cli_args(store, out, **ddp), env=cli_env_module).returncode == 0
+    uninterrupted = tmp_path / "whole"
+    assert subprocess.run(cli_args(store, uninterrupted, **ddp), env=cli_env_module).returncode == 0
+    assert_same_weights(weights(out / "final.pt"), weights(uninterrupted / "final.pt"))
