@@ -8,11 +8,13 @@ from .sweep import cell_jobs, squeue
 COLUMNS = ("done", "running", "pending", "requeued", "failed")
 
 
-def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict) -> tuple[str, str | None]:
-    """(status, last error line) of one cell."""
+def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict,
+                state: dict | None = None) -> tuple[str, str | None]:
+    """(status, last error line) of one cell; ``state`` is its state.json where already read."""
     if plan.is_done(run_root, cell):
         return "done", None
-    state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
+    if state is None:
+        state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
     task = jobs.get(cell.id)
     in_queue = queue.get(task) if queue and task else None
     if in_queue == "RUNNING":
@@ -30,16 +32,20 @@ def status(run_root) -> dict:
     run_root = Path(run_root)
     cells = plan.read(run_root)
     queue, jobs = squeue(), cell_jobs(run_root)
-    table, failures = {}, []
+    table, failures, preempted = {}, [], []
     for stage, members in cells.items():
         counts = dict.fromkeys(COLUMNS, 0)
         for cell in members:
-            s, error = cell_status(run_root, cell, queue, jobs)
+            state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
+            s, error = cell_status(run_root, cell, queue, jobs, state)
             counts[s] += 1
             if s == "failed":
                 failures.append((stage, cell.id, error))
+            if state.get("interrupted_at_steps"):
+                preempted.append(len(state["interrupted_at_steps"]))
         table[stage] = counts
-    return {"stages": table, "failures": failures, "scheduler": queue is not None}
+    return {"stages": table, "failures": failures, "scheduler": queue is not None,
+            "preempted": {"cells": len(preempted), "times": sum(preempted)}}
 
 
 def render(report: dict) -> str:
@@ -52,6 +58,9 @@ def render(report: dict) -> str:
     width = 40
     filled = round(width * done / total) if total else width
     lines.append(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} cells done")
+    if report["preempted"]["cells"]:
+        p = report["preempted"]
+        lines.append(f"preempted {p['times']} time(s), {p['cells']} cell(s); each resumed from its checkpoint")
     if not report["scheduler"]:
         lines.append("(squeue not available: running/pending come from the cells' own state files)")
     for stage, cell, error in report["failures"]:

@@ -73,6 +73,12 @@ def test_failing_cell_does_not_stop_the_rest_and_is_reported(study):
     status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
                             capture_output=True, text=True).stdout
     assert "failed standardize/std-mhist-0of1: " in status and "verify the download" in status
+    assert "preempted" not in status
+    state_file = runs / "cells" / "pretrain" / "A-crc-random-s0" / "state.json"  # as two preemptions leave it
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "interrupted_at_steps": [3, 7]}))
+    status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True).stdout
+    assert "preempted 2 time(s), 1 cell(s)" in status
 
 
 def test_killed_sweep_continues_where_it_stopped(study):

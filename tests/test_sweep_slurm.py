@@ -97,6 +97,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     assert "A-mhist-random-s0" in report
     status = subprocess.run(histokt_cmd("status", runs), env=env(), capture_output=True, text=True).stdout
     assert "failed standardize/std-mhist-0of1" in status
+    assert "preempted 1 time(s), 1 cell(s)" in status
 
     # fix the download: a re-run submits only the cells that are not done
     annotations.write_text(good)
