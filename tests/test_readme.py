@@ -1,6 +1,7 @@
 """Every command the README shows is a real command with real options, and a named test runs it."""
 
 import ast
+import os
 import re
 import subprocess
 
@@ -118,7 +119,10 @@ def test_every_readme_command_is_run_by_a_test():
 def test_make_targets_are_the_readme_commands():
     def recipe(target):
         # -n: print what would run; -W the stamp: as if the venv were fresh, so the install steps show too
-        r = subprocess.run(["make", "-n", "-W", "setup.cfg", target], cwd=ROOT, capture_output=True, text=True)
+        # inside `make test` (CI) the outer make's variables would make this one print "Entering directory"
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        r = subprocess.run(["make", "--no-print-directory", "-n", "-W", "setup.cfg", target], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
