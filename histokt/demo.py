@@ -159,11 +159,6 @@ def stage_imagenet_stand_in(out: Path) -> Path:
     return path
 
 
-def render_spec(cfg: "DemoConfig") -> Path:
-    """jobs/demo.toml for this run, written to OUT/demo.toml (see ``demo_spec``)."""
-    return write_spec(cfg, demo_spec(cfg))
-
-
 def demo_spec(cfg: "DemoConfig") -> dict:
     """jobs/demo.toml with its paths pointed at OUT, its raw data at the synthetic collection or at --raw-root,
     and with --datasets, its stages re-pointed at those datasets. Writes nothing: bad input fails first."""
@@ -189,6 +184,7 @@ def demo_spec(cfg: "DemoConfig") -> dict:
 
 
 def write_spec(cfg: "DemoConfig", doc: dict) -> Path:
+    """The rendered spec, OUT/demo.toml: what the sweep reads and stores in the run root."""
     path = Path(cfg.out).absolute() / "demo.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     # no absolute paths in the header: a re-run from another folder must render the same spec (same digest)
@@ -213,7 +209,7 @@ def read_datasets(path: Path) -> dict:
     for name, table in doc["datasets"].items():
         if not isinstance(table, dict) or "raw" not in table:
             raise UserError(f"--datasets {path}: datasets.{name}.raw: missing (the folder under --raw-root)")
-        spec.parse_dataset(name, {**table, "raw": str(table["raw"])}, str(path))
+        spec.parse_dataset(name, table, str(path))
     return doc["datasets"]
 
 

@@ -9,12 +9,10 @@ COLUMNS = ("done", "running", "pending", "requeued", "failed")
 
 
 def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict,
-                state: dict | None = None) -> tuple[str, str | None]:
-    """(status, last error line) of one cell; ``state`` is its state.json where already read."""
+                state: dict) -> tuple[str, str | None]:
+    """(status, last error line) of one cell; ``state`` is its state.json (or {})."""
     if plan.is_done(run_root, cell):
         return "done", None
-    if state is None:
-        state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
     task = jobs.get(cell.id)
     in_queue = queue.get(task) if queue and task else None
     if in_queue == "RUNNING":

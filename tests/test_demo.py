@@ -70,12 +70,13 @@ raw = "/elsewhere/two"
 def render(tmp_path, datasets_text=None, **kw):
     import tomllib
 
-    from histokt.demo import DemoConfig, render_spec
+    from histokt.demo import DemoConfig, demo_spec, write_spec
 
     if datasets_text is not None:
         (tmp_path / "datasets.toml").write_text(datasets_text)
         kw["datasets"] = tmp_path / "datasets.toml"
-    path = render_spec(DemoConfig(out=tmp_path / "out", **kw))
+    cfg = DemoConfig(out=tmp_path / "out", **kw)
+    path = write_spec(cfg, demo_spec(cfg))
     return tomllib.loads(path.read_text())
 
 
