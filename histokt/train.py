@@ -183,7 +183,7 @@ class ForwardSignals:
     second while any rank runs: a signal that arrives during start-up is delayed, never lost or fatal."""
 
     def __init__(self, procs):
-        self.procs, self.pending, self.previous = procs, [], {}
+        self.procs, self.pending, self.previous = procs, set(), {}
 
     def __enter__(self):
         for sig in StopRequested.SIGNALS:
@@ -196,13 +196,13 @@ class ForwardSignals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.pending.append(signum)
+        self.pending.add(signum)
         self.send()
 
     def send(self):
         for p in self.procs:
             if p.pid is not None and p.is_alive():
-                for sig in set(self.pending):
+                for sig in self.pending:
                     os.kill(p.pid, sig)
 
     def __exit__(self, *exc):
@@ -341,18 +341,17 @@ class Cell:
                 return True
         return False
 
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC-strided batch -> normalized float on the device (4x fewer bytes cross the bus)."""
-        x = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+    def to_device(self, images: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 NHWC-strided batch -> normalized float on the device (4x fewer bytes cross the bus); with the
+        augmentation draws, the raw pixels are warped there first (zero fill = black)."""
+        x = images.to(self.device, non_blocking=True)
+        if params is not None:
+            x = warp_batch(x.float(), params)
+        x = x.to(memory_format=self.memory_format)
         return (x.float() - self.mean) * self.inv_std
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None = None) -> float:
-        if params is None:
-            x = self.to_device(images)
-        else:  # warp the raw pixels (zero fill = black), then normalize
-            x = images.to(self.device, non_blocking=True).float()
-            x = warp_batch(x, params).contiguous(memory_format=self.memory_format)
-            x = (x - self.mean) * self.inv_std
+        x = self.to_device(images, params)
         y = labels.to(self.device, non_blocking=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
         with autocast:
@@ -404,7 +403,8 @@ class Cell:
         self.save()
 
     def finish(self) -> dict:
-        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # before best replaces it
+        # the last epoch's weights, before best.pt's replace them (only rank 0 writes final.pt)
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.world.main else None
         best = checkpoint.load(self.run_dir / "best.pt") if self.world.main else None
         box = [best["model"] if best else None]
         if distributed.active():
