@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from _common import DEFAULT_WORK, machine_info, markdown_table, write_results  # noqa: E402
-from histokt import plan  # noqa: E402
-from histokt.paper import CARDS  # noqa: E402
-from histokt.trainconfig import TrainConfig, config_dict  # noqa: E402
+from histokt.study import plan  # noqa: E402
+from histokt.results.paper import CARDS  # noqa: E402
+from histokt.train.config import TrainConfig, config_dict  # noqa: E402
 
 FAMILIES = ("random", "imagenet")
 MODES = ("fine", "deep")
@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3, help="trials per cell: 3 -> 5,094 training cells, 1 -> 1,698")
     ap.add_argument("--out", default="collect", help="results file name: benchmarks/results/OUT.json")
     args = ap.parse_args()
-    from histokt.collect import collect
+    from histokt.results.collect import collect
 
     run_root = args.work / f"runs-{args.seeds}"
     t = time.perf_counter()

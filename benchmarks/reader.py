@@ -66,7 +66,7 @@ def parse_args(argv=None):
 
 
 def build_store(args) -> tuple[Path, str]:
-    from histokt.standardize import StandardizeConfig, standardize
+    from histokt.ingest.standardize import StandardizeConfig, standardize
 
     raw = folder_dataset(args.work, args.images, args.size, args.gen_procs)
     store, name = args.work / "reader-store.zarr", f"bench{args.images}"
@@ -82,8 +82,8 @@ def build_store(args) -> tuple[Path, str]:
 
 
 def make_dataset(store, name, split, variant):
-    from histokt.augment import Augment, Normalize
-    from histokt.reader import PatchDataset
+    from histokt.store.augment import Augment, Normalize
+    from histokt.store.reader import PatchDataset
 
     augment = Augment() if variant != "raw" else None
     normalize = Normalize(MEAN, STD) if variant == "aug-float" else None
@@ -93,7 +93,7 @@ def make_dataset(store, name, split, variant):
 def loader_rate(store, name, split, variant, workers, batch, min_patches, min_seconds, repeat) -> dict:
     import torch
 
-    from histokt.reader import make_loader
+    from histokt.store.reader import make_loader
 
     ds = make_dataset(store, name, split, variant)
     loader = make_loader(ds, batch, shuffle=True, workers=workers, generator=torch.Generator().manual_seed(0))
@@ -168,8 +168,8 @@ def comparisons(store, name, split, batch, min_patches) -> dict:
     import torch
     import zarr
 
-    from histokt.augment import Augment, Normalize, warp
-    from histokt.store import PatchReader
+    from histokt.store.augment import Augment, Normalize, warp
+    from histokt.store.schema import PatchReader
 
     reader = PatchReader(store, name, split)
     n_total = len(reader)

@@ -106,15 +106,15 @@ class StageTimer:
 
     def install(self):
         import histokt.atomic
-        import histokt.cards.base
-        import histokt.decode
-        import histokt.standardize as S
+        import histokt.ingest.cards.base
+        import histokt.ingest.decode
+        import histokt.ingest.standardize as S
 
         self.wrap(S, "make_plan", "plan: index sources + split")
         self.wrap(S, "_prepare_staging", "plan: staging folder + plan.json")
         self.wrap(S, "process_part", "part: total", phase="part")
-        self.wrap(histokt.decode, "open_image", "part: PNG open + decode (PIL)")
-        self.wrap(histokt.decode, "rgb_image", "part: RGB mode conversion")
+        self.wrap(histokt.ingest.decode, "open_image", "part: PNG open + decode (PIL)")
+        self.wrap(histokt.ingest.decode, "rgb_image", "part: RGB mode conversion")
         self.wrap(S, "rescale", "part: rescale (PIL bilinear)")
         self.wrap(S, "mirror_pad", "part: mirror pad")
         self.wrap(S, "is_low_contrast", "part: low-contrast filter")
@@ -129,7 +129,7 @@ class StageTimer:
 
 
 def child_standardize(spec: dict) -> dict:
-    from histokt.standardize import StandardizeConfig, standardize
+    from histokt.ingest.standardize import StandardizeConfig, standardize
 
     timer = None
     if spec.get("stages"):

@@ -43,7 +43,7 @@ def write_tile(raw: Path, i: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from histokt.demo import synthetic_tile
+    from histokt.batch.demo import synthetic_tile
 
     name, (density, radius) = list(CLASSES.items())[i % 3]
     path = raw / name / f"{i:05d}.png"
@@ -57,7 +57,7 @@ def make_store(work: Path, n: int) -> Path:
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
-    from histokt.standardize import StandardizeConfig, standardize
+    from histokt.ingest.standardize import StandardizeConfig, standardize
 
     store = work / f"store-{n}.zarr"
     if (store / "bench").is_dir():
@@ -74,7 +74,7 @@ def make_store(work: Path, n: int) -> Path:
 
 
 def config(args, store: Path, out: Path):
-    from histokt.train import TrainConfig
+    from histokt.train.loop import TrainConfig
 
     return TrainConfig(store=store, dataset="bench", out=out, arch=args.arch, epochs=1000, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, precision=args.precision, compile=args.compile,
@@ -91,8 +91,8 @@ def sync(device):
 def measure(args, store: Path) -> dict:
     import torch
 
-    from histokt import distributed
-    from histokt.train import Cell, StopRequested, device_for, resolved
+    from histokt.train import distributed
+    from histokt.train.loop import Cell, StopRequested, device_for, resolved
 
     out = args.work / "run"
     if out.exists():
@@ -102,7 +102,7 @@ def measure(args, store: Path) -> dict:
     cfg = resolved(config(args, store, out))
     world = distributed.World()
     device = device_for(cfg, world)
-    from histokt.train import prepare_run_dir
+    from histokt.train.loop import prepare_run_dir
 
     prepare_run_dir(cfg)
     cell = Cell(cfg, world, device)
@@ -171,8 +171,8 @@ def child_args(args):
 
 def child_resume(args) -> None:
     """Resume the benchmark's run directory and print the wall clock after the first step."""
-    from histokt import distributed
-    from histokt.train import Cell, device_for, resolved
+    from histokt.train import distributed
+    from histokt.train.loop import Cell, device_for, resolved
 
     store = args.work / f"store-{args.images}.zarr"
     cfg = resolved(config(args, store, args.child_resume))

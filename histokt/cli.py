@@ -13,12 +13,12 @@ from typing import Optional
 
 from argparse_dataclass import ArgumentParser
 
-from . import __version__
-from .errors import UserError
+from histokt import __version__
+from histokt.errors import UserError
 
 
 def _standardize(argv):
-    from .standardize import StandardizeConfig, standardize
+    from histokt.ingest.standardize import StandardizeConfig, standardize
 
     cfg = _parse(StandardizeConfig, "standardize", argv, "Standardize a raw dataset into the Zarr patch store.")
     s = standardize(cfg)
@@ -36,7 +36,7 @@ def _standardize(argv):
 
 
 def _demo(argv):
-    from .demo import DemoConfig, run_demo
+    from histokt.batch.demo import DemoConfig, run_demo
 
     cfg = _parse(DemoConfig, "demo", argv,
                  "Generate a small SYNTHETIC histology collection and run a whole study on it (jobs/demo.toml); "
@@ -50,7 +50,7 @@ def _demo(argv):
 
 
 def _train(argv):
-    from .train import EXIT_REQUEUE, TrainConfig, train
+    from histokt.train.loop import EXIT_REQUEUE, TrainConfig, train
 
     cfg = _parse(TrainConfig, "train", argv, "Train one cell: Stage A on a source, or Stage B transfer to a target.")
     result = train(cfg)
@@ -64,7 +64,7 @@ def _train(argv):
 
 
 def _distill(argv):
-    from .distill import DistillConfig, distill
+    from histokt.distill.merge import DistillConfig, distill
 
     cfg = _parse(DistillConfig, "distill", argv,
                  "Merge Stage-A models of one architecture into one, without training.")
@@ -77,7 +77,7 @@ def _distill(argv):
 
 
 def _sweep(argv):
-    from .sweep import SweepConfig, sweep
+    from histokt.batch.sweep import SweepConfig, sweep
 
     cfg = _parse(SweepConfig, "sweep", argv, "Plan a study from a spec and run or submit the cells that are not done.")
     out = sweep(cfg)
@@ -99,14 +99,14 @@ def _sweep(argv):
 
 
 def _run_cell(argv):
-    from .cellrun import run_cell
+    from histokt.batch.cellrun import run_cell
 
     cfg = _parse(RunCellConfig, "run-cell", argv, "Run one cell of a planned study (what each array task does).")
     return run_cell(cfg.run_root, cfg.stage, cfg.index)
 
 
 def _status(argv):
-    from .status import render, status
+    from histokt.batch.status import render, status
 
     cfg = _parse(StatusConfig, "status", argv, "Counts per stage and the failed cells of a study.")
     print(render(status(cfg.run_root)))
@@ -114,7 +114,7 @@ def _status(argv):
 
 
 def _collect(argv):
-    from .collect import collect
+    from histokt.results.collect import collect
 
     cfg = _parse(CollectConfig, "collect", argv, "Summary tables of a study from its cells' result.json files.")
     out = collect(cfg.run_root, cfg.out, compare_paper=cfg.compare_paper)

@@ -3,7 +3,7 @@
 Use in a test module::
 
     import pytest
-    from .slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
+    from tests.slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
 
     @pytest.mark.slurm
     def test_something(slurm_cluster, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from histokt.cli import COMMANDS, main
 
-from .conftest import histokt_cmd
+from tests.conftest import histokt_cmd
 
 
 def test_top_level_help_lists_commands(capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from histokt import cli
 
-from .conftest import ROOT
+from tests.conftest import ROOT
 
 README = ROOT / "README.md"
 PROGRAMS = ("histokt", "make", "sbatch", "apptainer", "scontrol", "squeue", ".ci/run", "slurm/local/start.sh", "sudo")
@@ -18,37 +18,37 @@ PROGRAMS = ("histokt", "make", "sbatch", "apptainer", "scontrol", "squeue", ".ci
 # README without an entry here fails test_every_readme_command_is_run_by_a_test.
 COVERAGE = [
     (r"make demo", ["test_readme.py::test_make_targets_are_the_readme_commands",
-                    "test_demo.py::test_demo_runs_the_whole_study_locally"]),
+                    "batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
     (r"make (test|bench)", ["test_readme.py::test_make_targets_are_the_readme_commands"]),
     (r"\.ci/run", ["test_readme.py::test_ci_runs_the_cluster_script_then_make_test"]),
     (r"(sudo )?slurm/local/start\.sh", ["test_slurm_local.py::test_two_task_array_runs_both_tasks"]),
-    (r"histokt demo", ["test_demo.py::test_demo_runs_the_whole_study_locally"]),
-    (r"histokt demo --executor slurm", ["test_demo.py::test_demo_on_slurm"]),
-    (r"histokt demo --raw-root ~/data .*", ["test_demo.py::test_raw_root_caps_real_data_at_per_class",
-                                            "test_demo.py::test_demo_on_the_shared_real_data"]),
+    (r"histokt demo", ["batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
+    (r"histokt demo --executor slurm", ["batch/test_demo.py::test_demo_on_slurm"]),
+    (r"histokt demo --raw-root ~/data .*", ["batch/test_demo.py::test_raw_root_caps_real_data_at_per_class",
+                                            "batch/test_demo.py::test_demo_on_the_shared_real_data"]),
     (r"histokt demo --raw-root \.\./shared/data --datasets jobs/demo-shared-data\.toml .*",
-     ["test_demo.py::test_demo_on_the_shared_real_data"]),
-    (r"histokt standardize( --dataset CARD .*)?", ["test_standardize.py::test_concurrent_shard_processes",
-                                                   "test_standardize.py::test_strict_makes_a_bad_image_fatal_and_writes_nothing"]),
+     ["batch/test_demo.py::test_demo_on_the_shared_real_data"]),
+    (r"histokt standardize( --dataset CARD .*)?", ["ingest/test_standardize.py::test_concurrent_shard_processes",
+                                                   "ingest/test_standardize.py::test_strict_makes_a_bad_image_fatal_and_writes_nothing"]),
     (r"sbatch --array=0-7 --wrap 'histokt standardize .*", ["test_slurm_local.py::test_readme_sbatch_standardize_example"]),
     (r"sbatch", ["test_slurm_local.py::test_readme_sbatch_standardize_example"]),
-    (r"histokt train( --store data/store\.zarr --dataset crc .*)?", ["test_train.py::test_sigkill_and_resume_is_bitwise_identical"]),
+    (r"histokt train( --store data/store\.zarr --dataset crc .*)?", ["train/test_loop.py::test_sigkill_and_resume_is_bitwise_identical"]),
     (r"histokt train --store data/store\.zarr --dataset bach --out runs/B-.* --norm crc",
-     ["test_train.py::test_readme_stage_b_command_line"]),
-    (r"histokt train .* --init imagenet --norm imagenet", ["test_train.py::test_imagenet_init_from_staged_file"]),
-    (r"histokt train .* --init merged\.pt --mode deep", ["test_distill.py::test_merged_checkpoint_initializes_training"]),
-    (r"histokt distill( --sources .*)?", ["test_distill.py::test_cli_success_prints_one_line"]),
+     ["train/test_loop.py::test_readme_stage_b_command_line"]),
+    (r"histokt train .* --init imagenet --norm imagenet", ["train/test_loop.py::test_imagenet_init_from_staged_file"]),
+    (r"histokt train .* --init merged\.pt --mode deep", ["distill/test_merge.py::test_merged_checkpoint_initializes_training"]),
+    (r"histokt distill( --sources .*)?", ["distill/test_merge.py::test_cli_success_prints_one_line"]),
     (r"histokt --help", ["test_cli.py::test_top_level_help_lists_commands"]),
-    (r"histokt sweep", ["test_sweep.py::test_demo_study_end_to_end_then_nothing_to_do"]),
-    (r"histokt sweep jobs/paper\.toml --executor slurm --dry-run", ["test_sweep.py::test_dry_run_of_the_paper_spec"]),
+    (r"histokt sweep", ["batch/test_sweep.py::test_demo_study_end_to_end_then_nothing_to_do"]),
+    (r"histokt sweep jobs/paper\.toml --executor slurm --dry-run", ["batch/test_sweep.py::test_dry_run_of_the_paper_spec"]),
     (r"histokt sweep jobs/paper\.toml --executor slurm( \[--container histokt\.sif\])?",
-     ["test_sweep_slurm.py::test_demo_study_on_slurm", "test_sweep_slurm.py::test_container_wraps_every_task"]),
-    (r"histokt run-cell RUN_ROOT --stage S --index I", ["test_sweep_slurm.py::test_demo_study_on_slurm",
+     ["batch/test_sweep_slurm.py::test_demo_study_on_slurm", "batch/test_sweep_slurm.py::test_container_wraps_every_task"]),
+    (r"histokt run-cell RUN_ROOT --stage S --index I", ["batch/test_sweep_slurm.py::test_demo_study_on_slurm",
                                                         "test_slurm_scripts.py::test_exit_75_without_a_signal_is_requeued"]),
-    (r"histokt status( RUN_ROOT)?", ["test_sweep.py::test_failing_cell_does_not_stop_the_rest_and_is_reported"]),
-    (r"histokt collect( RUN_ROOT \[--compare-paper\])?", ["test_collect.py::test_plan_without_distillation_and_cli"]),
-    (r"scontrol show config", ["test_sweep_slurm.py::test_arrays_are_cut_below_max_array_size"]),
-    (r"squeue|scontrol", ["test_sweep_slurm.py::test_demo_study_on_slurm"]),
+    (r"histokt status( RUN_ROOT)?", ["batch/test_sweep.py::test_failing_cell_does_not_stop_the_rest_and_is_reported"]),
+    (r"histokt collect( RUN_ROOT \[--compare-paper\])?", ["results/test_collect.py::test_plan_without_distillation_and_cli"]),
+    (r"scontrol show config", ["batch/test_sweep_slurm.py::test_arrays_are_cut_below_max_array_size"]),
+    (r"squeue|scontrol", ["batch/test_sweep_slurm.py::test_demo_study_on_slurm"]),
     # The real build runs where Apptainer and the base image's registry are (it skips elsewhere, saying so); the
     # definition is also checked offline (lint, shell syntax of every section, the pins, an install of exactly
     # the %files into a fresh venv, %test in that venv).

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (pytest fixture)
 
 
 @pytest.mark.slurm
@@ -31,12 +31,12 @@ def test_two_task_array_runs_both_tasks(slurm_cluster, tmp_path):  # noqa: F811
 def test_readme_sbatch_standardize_example(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
     """The README's 8-task array standardizing PCam into one store, run as shown (paths and the interpreter
     substituted): whichever task finishes last finalizes, and the store equals a one-process run's."""
-    from histokt.standardize import StandardizeConfig, standardize
+    from histokt.ingest.standardize import StandardizeConfig, standardize
 
-    from .conftest import ROOT
-    from .fixtures import raw_pcam
-    from .fixtures.stores import assert_same_store
-    from .test_readme import README, readme_commands
+    from tests.conftest import ROOT
+    from tests.fixtures import raw_pcam
+    from tests.fixtures.stores import assert_same_store
+    from tests.test_readme import README, readme_commands
 
     raw = raw_pcam.make(tmp_path)
     command = next(c for c in readme_commands(README.read_text()) if c.startswith("sbatch --array=0-7 --wrap"))

@@ -1,0 +1,263 @@
+"""`histokt sweep SPEC`: a study's cells submitted as SLURM job arrays through submitit, or run locally.
+
+Idempotent: every run re-plans the spec, skips cells that are done (their marker exists) or still queued
+from an earlier submission (``RUN_ROOT/submissions.jsonl`` + ``squeue``), and submits the rest. Stages are
+chained with ``afterany`` (a failed cell never blocks the collector; each cell checks its own inputs), and
+arrays are cut below the cluster's MaxArraySize.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from histokt import atomic
+from histokt.study import plan
+from histokt.batch.cellrun import CellTask, teardown_lines
+from histokt.errors import UserError
+from histokt.study.spec import STAGES, Resources, load
+
+
+@dataclass
+class SweepConfig:
+    spec: Path = field(metadata={"args": ["spec"], "help": "the experiment spec, e.g. jobs/demo.toml"})
+    executor: str = field(
+        default="local", metadata={"choices": ("local", "slurm"), "help": "local (this machine) or slurm"}
+    )
+    run_root: Optional[Path] = field(default=None, metadata={"help": "override the spec's study.run_root"})
+    dry_run: bool = field(default=False, metadata={"help": "print the cell counts and sbatch scripts; submit nothing"})
+    only: Optional[str] = field(default=None, metadata={"choices": STAGES, "help": "submit this stage only"})
+    container: Optional[str] = field(default=None, metadata={"help": "Apptainer image (.sif) to run every cell in"})
+    force: bool = field(default=False, metadata={"help": "re-plan a run root that was made from another spec"})
+    parallel: int = field(default=2, metadata={"help": "local executor: cells running at once (default 2)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
+
+
+# -- planning --------------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: SweepConfig):
+    spec = load(cfg.spec)
+    run_root = Path(cfg.run_root or spec.run_root).absolute()
+    cells = plan.expand(spec)
+    if not cfg.dry_run:
+        plan.write(run_root, spec, cells, force=cfg.force)
+    stages = [cfg.only] if cfg.only else list(cells)
+    if cfg.only and cfg.only not in cells:
+        raise UserError(f"--only {cfg.only}: the spec has no such stage")
+    return spec, run_root, cells, stages
+
+
+def todo(run_root: Path, cells: dict, stages: list, queued: set) -> dict[str, list[int]]:
+    out = {s: [i for i, c in enumerate(cells[s]) if c.id not in queued and not plan.is_done(run_root, c)]
+           for s in stages if s != "collect"}
+    if "collect" in stages:
+        out["collect"] = [0] if collect_stale(run_root, cells, any(out.values())) else []
+    return out
+
+
+def collect_stale(run_root: Path, cells: dict, more_work: bool) -> bool:
+    """The collector runs again whenever a cell finished after its last summary (or more cells will)."""
+    marker = plan.cell_dir(run_root, cells["collect"][0]) / "done.json"
+    if more_work or not marker.exists():
+        return True
+    newest = max((plan.marker(run_root, c).stat().st_mtime for s, cs in cells.items() if s != "collect"
+                  for c in cs if plan.is_done(run_root, c)), default=0.0)
+    return newest > marker.stat().st_mtime
+
+
+def sweep(cfg: SweepConfig) -> dict:
+    if cfg.parallel < 1:
+        raise UserError(f"--parallel {cfg.parallel}: must be at least 1")
+    spec, run_root, cells, stages = prepare(cfg)
+    queued = queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
+    work = todo(run_root, cells, stages, set(queued))
+    counts = {s: {"total": len(cells[s]), "todo": len(work[s])} for s in stages}
+    summary = {"run_root": str(run_root), "stages": counts, "queued": len(queued)}
+    if cfg.dry_run:
+        return {**summary, "scripts": dry_run_scripts(spec, run_root, work, cfg)}
+    if not any(work.values()):
+        return {**summary, "status": "nothing to do"}
+    if cfg.executor == "local":
+        return {**summary, **run_local(spec, run_root, cells, work, cfg)}
+    return {**summary, **submit_slurm(spec, run_root, cells, work, cfg, queued)}
+
+
+# -- local -----------------------------------------------------------------------------------------------------
+
+
+def run_local(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
+    """Stage by stage through submitit's LocalExecutor, at most --parallel cells at once."""
+    import submitit
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.parallel)))
+    executor = submitit.LocalExecutor(folder=str(run_root / "submitit" / "%j"))
+    failed = 0
+    for stage, indices in work.items():
+        if not indices:
+            continue
+        executor.update_parameters(timeout_min=resources(spec, stage).time_min)
+        bar = tqdm(total=len(indices), desc=stage, unit="cell", file=sys.stderr,
+                   disable=None if cfg.progress else True)
+        pending, running = list(indices), []
+        while pending or running:
+            while pending and len(running) < cfg.parallel:
+                i = pending.pop(0)
+                running.append(executor.submit(CellTask(str(run_root), stage, i)))
+            time.sleep(0.2)  # polling local processes; they report through their files, not through us
+            for job in [j for j in running if j.done()]:
+                running.remove(job)
+                bar.update()
+        bar.close()
+        failed += sum(1 for i in indices if not plan.is_done(run_root, cells[stage][i]))
+    return {"status": "finished" if not failed else "finished with failures", "not_done": failed}
+
+
+def resources(spec, stage: str) -> Resources:
+    return spec.stages[stage].resources if stage in spec.stages else Resources()
+
+
+# -- slurm -----------------------------------------------------------------------------------------------------
+
+
+def max_array_size() -> int:
+    """MaxArraySize of the cluster (the highest array index is one less)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"cannot read the SLURM configuration ({exc}); is this a SLURM login node?") from None
+    for line in out.splitlines():
+        if line.strip().startswith("MaxArraySize"):
+            return int(line.split("=")[1])
+    return 1001
+
+
+def chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[a : a + size] for a in range(0, len(indices), size)]
+
+
+def python_command(container: str | None, run_root: Path, store: str) -> str | None:
+    """The interpreter submitit runs in each task: the host's, or Apptainer's around the image's."""
+    if not container:
+        return None
+    binds = sorted({str(run_root), str(Path(store).absolute().parent)})
+    return f"apptainer exec --nv --bind {','.join(binds)} {shlex.quote(container)} python"
+
+
+def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) -> dict:
+    r = resources(spec, stage)
+    params = {
+        "job_name": f"histokt-{spec.name}-{stage}",
+        "time": r.time_min,
+        "nodes": r.nodes,
+        "cpus_per_task": r.cpus,
+        "mem": f"{int(r.mem_gb * 1024)}MB",
+        "ntasks_per_node": max(1, r.gpus),  # DDP: one task per GPU; each task is one rank
+        "array_parallelism": r.array_parallelism,
+        "signal_delay_s": 120,
+        "additional_parameters": {"requeue": True},
+        # one intra-op thread per allocated CPU: no oversubscription, and the same arithmetic on every requeue
+        "setup": [f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
+                  "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"],
+        "teardown": teardown_lines(run_root),
+        "stderr_to_stdout": True,
+    }
+    if r.gpus:
+        params["gpus_per_node"] = r.gpus
+    for key in ("partition", "account", "qos"):
+        if getattr(r, key):
+            params[key] = getattr(r, key)
+    if dependency:
+        params["dependency"] = "afterany:" + ":".join(dependency)
+    return params
+
+
+def dry_run_scripts(spec, run_root: Path, work, cfg: SweepConfig) -> dict[str, str]:
+    """The sbatch script of each stage's first array, as submitit would write it (nothing is written)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    python = python_command(cfg.container or spec.container, run_root, spec.store) or shlex.quote(sys.executable)
+    scripts, previous = {}, []
+    for stage, indices in work.items():
+        if not indices:
+            continue
+        params = slurm_parameters(spec, stage, run_root, previous)
+        folder = run_root / "submitit" / "%j"
+        size = min(len(indices), 1000)
+        scripts[stage] = _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {folder}", folder=folder,
+                                             map_count=size if len(indices) > 1 else None, **params)
+        previous = [f"<{stage} arrays>"]
+    return scripts
+
+
+def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: dict) -> dict:
+    import submitit
+
+    size = max(1, max_array_size() - 1)
+    python = python_command(cfg.container or spec.container, run_root, spec.store)
+    submitted, previous = [], sorted({job for job in queued.values()})
+    for stage, indices in work.items():
+        ids = sorted({queued[c.id] for c in cells[stage] if c.id in queued})
+        for chunk in chunks(indices, size):
+            executor = submitit.SlurmExecutor(folder=str(run_root / "submitit" / "%j"), max_num_timeout=1000,
+                                              python=python)
+            executor.update_parameters(**slurm_parameters(spec, stage, run_root, previous))
+            with executor.batch():
+                jobs = [executor.submit(CellTask(str(run_root), stage, i)) for i in chunk]
+            array = jobs[0].job_id.split("_")[0]
+            record = {"job": array, "stage": stage, "cells": [cells[stage][i].id for i in chunk],
+                      "array": len(chunk) > 1, "time": time.time()}
+            _append(run_root / "submissions.jsonl", record)
+            submitted.append(record)
+            ids.append(array)
+        if ids:
+            previous = ids
+    return {"status": "submitted", "arrays": [(r["stage"], r["job"], len(r["cells"])) for r in submitted]}
+
+
+def _append(path: Path, record: dict) -> None:
+    """Append one JSON line; the whole file is rewritten atomically, so a reader never sees half a line."""
+    old = path.read_text() if path.exists() else ""
+    atomic.write_bytes(path, (old + json.dumps(record) + "\n").encode())
+
+
+def squeue() -> dict[str, str] | None:
+    """{job id or array_task: state} of every queued job, or None where SLURM cannot be asked."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    return dict(line.split(None, 1) for line in r.stdout.splitlines() if line.strip())
+
+
+def submissions(run_root: Path) -> list[dict]:
+    path = Path(run_root) / "submissions.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cell_jobs(run_root: Path) -> dict[str, str]:
+    """Cell id -> its latest SLURM task id (`<array>_<i>`, or the job id of a one-cell submission)."""
+    out = {}
+    for record in submissions(run_root):
+        for i, cell in enumerate(record["cells"]):
+            out[cell] = f"{record['job']}_{i}" if record["array"] else record["job"]
+    return out
+
+
+def queued_cells(run_root: Path) -> dict[str, str]:
+    """Cells whose task is still pending or running (never submitted twice): cell id -> array job id."""
+    queue = squeue()
+    if not queue:
+        return {}
+    return {cell: task.split("_")[0] for cell, task in cell_jobs(run_root).items() if task in queue}

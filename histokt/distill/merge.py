@@ -1,0 +1,273 @@
+"""`histokt distill`: merge N Stage-A models of one architecture into one, without training (method.md §4).
+
+HistoKT's merge script is lost; method.md §4.2 gives the most plausible procedure (a HYPOTHESIS) and §4.3
+the alternatives to keep pluggable. Rules, per conv layer (a ``Conv2d`` with its BatchNorm: the module
+that directly follows it in module order, when it is a BatchNorm over the conv's output channels):
+
+* ``kg-select``   -- the conv (and its BN, running statistics included) of the source with the highest
+  layer knowledge gain G = (G_in + G_out)/2 (ties: the first source);
+* ``average``     -- element-wise mean ("model soup");
+* ``kg-weighted`` -- mean weighted by G, normalized per layer to sum 1 (all gains zero: uniform).
+
+Everything not attached to a conv (the head, stray parameters) is averaged; integer buffers
+(``num_batches_tracked``) take the maximum unless selected. Sources of different datasets have heads of
+different sizes: the head is irrelevant (Stage B replaces it), so then the first source's is kept.
+``--lowrank`` ("postSVD") replaces each merged conv weight by the EVBMF reconstruction of its output-channel
+unfolding; a layer where EVBMF retains nothing keeps its merged weight (a zero conv would cut the network).
+
+Outputs: MERGED.pt = {"model": state_dict, "arch", "distill": {...}} (weights-only loadable, a valid
+``histokt train --init``) and MERGED.json with, per conv layer, every source's metrics and the choice.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from histokt import __version__
+from histokt import atomic
+from histokt.train import checkpoint
+from histokt.errors import UserError
+from histokt.distill.evbmf import layer_metrics, low_rank
+from histokt.train.models import build_model, head_name
+
+RULES = ("kg-select", "average", "kg-weighted")
+BEST = "best.pt"
+
+
+@dataclass
+class DistillConfig:
+    """One merge: which Stage-A runs, how, and where the merged checkpoint goes."""
+
+    sources: List[Path] = field(
+        metadata={"nargs": "+", "metavar": "RUN_DIR",
+                  "help": "Stage-A run directories (each holding best.pt) of one architecture"}
+    )
+    rule: str = field(
+        metadata={"choices": RULES, "help": "kg-select: per conv layer the source with the highest knowledge "
+                                            "gain; average: element-wise mean; kg-weighted: mean weighted by gain"}
+    )
+    out: Path = field(metadata={"metavar": "MERGED.pt",
+                                "help": "merged checkpoint (MERGED.json is written beside it)"})
+    lowrank: bool = field(
+        default=False, metadata={"help": "replace each merged conv by its EVBMF low-rank reconstruction (postSVD)"}
+    )
+
+
+@dataclass
+class Source:
+    run: Path
+    path: Path
+    arch: str
+    state: dict
+
+
+@dataclass
+class ConvGroup:
+    """A conv layer and the state-dict keys that move with it (its own and its BatchNorm's)."""
+
+    conv: str
+    bn: Optional[str]
+    keys: list
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Merge the sources by ``cfg.rule``; write MERGED.pt and MERGED.json; return a summary."""
+    start = time.monotonic()
+    out, report_path = _check_config(cfg)
+    sources = [_load_source(Path(p)) for p in cfg.sources]
+    arch = _common_arch(sources)
+    model = build_model(arch, num_classes=2)  # structure only: module order and the head's name
+    head = head_name(model) + "."
+    _check_compatible(sources, model, head)
+    groups = conv_groups(model)
+    merged, layers = _merge(sources, groups, cfg.rule)
+    other = _merge_rest(sources, merged, head)
+    if cfg.lowrank:
+        _apply_lowrank(merged, groups, layers)
+    merged = {k: merged[k] for k in sources[0].state}  # the sources' key order
+    report = _report(cfg, arch, sources, layers, other, time.monotonic() - start)
+    meta = {"rule": cfg.rule, "lowrank": cfg.lowrank, "sources": [str(s.run) for s in sources]}
+    checkpoint.save_weights(out, {"model": merged, "arch": arch, "distill": meta})
+    atomic.write_json(report_path, report)
+    return {"out": str(out), "json": str(report_path), "arch": arch, "rule": cfg.rule, "lowrank": cfg.lowrank,
+            "sources": len(sources), "layers": len(layers), "picks": report["picks"],
+            "seconds": report["seconds"]}
+
+
+def conv_groups(model: nn.Module) -> list[ConvGroup]:
+    """Every Conv2d in module order, with the BatchNorm that directly follows it (if any).
+
+    "Directly follows": the next module that holds parameters or buffers itself (ReLUs and containers
+    skipped) is a BatchNorm over the conv's output channels, as bn1 after conv1 in a ResNet block.
+    """
+    leaves = [(n, m) for n, m in model.named_modules() if _has_own_state(m)]
+    keys = list(model.state_dict())
+    groups = []
+    for i, (name, module) in enumerate(leaves):
+        if not isinstance(module, nn.Conv2d):
+            continue
+        bn = None
+        if i + 1 < len(leaves):
+            nxt_name, nxt = leaves[i + 1]
+            if isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.num_features == module.out_channels:
+                bn = nxt_name
+        owned = {name} | ({bn} if bn else set())
+        groups.append(ConvGroup(name, bn, [k for k in keys if k.rsplit(".", 1)[0] in owned]))
+    return groups
+
+
+def rule_weights(rule: str, gains) -> np.ndarray:
+    """Per-source weights of one layer: one-hot argmax, uniform, or gains normalized to sum 1."""
+    g = np.asarray(gains, dtype=np.float64)
+    n = g.size
+    if rule == "kg-select":
+        w = np.zeros(n)
+        w[int(np.argmax(g))] = 1.0
+        return w
+    if rule == "kg-weighted" and g.sum() > 0:
+        return g / g.sum()
+    if rule in ("average", "kg-weighted"):
+        return np.full(n, 1.0 / n)
+    raise UserError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _check_config(cfg: DistillConfig) -> tuple[Path, Path]:
+    if len(cfg.sources) < 2:
+        raise UserError(f"--sources: at least 2 run directories are needed to merge, got {len(cfg.sources)}")
+    if cfg.rule not in RULES:
+        raise UserError(f"--rule {cfg.rule!r}: unknown rule; choose one of {', '.join(RULES)}")
+    out = Path(cfg.out)
+    if out.suffix == ".json":
+        raise UserError(f"--out {out}: the checkpoint path must not end in .json (the report goes there)")
+    return out, out.with_suffix(".json")
+
+
+def _load_source(run: Path) -> Source:
+    """A RUN_DIR's best.pt (a checkpoint file itself is accepted too), weights-only."""
+    path = run if run.is_file() else run / BEST
+    if not path.is_file():
+        raise UserError(f"{run}: no {BEST} (is it a finished Stage-A run directory?)")
+    try:
+        ckpt = checkpoint.load(path)
+    except Exception as exc:  # any unpickling failure means a damaged or foreign file
+        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not a histokt checkpoint (no 'model' state_dict)")
+    if not isinstance(ckpt.get("arch"), str):
+        raise UserError(f"{path}: the checkpoint does not record its 'arch'")
+    return Source(run, path, ckpt["arch"], state)
+
+
+def _common_arch(sources: list[Source]) -> str:
+    first = sources[0]
+    for s in sources[1:]:
+        if s.arch != first.arch:
+            raise UserError(f"different architectures: {first.path} is {first.arch}, {s.path} is {s.arch}")
+    return first.arch
+
+
+def _check_compatible(sources: list[Source], model: nn.Module, head: str) -> None:
+    """Same keys everywhere (and those of the arch); same shapes except the head's (class counts differ)."""
+    expected = {k for k in model.state_dict() if not k.startswith(head)}
+    for s in sources:
+        keys = {k for k in s.state if not k.startswith(head)}
+        missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+        if missing:
+            raise UserError(f"{s.path}: key {missing[0]} missing (not a {s.arch} state_dict?)")
+        if unexpected:
+            raise UserError(f"{s.path}: unexpected key {unexpected[0]} for {s.arch}")
+    ref = sources[0]
+    for s in sources[1:]:
+        only = sorted(set(ref.state) ^ set(s.state))
+        if only:
+            raise UserError(f"key {only[0]} is in only one of {ref.path} and {s.path}")
+        for k, v in ref.state.items():
+            if not k.startswith(head) and s.state[k].shape != v.shape:
+                raise UserError(f"key {k}: shape {tuple(v.shape)} in {ref.path} but {tuple(s.state[k].shape)} "
+                                f"in {s.path}")
+
+
+def _has_own_state(module: nn.Module) -> bool:
+    return (next(module.parameters(recurse=False), None) is not None
+            or next(module.buffers(recurse=False), None) is not None)
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+
+def _combine(tensors: list, weights: np.ndarray) -> torch.Tensor:
+    """Weighted sum in float64 (cast back); a one-hot weight copies exactly; integers take the max."""
+    hot = np.flatnonzero(weights == 1.0)
+    if hot.size == 1:
+        return tensors[int(hot[0])].clone()
+    if not tensors[0].is_floating_point():
+        return torch.stack(tensors).amax(dim=0)
+    acc = sum(float(w) * t.double() for w, t in zip(weights, tensors))
+    return acc.to(tensors[0].dtype)
+
+
+def _merge(sources: list[Source], groups: list[ConvGroup], rule: str) -> tuple[dict, list]:
+    """Merge every conv group by the rule; per layer, the record that goes into MERGED.json."""
+    merged, layers = {}, []
+    for g in groups:
+        metrics = [layer_metrics(s.state[g.conv + ".weight"]) for s in sources]
+        weights = rule_weights(rule, [m.kg for m in metrics])
+        for k in g.keys:
+            merged[k] = _combine([s.state[k] for s in sources], weights)
+        record = {"conv": g.conv, "bn": g.bn, "shape": list(sources[0].state[g.conv + ".weight"].shape),
+                  "weights": weights.tolist(), "sources": [m.to_dict() for m in metrics]}
+        if rule == "kg-select":
+            record["chosen"] = int(np.argmax(weights))
+            record["chosen_source"] = str(sources[record["chosen"]].run)
+        layers.append(record)
+    return merged, layers
+
+
+def _merge_rest(sources: list[Source], merged: dict, head: str) -> dict:
+    """Keys outside conv groups: uniform average (integers: max); a head of differing shapes: the first's."""
+    rest = [k for k in sources[0].state if k not in merged]
+    uniform = np.full(len(sources), 1.0 / len(sources))
+    head_note = "averaged"
+    for k in rest:
+        tensors = [s.state[k] for s in sources]
+        if any(t.shape != tensors[0].shape for t in tensors):  # only the head can differ (checked)
+            merged[k] = tensors[0].clone()
+            head_note = f"kept from {sources[0].run} (class counts differ)"
+        else:
+            merged[k] = _combine(tensors, uniform)
+    return {"averaged": [k for k in rest if not k.startswith(head)], "head": head_note}
+
+
+def _apply_lowrank(merged: dict, groups: list[ConvGroup], layers: list) -> None:
+    """postSVD: each merged conv weight -> EVBMF reconstruction of its output-channel unfolding."""
+    for g, record in zip(groups, layers):
+        key = g.conv + ".weight"
+        w = merged[key]
+        rebuilt, r = low_rank(w, "out")
+        kept = r.rank > 0
+        if kept:
+            merged[key] = torch.from_numpy(rebuilt).to(w.dtype)
+        record["lowrank"] = {"rank": r.rank, "channels": int(w.shape[0]), "sigma2": r.sigma2,
+                             "replaced": kept}
+
+
+def _report(cfg, arch, sources, layers, other, seconds) -> dict:
+    picks = {}
+    if cfg.rule == "kg-select":
+        picks = {str(s.run): sum(1 for r in layers if r["chosen"] == i) for i, s in enumerate(sources)}
+    return {"format": "histokt-distill/1", "histokt_version": __version__, "rule": cfg.rule,
+            "lowrank": cfg.lowrank, "arch": arch, "sources": [str(s.run) for s in sources],
+            "checkpoints": [str(s.path) for s in sources], "out": str(cfg.out), "metric": "EVBMF, p=1",
+            "picks": picks, "layers": layers, "other": other, "seconds": round(seconds, 3)}

@@ -1,0 +1,124 @@
+"""CRC — Kather NCT-CRC-HE colorectal tissue classes (zenodo 1214456).
+
+Raw layout (the three zips unzipped side by side)::
+
+    <raw>/
+    ├── NCT-CRC-HE-100K-NONORM/{ADI,BACK,DEB,LYM,MUC,MUS,NORM,STR,TUM}/*.tif   option variant=NONORM (default)
+    ├── NCT-CRC-HE-100K/{…same classes…}/*.tif                                option variant=NORM (Macenko)
+    └── CRC-VAL-HE-7K/{…same classes…}/*.tif                                  the patient-disjoint test set
+
+Options:
+- ``classes``: 7 (HistoKT: BACK and DEB dropped; ADI, LYM, MUC, MUS, NORM, STR, TUM) or 9 (alphabetical).
+- ``test``: "7k" (100K -> 80/20 train/valid, 7K -> test; the 7K is patient-disjoint) or "holdout"
+  (HistoKT: 100K -> 80/10/10; the 7K is ignored and may be absent).
+- ``per_class``: 0 = every image; k = the first k per class of the 100K after a seed-42 shuffle of the
+  sorted list, the way HistoKT cut its per-class archives (it cut them after splitting; here before).
+"""
+
+import random
+from pathlib import Path
+
+from histokt.errors import UserError, verify_download
+from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, Source
+
+ALL_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
+HISTOKT_CLASSES = ("ADI", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
+TRAIN_DIRS = {"NONORM": "NCT-CRC-HE-100K-NONORM", "NORM": "NCT-CRC-HE-100K"}
+TEST_DIR = "CRC-VAL-HE-7K"
+SUFFIXES = (".tif", ".tiff")
+# Files in a complete download, per number of classes kept. The 7K per-class counts are not verified,
+# so the 7K count is only checked with all 9 classes.
+COUNT_100K = {9: 100_000, 7: 77_922}
+COUNT_7K = {9: 7_180}
+SEED = 42
+
+
+class CRC(Card):
+    name = "crc"
+    classes = HISTOKT_CLASSES
+    mpp = 0.5
+    mpp_source = "HistoKT, eva and THUNDER"
+    split_plan = {"100k": {"train": 0.8, "valid": 0.2}, "7k": {"test": 1.0}}
+    group_rule = "image (no patient IDs in the 100K; the 7K is patient-disjoint from it)"
+    expected_counts = {"100k": COUNT_100K[7]}
+    options = {"variant": "NONORM", "classes": 7, "test": "7k", "per_class": 0}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.classes = HISTOKT_CLASSES if self.opts["classes"] == 7 else ALL_CLASSES
+        if self.opts["test"] == "holdout":
+            self.split_plan = {"100k": dict(DEFAULT_RATIOS)}
+
+    def check_options(self):
+        # Case-insensitive choices, stored normalized so describe() does not tell "norm" from "NORM".
+        self.opts["variant"] = str(self.opts["variant"]).upper()
+        self.opts["test"] = str(self.opts["test"]).lower()
+        checks = (
+            ("variant", self.opts["variant"] in TRAIN_DIRS, "NONORM or NORM"),
+            ("classes", self.opts["classes"] in (7, 9), "7 or 9"),
+            ("test", self.opts["test"] in ("7k", "holdout"), "7k or holdout"),
+            ("per_class", isinstance(self.opts["per_class"], int) and self.opts["per_class"] >= 0, "an integer >= 0"),
+        )
+        for key, ok, expected in checks:
+            if not ok:
+                raise UserError(f"card crc: option {key}={self.opts[key]!r}, expected {expected}")
+
+    def index(self, raw: Path) -> list[Source]:
+        self.require_dir(raw, "the folder holding the unzipped NCT-CRC-HE folders")
+        sources = self._subset(self._folder(raw, self._train_dir(raw), "100k"))
+        if self.opts["test"] == "7k":
+            sources += self._folder(raw, raw / TEST_DIR, "7k")
+        self.expected_counts = self._expected()
+        return sorted(sources, key=lambda s: s.path)
+
+    def _train_dir(self, raw: Path) -> Path:
+        variant = self.opts["variant"]
+        folder = raw / TRAIN_DIRS[variant]
+        if not folder.is_dir():
+            other = next(v for v in TRAIN_DIRS if v != variant)
+            hint = f"; found {TRAIN_DIRS[other]}: pass variant={other}" if (raw / TRAIN_DIRS[other]).is_dir() else ""
+            raise verify_download(self.name, folder, f"expected the variant={variant} training set (a folder){hint}")
+        return folder
+
+    def _folder(self, raw: Path, folder: Path, partition: str) -> list[Source]:
+        """Sources of the kept classes under one NCT folder; every kept class folder must hold images."""
+        if partition == "7k" and not folder.is_dir():
+            raise verify_download(self.name, folder, "expected the 7K test set (a folder), or pass test=holdout")
+        self.require_dir(folder, "the training set")
+        found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+        unexpected = sorted(found - set(ALL_CLASSES))
+        if unexpected:
+            expected = f"unexpected class folder, expected {list(ALL_CLASSES)}"
+            raise verify_download(self.name, folder / unexpected[0], expected)
+        missing = [c for c in self.classes if c not in found]
+        if missing:
+            raise verify_download(self.name, folder / missing[0], "missing class folder")
+        return self.class_folder_sources(raw, folder, SUFFIXES, partition)
+
+    def _subset(self, sources: list[Source]) -> list[Source]:
+        """HistoKT's per-class archive: one seeded shuffle of the sorted list, then the first k per class."""
+        k = self.opts["per_class"]
+        if not k:
+            return sources
+        shuffled = sorted(sources, key=lambda s: s.path)
+        random.Random(SEED).shuffle(shuffled)
+        kept: dict[int, list[Source]] = {i: [] for i in range(len(self.classes))}
+        for s in shuffled:
+            if len(kept[s.label]) < k:
+                kept[s.label].append(s)
+        for label, chosen in kept.items():
+            if len(chosen) < k:
+                raise UserError(
+                    f"card crc: option per_class={k}, but class {self.classes[label]} has only {len(chosen)} images"
+                )
+        return [s for chosen in kept.values() for s in chosen]
+
+    def _expected(self) -> dict[str, int]:
+        n = len(self.classes)
+        out = {"100k": self.opts["per_class"] * n if self.opts["per_class"] else COUNT_100K[n]}
+        if self.opts["test"] == "7k" and n in COUNT_7K:
+            out["7k"] = COUNT_7K[n]
+        return out
+
+
+CARD = CRC

@@ -1,0 +1,486 @@
+"""`histokt collect RUN_ROOT [--out DIR] [--compare-paper]`: a study's tables, matrices and heatmaps, offline.
+
+Reads RUN_ROOT/plan.json and the training cells' result.json files, nothing else (no checkpoint, no pickle,
+no submitit state; state.json only to say why a cell has no result). A missing, partial or corrupt file is
+listed in the report and skipped, never a crash. Every file goes to RUN_ROOT/summary/ (or ``out``), each
+written atomically, so collecting again (while cells still finish) is always safe and gives the same tables.
+
+Files (top-1 as a fraction in transfer.csv, as the cells store it; in % everywhere else):
+
+- ``transfer.csv``: one row per (init, mode, source, target, lr): n, mean best-validation top-1, mean test
+  top-1 and its sample std (ddof=1, empty when n < 2). Stage-A cells are the rows with mode "scratch" and
+  source == target. Distillation cells are in distill.csv instead.
+- ``matrix_<init>_<mode>.{csv,md,tex,png}`` for every init family and mode (fine, deep) the plan has:
+  rows = source, columns = target, cells "mean ± std" of the test top-1 over seeds; the diagonal is the
+  target's own Stage-A training of that family (random: random init on the target; imagenet: ImageNet init
+  on the target, i.e. ImageNet → target); plus each cell's gain over its target's diagonal, in points.
+  Cells planned but without a result are "—" (hatched in the heatmap); cells never planned are blank.
+- ``distill.csv``/``.md``: each merged model (source set, rule, lowrank, family) deep-tuned on a target,
+  against ImageNet → target and against the best single source of that family (deep-tuned).
+- ``report.md``: complete, missing, failed (with the error of state.json), running, corrupt.
+- with ``compare_paper``: ``compare_<init>_deep.{csv,md}``, our deep matrix minus the published one
+  (histokt.paper), over the datasets whose names equal the paper's card names.
+
+Learning-rate selection (method.md §3, "the same LR for every source"): for a target (and init, mode), each LR
+of the grid gets a validation score: for every source, the mean over seeds of the best validation top-1, then
+the mean over the sources that have results at that LR (each source weighs the same whatever its seed count).
+The LR with the highest score is the target's LR, ties going to the smaller LR, and the matrix shows every
+source's test top-1 at that one LR. The choice is made over all transfer cells into the target (from every other
+dataset), so a source never gets an LR picked for itself, and the test split never takes part in it. A cell
+without a result at the chosen LR is missing ("—"), never filled from another LR. The diagonal (Stage A) and
+each merged model of distill.csv choose among their own LRs the same way (Stage A usually has one). The "best
+single source" of distill.csv is the deep matrix's best off-diagonal cell in that target's column by test mean,
+as the paper reads its figures (method.md §5.3, §5.4).
+"""
+
+import csv
+import io
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from histokt import __version__
+from histokt import atomic
+from histokt.results import figures
+from histokt.results import paper
+from histokt.study import plan
+from histokt.errors import UserError
+from histokt.results.matrix import MISSING, Matrix, Stat, diag_text, title
+
+COLUMNS = ["init", "mode", "source", "target", "lr", "n", "valid_top1_mean", "test_top1_mean", "test_top1_std"]
+DISTILL_COLUMNS = ["family", "target", "sources", "rule", "lowrank", "lr", "n", "top1_pct_mean", "top1_pct_std",
+                   "imagenet_pct_mean", "imagenet_pct_std", "gain_vs_imagenet_pp", "best_source",
+                   "best_source_pct_mean", "best_source_pct_std", "gain_vs_best_source_pp"]
+COMPARE_COLUMNS = ["source", "target", "ours_mean", "ours_std", "paper_mean", "paper_std", "diff_pp"]
+MODES = ("fine", "deep")
+STATUSES = ("done", "running", "failed", "corrupt", "missing")
+LISTED = 100  # not-started cells listed by name in report.md; the rest are counted
+
+
+def read_result(path: Path):
+    """(result, problem): the parsed result.json, or None and why it was skipped."""
+    try:
+        result = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, ValueError) as exc:
+        return None, f"corrupt result.json ({type(exc).__name__})"
+    if not isinstance(result, dict) or not {"valid", "test"} <= set(result):
+        return None, "incomplete result.json (no valid/test)"
+    return result, None
+
+
+def _scores(result: dict):
+    """(best valid top-1, test top-1) of a result, or None where either is absent or not a finite number."""
+    try:
+        pair = float(result["valid"]["top1_best"]), float(result["test"]["top1"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return pair if all(math.isfinite(x) for x in pair) else None
+
+
+@dataclass
+class _Scan:
+    """What the plan holds and what the cells report."""
+
+    runs: dict = field(default_factory=dict)  # (family, mode, source, target, lr) -> [(valid, test)]
+    merged: dict = field(default_factory=dict)  # (family, sources, target, rule, lowrank, lr) -> [(valid, test)]
+    pairs: dict = field(default_factory=dict)  # (family, mode) -> {(source, target)} planned transfers
+    stage_a: dict = field(default_factory=dict)  # family -> {dataset} planned Stage-A cells
+    models: dict = field(default_factory=dict)  # (family, sources, target, rule, lowrank) -> None, plan order
+    order: dict = field(default_factory=dict)  # dataset -> None, in order of first appearance in the plan
+    status: dict = field(default_factory=lambda: {s: [] for s in STATUSES})  # -> [{"cell", "stage", "why"}]
+    stages: dict = field(default_factory=dict)  # stage -> {status: count}
+
+
+def _lr(value):
+    return None if value is None else float(value)
+
+
+def _lr_key(lr):
+    return (lr is None, lr or 0.0)
+
+
+def _role(stage: str, meta: dict) -> str:
+    if stage == "distill" or "rule" in meta:
+        return "distill"
+    return "pretrain" if meta.get("mode") == "scratch" else "transfer"
+
+
+def _state(directory: Path) -> dict:
+    try:
+        state = atomic.read_json(directory / "state.json")
+    except (OSError, ValueError):
+        return {"status": None, "error": "state.json unreadable"}
+    return state if isinstance(state, dict) else {}
+
+
+def _read_plan(run_root: Path) -> dict:
+    try:
+        return plan.read(run_root)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"{run_root}/plan.json is corrupt ({type(exc).__name__}: {exc}); re-plan it with "
+                        f"'histokt sweep SPEC' (cells that are done are kept)") from None
+
+
+def _scan(run_root: Path, cells: dict) -> _Scan:
+    scan = _Scan()
+    for stage, members in cells.items():
+        counts = scan.stages.setdefault(stage, dict.fromkeys(STATUSES, 0))
+        for cell in members:
+            if cell.kind != "train":
+                continue
+            status, why = _visit(scan, run_root, stage, cell)
+            counts[status] += 1
+            if status != "done":
+                scan.status[status].append({"cell": cell.id, "stage": stage, "why": why})
+            else:
+                scan.status["done"].append({"cell": cell.id, "stage": stage, "why": None})
+        if not any(counts.values()):
+            del scan.stages[stage]
+    return scan
+
+
+def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | None]:
+    """Record one training cell: where it belongs in the tables and, if done, its scores."""
+    m = cell.meta if isinstance(cell.meta, dict) else {}
+    role = _role(stage, m)
+    need = ("family", "source", "target") + (("rule",) if role == "distill" else ("mode",))
+    if any(m.get(k) is None for k in need):
+        return "corrupt", f"plan.json meta lacks {', '.join(k for k in need if m.get(k) is None)}"
+    family, source, target = str(m["family"]), str(m["source"]), str(m["target"])
+    if role == "distill":
+        model = (family, source, target, str(m["rule"]), str(m.get("lowrank")).lower())
+        scan.models.setdefault(model, None)
+        scan.order.setdefault(target, None)
+    else:
+        scan.order.setdefault(source, None)
+        scan.order.setdefault(target, None)
+        if role == "pretrain":
+            scan.stage_a.setdefault(family, set()).add(target)
+        else:
+            scan.pairs.setdefault((family, str(m["mode"])), set()).add((source, target))
+    directory = plan.cell_dir(run_root, cell)
+    result, problem = read_result(directory / "result.json")
+    if result is not None:
+        scores = _scores(result)
+        if scores is None:
+            return "corrupt", "incomplete result.json (no finite valid top1_best / test top1)"
+        config = result.get("config") if isinstance(result.get("config"), dict) else {}
+        lr = _lr(m["lr"] if m.get("lr") is not None else config.get("lr", cell.args.get("lr")))
+        if role == "distill":
+            scan.merged.setdefault(model + (lr,), []).append(scores)
+        else:
+            scan.runs.setdefault((family, str(m["mode"]), source, target, lr), []).append(scores)
+        return "done", None
+    if problem != "missing":
+        return "corrupt", problem
+    state = _state(directory)
+    s = state.get("status")
+    if s == "failed":
+        return "failed", state.get("error") or "failed (no error recorded)"
+    if s in ("running", "interrupted"):
+        return "running", "requeued after an interruption" if s == "interrupted" else "running"
+    return "missing", state.get("error") or ("not started" if s is None else f"state {s!r}, no result.json")
+
+
+def choose_lr(by_lr: dict):
+    """The LR whose mean (over groups) of the per-group mean best-validation top-1 is highest.
+
+    ``by_lr``: {lr: {group: [(valid, test), ...]}}; a group is a source (or the one merged model). Ties go to
+    the smaller LR. None where nothing has a result."""
+    best, chosen = None, None
+    for lr in sorted(by_lr, key=_lr_key):
+        means = [statistics.fmean(v for v, _ in pairs) for pairs in by_lr[lr].values() if pairs]
+        if means and (best is None or statistics.fmean(means) > best):
+            best, chosen = statistics.fmean(means), lr
+    return chosen
+
+
+def _stage_a(scan: _Scan, family: str, dataset: str):
+    by_lr = {}
+    for (f, mode, s, t, lr), pairs in scan.runs.items():
+        if f == family and mode == "scratch" and s == t == dataset:
+            by_lr.setdefault(lr, {})[s] = pairs
+    lr = choose_lr(by_lr)
+    return None if lr is None else Stat.of(by_lr[lr][dataset])
+
+
+def _matrix(scan: _Scan, init: str, mode: str) -> Matrix:
+    pairs = scan.pairs[(init, mode)]
+    sources, targets = {s for s, _ in pairs}, {t for _, t in pairs}
+    rows = [d for d in scan.order if d in sources or d in targets]
+    cols = [d for d in scan.order if d in targets]
+    by_target = {}
+    for (f, md, s, t, lr), results in scan.runs.items():
+        if f == init and md == mode and s != t:
+            by_target.setdefault(t, {}).setdefault(lr, {})[s] = results
+    lrs = {t: choose_lr(by_target.get(t, {})) for t in cols}
+    cells = {}
+    for s, t in pairs:
+        if s != t:
+            results = scan.runs.get((init, mode, s, t, lrs[t])) if lrs[t] is not None else None
+            cells[(s, t)] = Stat.of(results) if results else None
+    diag = {t: _stage_a(scan, init, t) for t in cols if t in scan.stage_a.get(init, ())}
+    return Matrix(init, mode, rows, cols, lrs, cells, diag)
+
+
+def collect(run_root, out=None, compare_paper: bool = False) -> dict:
+    """Write the summary of a study (see the module docstring); returns counts and the files written."""
+    started = time.perf_counter()
+    run_root = Path(run_root)
+    out = Path(out) if out else run_root / "summary"
+    scan = _scan(run_root, _read_plan(run_root))
+    files = {}
+    rows = _transfer_rows(scan)
+    files["transfer.csv"] = _csv(COLUMNS, rows)
+    inits = sorted({f for f, _ in scan.pairs})
+    matrices = [_matrix(scan, init, mode) for init in inits for mode in MODES if (init, mode) in scan.pairs]
+    for m in matrices:
+        files[f"{m.name}.csv"] = _matrix_csv(m)
+        files[f"{m.name}.md"] = _matrix_md(m)
+        files[f"{m.name}.tex"] = figures.matrix_tex(m)
+    distill = _distill_rows(scan, {(m.init, m.mode): m for m in matrices})
+    files["distill.csv"] = _csv(DISTILL_COLUMNS, [r["csv"] for r in distill])
+    files["distill.md"] = _distill_md(distill)
+    if compare_paper:
+        for m in matrices:
+            if m.mode == "deep" and paper.MATRICES.get(m.init):
+                compared = _compare(m)
+                files[f"compare_{m.init}_deep.csv"] = _csv(COMPARE_COLUMNS, [r[:7] for r in compared])
+                files[f"compare_{m.init}_deep.md"] = _compare_md(m, compared)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic.write_bytes(out / name, text.encode())
+    for m in matrices:
+        figures.heatmap(m, out / f"{m.name}.png")
+    names = sorted([*files, *(f"{m.name}.png" for m in matrices), "report.md"])
+    report = _report(run_root, out, scan, matrices, distill, time.perf_counter() - started)
+    atomic.write_bytes(out / "report.md", report.encode())
+    return {"rows": len(rows), **{k: len(v) for k, v in scan.status.items()},
+            "matrices": [m.name for m in matrices], "files": names, "out": str(out),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+# ---- text tables ----------------------------------------------------------------------------------------------
+
+def _num(x) -> str:
+    """A number for a CSV: exact enough, without float noise (0.85, not 0.8500000000000001); '' for None."""
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(round(x, 10))
+    return str(x)
+
+
+def _csv(columns, rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[_num(v) for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def _transfer_rows(scan: _Scan) -> list:
+    mode_order = {"scratch": 0, "fine": 1, "deep": 2}
+    keys = sorted(scan.runs, key=lambda k: (k[0], mode_order.get(k[1], 3), k[1], k[2], k[3], _lr_key(k[4])))
+    out = []
+    for key in keys:
+        st = Stat.of(scan.runs[key])
+        out.append([*key, st.n, st.valid, st.test, st.std])
+    return out
+
+
+def _pct(st: Stat | None) -> str:
+    """'mean ± std' in %; 'mean (n=1)' for a single seed; '—' when missing."""
+    if st is None:
+        return MISSING
+    return f"{100 * st.test:.2f} ± {100 * st.std:.2f}" if st.std is not None else f"{100 * st.test:.2f} (n={st.n})"
+
+
+def _lr_text(lr) -> str:
+    return MISSING if lr is None else plan.lr_name(lr)
+
+
+def _signed(x) -> str:
+    return "" if x is None else f"{x:+.2f}"
+
+
+def _matrix_csv(m: Matrix) -> str:
+    """Wide: one row per source ('mean ± std' in %, '—' missing, blank never planned), then the chosen LR of
+    each target, then one 'gain <source>' row per source (points over the target's diagonal)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["source", *m.cols])
+    for s in m.rows:
+        w.writerow([s, *(_pct(st) if planned else "" for planned, st in (m.at(s, t) for t in m.cols))])
+    w.writerow(["lr", *(_lr_text(m.lr[t]) for t in m.cols)])
+    for s in m.rows:
+        w.writerow([f"gain {s}", *(_signed(m.gain(s, t)) if s != t else "" for t in m.cols)])
+    return buf.getvalue()
+
+
+def _md_table(header, rows) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _matrix_md(m: Matrix) -> str:
+    d = paper.display
+    head = ["source \\ target", *map(d, m.cols)]
+    top1 = []
+    for s in m.rows:
+        row = [f"**{d(s)}**"]
+        for t in m.cols:
+            planned, st = m.at(s, t)
+            text = _pct(st) if planned else ""
+            row.append(f"**{text}**" if s == t and st is not None else text)
+        top1.append(row)
+    top1.append(["LR", *(_lr_text(m.lr[t]) for t in m.cols)])
+    gains = [[f"**{d(s)}**", *((_signed(m.gain(s, t)) or MISSING) if s != t and m.at(s, t)[0] else ""
+                                for t in m.cols)] for s in m.rows]
+    lines = [f"# {title(m)}: test top-1 (%)", "",
+             f"Rows = source, columns = target; mean ± sample std over seeds. **Diagonal** = {diag_text(m.init)}. "
+             "LR chosen per target on validation (the same for every source; row LR). "
+             f"{MISSING} = planned, no result yet; blank = not planned.", "",
+             *_md_table(head, top1), "", "## Gain over the target's diagonal (points)", "",
+             *_md_table(head, gains), ""]
+    return "\n".join(lines)
+
+
+def _distill_rows(scan: _Scan, matrices: dict) -> list[dict]:
+    out = []
+    order = {d: i for i, d in enumerate(scan.order)}
+    for model in sorted(scan.models, key=lambda k: (order.get(k[2], 0), k[0], k[1], k[3], k[4])):
+        family, sources, target, rule, lowrank = model
+        by_lr = {k[5]: {"merged": v} for k, v in scan.merged.items() if k[:5] == model}
+        lr = choose_lr(by_lr)
+        st = Stat.of(by_lr[lr]["merged"]) if lr is not None else None
+        bar = _stage_a(scan, "imagenet", target)
+        best_source, best = None, None
+        m = matrices.get((family, "deep"))
+        if m is not None:
+            for (s, t), cell in m.cells.items():
+                if t == target and cell is not None and (best is None or cell.test > best.test):
+                    best_source, best = s, cell
+
+        def pct(x):
+            return None if x is None else 100 * x
+
+        def diff(a, b):
+            return None if a is None or b is None else 100 * (a.test - b.test)
+
+        csv_row = [family, target, sources, rule, lowrank, lr, st and st.n or 0, pct(st and st.test),
+                   pct(st and st.std), pct(bar and bar.test), pct(bar and bar.std), diff(st, bar), best_source or "",
+                   pct(best and best.test), pct(best and best.std), diff(st, best)]
+        out.append({"csv": csv_row, "model": model, "lr": lr, "stat": st, "bar": bar, "best_source": best_source,
+                    "best": best})
+    return out
+
+
+def _distill_md(rows: list[dict]) -> str:
+    lines = ["# Weight distillation: merged models deep-tuned on a target, test top-1 (%)", "",
+             "Each merged model at its LR chosen on validation, against ImageNet → target (the bar of method.md "
+             "§5.4) and against the best single source of the same family (deep-tuned, best test mean in that "
+             f"target's column). {MISSING} = no result yet.", ""]
+    if not rows:
+        return "\n".join(lines + ["No distillation cells in this plan.", ""])
+    body = []
+    for r in rows:
+        family, sources, target, rule, lowrank = r["model"]
+        st, bar, best = r["stat"], r["bar"], r["best"]
+        vs = lambda other: _signed(None if st is None or other is None else 100 * (st.test - other.test))  # noqa: E731
+        best_name = f"{paper.display(r['best_source'])}: {_pct(best)}" if best else MISSING
+        body.append([paper.display(target), family, "+".join(map(paper.display, sources.split("+"))), rule, lowrank,
+                     _lr_text(r["lr"]), _pct(st), _pct(bar), vs(bar), best_name, vs(best)])
+    head = ["target", "family", "sources", "rule", "lowrank", "LR", "merged", "ImageNet → target", "vs ImageNet",
+            "best single source", "vs best source"]
+    return "\n".join(lines + _md_table(head, body) + [""])
+
+
+# ---- the paper ------------------------------------------------------------------------------------------------
+
+def _compare(m: Matrix) -> list[list]:
+    """[source, target, ours mean, ours std, paper mean, paper std, ours − paper] (points), matched cells only."""
+    published = paper.published(m.init)
+    rows = []
+    for s in m.rows:
+        for t in m.cols:
+            planned, st = m.at(s, t)
+            if not planned or (s, t) not in published:
+                continue
+            pm, ps = published[(s, t)]
+            ours = None if st is None else 100 * st.test
+            std = None if st is None or st.std is None else 100 * st.std
+            rows.append([s, t, ours, std, pm, ps, None if ours is None else ours - pm])
+    return rows
+
+
+def _compare_md(m: Matrix, rows: list[list]) -> str:
+    lines = [f"# {title(m)}: ours minus the paper (test top-1, points)", "",
+             f"Published: method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
+             "matched by name with the paper's cards (" + ", ".join(paper.CARDS) + f"). {MISSING}: no result yet.",
+             ""]
+    if not rows:
+        return "\n".join(lines + ["No dataset of this study has a paper card's name: nothing to compare.", ""])
+    diffs = [r[6] for r in rows if r[6] is not None]
+    if diffs:
+        lines += [f"{len(diffs)} of {len(rows)} matched cells have a result: mean difference "
+                  f"{statistics.fmean(diffs):+.2f}, mean absolute difference "
+                  f"{statistics.fmean(map(abs, diffs)):.2f} points.", ""]
+    by = {(r[0], r[1]): r for r in rows}
+    srcs = [s for s in m.rows if any((s, t) in by for t in m.cols)]
+    tgts = [t for t in m.cols if any((s, t) in by for s in m.rows)]
+    body = [[f"**{paper.display(s)}**", *((_signed(by[(s, t)][6]) or MISSING) if (s, t) in by else "" for t in tgts)]
+            for s in srcs]
+    return "\n".join(lines + _md_table(["source \\ target", *map(paper.display, tgts)], body) + [""])
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: list, seconds: float) -> str:
+    try:
+        doc = atomic.read_json(run_root / "plan.json") or {}
+    except (OSError, ValueError):
+        doc = {}
+    st = scan.status
+    total = sum(len(v) for v in st.values())
+    lines = [f"# {doc.get('study', 'study')}: collection report", "",
+             f"- spec digest `{doc.get('spec_digest')}`, histokt {__version__}, collected "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} in {seconds:.2f} s",
+             f"- training cells: {total}; done {len(st['done'])}, failed {len(st['failed'])}, running or requeued "
+             f"{len(st['running'])}, not started {len(st['missing'])}, corrupt or incomplete {len(st['corrupt'])}",
+             "- " + ("**complete**: every training cell has its result" if total and len(st["done"]) == total
+                     else "**partial**: tables hold what is done; missing cells are marked " + MISSING), ""]
+    lines += _md_table(["stage", "done", "running", "failed", "corrupt", "not started", "total"],
+                       [[s, *(str(c[k]) for k in STATUSES), str(sum(c.values()))] for s, c in scan.stages.items()])
+    lines += ["", "## Matrices", ""]
+    if not matrices:
+        lines.append("No transfer cells in this plan.")
+    for m in matrices:
+        cells = list(m.cells.values())
+        gaps = [f"{s} → {t}" for (s, t), v in sorted(m.cells.items()) if v is None]
+        gaps += [f"{t} (diagonal)" for t, v in m.diag.items() if v is None]
+        lr = ", ".join(f"{t} {_lr_text(m.lr[t])}" for t in m.cols)
+        lines.append(f"- `{m.name}`: {sum(c is not None for c in cells)}/{len(cells)} transfer cells, "
+                     f"{sum(v is not None for v in m.diag.values())}/{len(m.diag)} diagonal; LR per target: {lr}"
+                     + (f"; missing: {', '.join(gaps)}" if gaps else ""))
+    if distill:
+        done = sum(r["stat"] is not None for r in distill)
+        lines += ["", f"Distillation: {done}/{len(distill)} merged models have results (distill.md)."]
+    for kind, heading in (("failed", "Failed"), ("corrupt", "Corrupt or incomplete results (skipped)"),
+                        ("running", "Running or requeued"), ("missing", "Not started")):
+        items = st[kind]
+        if not items:
+            continue
+        lines += ["", f"## {heading} ({len(items)})", ""]
+        shown = items if kind != "missing" else items[:LISTED]
+        lines += [f"- `{x['cell']}` ({x['stage']}): {x['why']}" for x in shown]
+        if len(shown) < len(items):
+            lines.append(f"- … and {len(items) - len(shown)} more (`histokt status {run_root}` counts them)")
+    lines += ["", f"Files in `{out}`: transfer.csv, distill.csv/.md"
+              + "".join(f", {m.name}.csv/.md/.tex/.png" for m in matrices) + ".", ""]
+    return "\n".join(lines)

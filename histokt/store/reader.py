@@ -1,0 +1,152 @@
+"""The torch Dataset over one store split, and the DataLoader that feeds a GPU from it.
+
+The dataset opens nothing at construction beyond the dataset's metadata file, so it pickles into
+spawn/forkserver DataLoader workers; each worker opens the split on first use. ``__getitems__`` builds
+a whole batch in one call (torch >= 2.1 uses it when batching): patches are read, augmented and
+normalized straight into one float32 buffer, allocated in shared memory inside a worker, so the batch
+crosses to the main process without another copy. Batches come out NCHW in channels_last memory layout,
+the layout convolutions run fastest in on a GPU.
+"""
+
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from histokt.errors import UserError
+from histokt.store.schema import FORMAT, SPLITS, PatchReader, dataset_attrs, list_datasets
+
+
+def open_attrs(store, dataset: str) -> dict:
+    """Attrs of a finished dataset, or a clear error naming what the store does hold."""
+    if not (Path(store) / "zarr.json").is_file():
+        raise UserError(f"{store}: not a histokt store (run 'histokt standardize' first)")
+    attrs = dataset_attrs(store, dataset)
+    if attrs is None:
+        have = ", ".join(list_datasets(store)) or "none"
+        raise UserError(f"{store}: no dataset {dataset!r} (datasets in this store: {have})")
+    if attrs.get("format") != FORMAT:
+        raise UserError(
+            f"{store}/{dataset}: store format {attrs.get('format')!r}, this histokt reads {FORMAT!r}; "
+            f"re-standardize it with this version"
+        )
+    return attrs
+
+
+class PatchDataset(Dataset):
+    """(image, label) samples of ``STORE/<dataset>/<split>``.
+
+    augment: callable (patch uint8 HWC, index) -> uint8 HWC (e.g. ``augment.Augment``), or None.
+    normalize: ``augment.Normalize`` for float32 output, or None for uint8 output.
+    """
+
+    def __init__(self, store, dataset: str, split: str, augment=None, normalize=None, augment_on_device=False):
+        if split not in SPLITS:
+            raise UserError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
+        self.attrs = open_attrs(store, dataset)
+        self.classes = list(self.attrs["classes"])
+        self.multi_label = bool(self.attrs["multi_label"])
+        self.patch_size = int(self.attrs["patch_size"])
+        self.n = int(self.attrs["counts"][split])
+        self.reader = PatchReader(store, dataset, split)
+        self.augment = augment
+        self.normalize = normalize
+        # the warp runs on the GPU (augment.warp_batch): batches carry raw patches and the per-sample draws
+        self.augment_on_device = bool(augment and augment_on_device)
+        self._labels = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getstate__(self):
+        return {**self.__dict__, "_labels": None}
+
+    @property
+    def labels(self) -> torch.Tensor:
+        if self._labels is None:
+            labels = self.reader.read_meta("labels")
+            self._labels = torch.from_numpy(labels.astype(np.float32) if self.multi_label else labels)
+        return self._labels
+
+    def _patch(self, key) -> np.ndarray:
+        epoch, index = key
+        patch = self.reader.read(index)
+        return self.augment(patch, index, epoch) if self.augment and not self.augment_on_device else patch
+
+    def __getitem__(self, index):
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+    def __getitems__(self, keys):
+        """A whole batch: (images [B, 3, H, W] channels_last, labels [B] or [B, C]), plus the augmentation
+        draws [B, 5] when the warp runs on the device.
+
+        A key is a sample index, or (epoch, index) so augmentation follows the sampler's epoch.
+        """
+        keys = [(None, int(k)) if isinstance(k, (int, np.integer)) else (int(k[0]), int(k[1])) for k in keys]
+        indices = [k[1] for k in keys]
+        first = self._patch(keys[0])
+        h, w = first.shape[:2]
+        dtype = torch.float32 if self.normalize else torch.uint8
+        images = _empty((len(indices), h, w, 3), dtype)
+        buf = images.numpy()
+        for k, key in enumerate(keys):
+            patch = first if k == 0 else self._patch(key)
+            if self.normalize:
+                self.normalize.into(patch, buf[k])
+            else:
+                buf[k] = patch
+        if self.augment_on_device:
+            params = np.stack([self.augment.params(i, e, h, w) for e, i in keys])
+            return images.permute(0, 3, 1, 2), self.labels[indices], torch.from_numpy(params)
+        return images.permute(0, 3, 1, 2), self.labels[indices]
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    """A tensor in shared memory inside a DataLoader worker (so sending it costs no copy), else plain."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.tensor([], dtype=dtype).set_(storage).view(shape)
+
+
+def _batched(batch):
+    """collate_fn for batches that ``__getitems__`` already assembled."""
+    return batch
+
+
+def make_loader(
+    dataset: PatchDataset,
+    batch_size: int | None = None,
+    sampler=None,
+    batch_sampler=None,
+    shuffle: bool = False,
+    workers: int = 0,
+    pin_memory: bool = False,
+    generator=None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``dataset`` with batched reads; workers start by forkserver (zarr must not fork)."""
+    kw = {}
+    if workers:
+        kw = {
+            "multiprocessing_context": multiprocessing.get_context("forkserver"),
+            "persistent_workers": True,
+            "prefetch_factor": 4,
+        }
+    return DataLoader(
+        dataset,
+        batch_size=1 if batch_sampler is not None else batch_size,  # 1: DataLoader's 'unset'
+        sampler=sampler,
+        batch_sampler=batch_sampler,
+        shuffle=shuffle if sampler is None and batch_sampler is None else False,
+        num_workers=workers,
+        collate_fn=_batched,
+        pin_memory=pin_memory,
+        generator=generator,
+        drop_last=drop_last and batch_sampler is None,
+        **kw,
+    )

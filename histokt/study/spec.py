@@ -1,0 +1,354 @@
+"""Experiment specs (`jobs/*.toml`): a whole HistoKT study in one file, checked before anything runs.
+
+    [study]        name, store, run_root, container, patch_size (272), target_mpp (1.0)
+    [datasets.X]   card, raw, mpp, options, shards, max_per_class   (X = the dataset's name in the store)
+    [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
+                   each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
+                   [stages.<stage>.recipe] table of `histokt train` options.
+
+Every error names the key path (``stages.transfer.lrs[2]``) and what is expected; nothing is submitted.
+Relative paths are relative to the directory the command runs in.
+"""
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from histokt.ingest.cards import CARD_NAMES
+from histokt.errors import UserError
+from histokt.train.config import TrainConfig
+
+STAGES = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
+RULES = ("kg-select", "average", "kg-weighted")
+INITS = ("random", "imagenet")
+MODES = ("fine", "deep")
+# train options a spec may not set: the sweep decides them per cell
+CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "norm", "nproc", "progress"}
+
+
+@dataclass
+class Resources:
+    gpus: int = 0
+    cpus: int = 2
+    mem_gb: float = 8.0
+    time_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    array_parallelism: int = 64
+    nodes: int = 1
+
+
+@dataclass
+class Dataset:
+    name: str
+    card: str
+    raw: str
+    mpp: float | None = None
+    options: dict = field(default_factory=dict)
+    shards: int = 1
+    max_per_class: int | None = None  # a quick trial: at most N source images per class and partition
+
+
+@dataclass
+class Stage:
+    name: str
+    resources: Resources = field(default_factory=Resources)
+    datasets: list = field(default_factory=list)  # pretrain: sources to train
+    sources: list = field(default_factory=list)  # transfer
+    targets: list = field(default_factory=list)  # transfer
+    inits: list = field(default_factory=lambda: ["random"])
+    modes: list = field(default_factory=lambda: ["deep"])
+    lrs: object = "per-target"  # transfer: "per-target" or a list of floats
+    seeds: list = field(default_factory=lambda: [0])
+    recipe: dict = field(default_factory=dict)
+    include_diagonal: bool = False  # transfer: also source == target
+    source_sets: list = field(default_factory=list)  # distill: lists of pretrain datasets merged into one model
+    rules: list = field(default_factory=lambda: ["kg-select"])  # distill
+    lowrank: list = field(default_factory=lambda: [False])  # distill: without / with the EVBMF low-rank step
+
+
+@dataclass
+class Spec:
+    name: str
+    store: str
+    run_root: str
+    container: str = ""
+    patch_size: int = 272
+    target_mpp: float = 1.0
+    datasets: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    text: str = ""  # the file as read, stored in the run root
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+# -- parsing --------------------------------------------------------------------------------------------------
+
+STAGE_KEYS = {
+    "standardize": {"resources"},
+    "pretrain": {"resources", "datasets", "inits", "seeds", "recipe"},
+    "transfer": {"resources", "sources", "targets", "inits", "modes", "lrs", "seeds", "recipe", "include_diagonal"},
+    "distill": {"resources", "source_sets", "rules", "lowrank", "targets", "inits", "lrs", "seeds", "recipe"},
+    "collect": {"resources"},
+}
+
+
+def load(path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the spec ({exc.strerror})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    return parse(doc, text, str(path))
+
+
+def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
+    _keys(doc, {"study", "datasets", "stages"}, "", where)
+    study = _table(doc, "study", where)
+    _keys(study, {"name", "store", "run_root", "container", "patch_size", "target_mpp"}, "study", where)
+    spec = Spec(
+        name=_get(study, "name", str, "study", where),
+        store=_get(study, "store", str, "study", where),
+        run_root=_get(study, "run_root", str, "study", where),
+        container=_get(study, "container", str, "study", where, default=""),
+        patch_size=_get(study, "patch_size", int, "study", where, default=272),
+        target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
+        text=text,
+    )
+    if spec.patch_size < 8 or not spec.target_mpp > 0:
+        raise UserError(f"{where}: study: patch_size must be >= 8 and target_mpp > 0")
+    for name, table in _table(doc, "datasets", where).items():
+        spec.datasets[name] = parse_dataset(name, table, where)
+    for name, table in _table(doc, "stages", where).items():
+        if name not in STAGE_KEYS:  # "merge" is planned from [stages.distill], not written
+            raise UserError(f"{where}: stages.{name}: unknown stage; known: {', '.join(STAGES)}")
+        spec.stages[name] = _stage(name, table, where)
+    _cross_check(spec, where)
+    return spec
+
+
+def parse_dataset(name: str, t, where) -> Dataset:
+    """One [datasets.NAME] table, checked (also used for the demo's dataset files)."""
+    key = f"datasets.{name}"
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table")
+    _keys(t, {"card", "raw", "mpp", "options", "shards", "max_per_class"}, key, where)
+    card = _get(t, "card", str, key, where)
+    if card not in CARD_NAMES:
+        raise UserError(f"{where}: {key}.card: unknown card {card!r}; choose one of {', '.join(CARD_NAMES)}")
+    d = Dataset(name, card, _get(t, "raw", str, key, where), _get(t, "mpp", float, key, where, default=None),
+                _get(t, "options", dict, key, where, default={}), _get(t, "shards", int, key, where, default=1),
+                _get(t, "max_per_class", int, key, where, default=None))
+    if d.mpp is not None and not d.mpp > 0:
+        raise UserError(f"{where}: {key}.mpp: {d.mpp} must be a positive µm/px")
+    if d.shards < 1:
+        raise UserError(f"{where}: {key}.shards: {d.shards} must be at least 1")
+    if d.max_per_class is not None and d.max_per_class < 1:
+        raise UserError(f"{where}: {key}.max_per_class: {d.max_per_class} must be at least 1")
+    return d
+
+
+def _stage(name: str, t, where) -> Stage:
+    key = f"stages.{name}"
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table")
+    _keys(t, STAGE_KEYS[name], key, where)
+    stage = Stage(name=name)
+    stage.resources = _resources(t.get("resources", {}), f"{key}.resources", where)
+    for attr, typ in (("datasets", str), ("sources", str), ("targets", str), ("inits", str), ("modes", str),
+                      ("seeds", int)):
+        if attr in t:
+            setattr(stage, attr, _list(t, attr, typ, key, where))
+    if "include_diagonal" in t:
+        stage.include_diagonal = _get(t, "include_diagonal", bool, key, where)
+    if "rules" in t:
+        stage.rules = _list(t, "rules", str, key, where)
+        for i, rule in enumerate(stage.rules):
+            if rule not in RULES:
+                raise UserError(f"{where}: {key}.rules[{i}]: {rule!r}; choose from {', '.join(RULES)}")
+    if "lowrank" in t:
+        stage.lowrank = _list(t, "lowrank", bool, key, where)
+    if "source_sets" in t:
+        sets = t["source_sets"]
+        if not isinstance(sets, list) or not all(isinstance(x, list) for x in sets):
+            raise UserError(f"{where}: {key}.source_sets: expected a list of lists of dataset names")
+        for i, members in enumerate(sets):
+            stage.source_sets.append([_check_type(v, str, f"{key}.source_sets[{i}][{j}]", where)
+                                      for j, v in enumerate(members)])
+            if len(members) < 2:
+                raise UserError(f"{where}: {key}.source_sets[{i}]: merging needs at least 2 datasets")
+    for i, init in enumerate(stage.inits):
+        if init not in INITS:
+            raise UserError(f"{where}: {key}.inits[{i}]: {init!r}; choose from {', '.join(INITS)}")
+    for i, mode in enumerate(stage.modes):
+        if mode not in MODES:
+            raise UserError(f"{where}: {key}.modes[{i}]: {mode!r}; choose from {', '.join(MODES)}")
+    if "lrs" in t:
+        lrs = t["lrs"]
+        if lrs != "per-target":
+            lrs = _list(t, "lrs", float, key, where)
+            for i, lr in enumerate(lrs):
+                if not lr > 0:
+                    raise UserError(f"{where}: {key}.lrs[{i}]: {lr} must be positive")
+        stage.lrs = lrs
+    if "recipe" in t:
+        stage.recipe = _recipe(t["recipe"], f"{key}.recipe", where)
+        if name in ("transfer", "distill") and "lr" in stage.recipe:
+            raise UserError(f"{where}: {key}.recipe.lr: transfer LRs come from {key}.lrs (a list, or 'per-target')")
+    return stage
+
+
+def _resources(t, key, where) -> Resources:
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table")
+    known = {f.name: f for f in dataclasses.fields(Resources)}
+    _keys(t, set(known), key, where)
+    r = Resources()
+    for name, value in t.items():
+        typ = float if known[name].type in (float, "float") else type(getattr(r, name))
+        setattr(r, name, _check_type(value, typ, f"{key}.{name}", where))
+    for name in ("cpus", "time_min", "array_parallelism", "nodes"):
+        if getattr(r, name) < 1:
+            raise UserError(f"{where}: {key}.{name}: {getattr(r, name)} is impossible; must be at least 1")
+    if r.gpus < 0 or r.mem_gb <= 0:
+        raise UserError(f"{where}: {key}: gpus must be >= 0 and mem_gb > 0")
+    return r
+
+
+def _recipe(t, key, where) -> dict:
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table of histokt train options")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, value in t.items():
+        if name in CELL_OWNED:
+            raise UserError(f"{where}: {key}.{name}: set per cell by the sweep; remove it from the recipe")
+        if name not in fields:
+            raise UserError(f"{where}: {key}.{name}: unknown train option; see 'histokt train --help'")
+        default = fields[name].default
+        if isinstance(default, bool):
+            _check_type(value, bool, f"{key}.{name}", where)
+        elif isinstance(default, (int, float, str)):
+            _check_type(value, type(default), f"{key}.{name}", where)
+    return dict(t)
+
+
+def _cross_check(spec: Spec, where) -> None:
+    names = set(spec.datasets)
+    for stage in spec.stages.values():
+        for attr in ("datasets", "sources", "targets"):
+            for i, name in enumerate(getattr(stage, attr)):
+                if name not in names:
+                    raise UserError(f"{where}: stages.{stage.name}.{attr}[{i}]: unknown dataset {name!r}; "
+                                    f"declare it under [datasets.{name}]")
+    if "distill" in spec.stages:
+        d, p = spec.stages["distill"], spec.stages.get("pretrain")
+        for i, members in enumerate(d.source_sets):
+            for name in members:
+                if name not in names:
+                    raise UserError(f"{where}: stages.distill.source_sets[{i}]: unknown dataset {name!r}")
+                if p is None or name not in p.datasets:
+                    raise UserError(f"{where}: stages.distill.source_sets[{i}]: {name!r} is not trained in "
+                                    f"stages.pretrain")
+        for init in d.inits:
+            if p is None or init not in p.inits:
+                raise UserError(f"{where}: stages.distill.inits: {init!r} models are not trained in stages.pretrain")
+    if "transfer" in spec.stages:
+        t, p = spec.stages["transfer"], spec.stages.get("pretrain")
+        missing = [s for s in (t.sources or []) if p is None or s not in p.datasets]
+        if missing:
+            raise UserError(f"{where}: stages.transfer.sources: {missing[0]!r} is not trained in stages.pretrain")
+        for init in t.inits:
+            if p is None or init not in p.inits:
+                raise UserError(f"{where}: stages.transfer.inits: {init!r} models are not trained in stages.pretrain")
+    for name, d in spec.datasets.items():
+        if not Path(d.raw).is_dir():
+            raise UserError(f"{where}: datasets.{name}.raw: {d.raw}: no such folder (stage the raw data first)")
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+def to_toml(doc: dict) -> str:
+    """A spec document (tables of strings, numbers, booleans and lists) as TOML that ``tomllib`` reads back
+    equal; written by ``histokt demo``, which renders jobs/demo.toml for its output folder."""
+    lines: list[str] = []
+    _toml_table(doc, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_table(table: dict, path: list, lines: list) -> None:
+    values = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    if path and (values or not table):
+        lines += ["", "[" + ".".join(_toml_key(k) for k in path) + "]"]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            _toml_table(v, [*path, k], lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isalnum() or c in "_-" for c in key) and key.isascii() else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are a subset of TOML's basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"to_toml: {type(value).__name__} values are not written")
+
+
+# -- small typed getters ---------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _keys(t: dict, allowed: set, key: str, where) -> None:
+    for k in t:
+        if k not in allowed:
+            path = f"{key}.{k}" if key else k
+            raise UserError(f"{where}: {path}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+
+def _table(doc, name, where) -> dict:
+    t = doc.get(name)
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: [{name}]: missing table")
+    return t
+
+
+def _check_type(value, typ, key, where):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        raise UserError(f"{where}: {key}: {value!r} is not a {typ.__name__}")
+    return value
+
+
+def _get(t, name, typ, key, where, default=_MISSING):
+    if name not in t:
+        if default is _MISSING:
+            raise UserError(f"{where}: {key}.{name}: missing")
+        return default
+    return _check_type(t[name], typ, f"{key}.{name}", where)
+
+
+def _list(t, name, typ, key, where) -> list:
+    value = t[name]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: {key}.{name}: expected a list")
+    return [_check_type(v, typ, f"{key}.{name}[{i}]", where) for i, v in enumerate(value)]

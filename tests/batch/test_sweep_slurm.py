@@ -1,0 +1,173 @@
+"""`histokt sweep --executor slurm` on the real single-node cluster (slurm/local/start.sh): the demo study as
+job arrays, one task preempted with USR2 mid-training that requeues and resumes to the uninterrupted result,
+a failing cell that does not stop the collector, a re-run that submits only what is missing, then nothing."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from histokt.train import checkpoint
+from histokt.batch.demo import write_collection
+
+from tests.conftest import ROOT, histokt_cmd
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+
+SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
+pytestmark = pytest.mark.slurm
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def sweep(cwd):
+    r = subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "slurm"), cwd=cwd, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def wait_until(predicate, what, timeout=900):
+    """Poll the run root for a condition; SLURM's requeue hold makes this take minutes, not seconds."""
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(1)
+
+
+def queue_empty_for(run_root: Path) -> bool:
+    from histokt.batch.sweep import queued_cells
+
+    return not queued_cells(run_root)
+
+
+def state(cell_dir: Path) -> dict:
+    try:
+        return json.loads((cell_dir / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    annotations = tmp_path / "demo" / "raw" / "mhist" / "annotations.csv"
+    good = annotations.read_text()
+    annotations.write_text("Image Name,Partition\n")  # a broken download: mhist's cells fail
+    out = sweep(tmp_path)
+    assert "submitted standardize" in out and "submitted collect" in out
+    runs = tmp_path / "demo" / "runs"
+    crc = runs / "cells" / "pretrain" / "A-crc-random-s0"
+
+    # preempt the crc pretraining task once it has checkpointed a step: USR2, as a preempting cluster sends
+    wait_until(lambda: (crc / "last.pt").exists() and state(crc).get("status") == "running", "A-crc to train")
+    from histokt.batch.sweep import cell_jobs
+
+    task = cell_jobs(runs)["A-crc-random-s0"]
+    subprocess.run(["scancel", "--signal=USR2", task], check=True)
+    wait_until(lambda: state(crc).get("status") == "interrupted" or (crc / "result.json").exists(),
+               "the checkpoint-and-exit")
+    # state.json, not last.pt: the requeued task may already have finished and dropped last.pt
+    wait_until(lambda: state(crc).get("interrupted_at_steps"), "the interruption to be recorded")
+    interrupted_at = state(crc)["interrupted_at_steps"][0]
+    wait_until(lambda: (runs / "cells" / "collect" / "collect" / "done.json").exists() and queue_empty_for(runs),
+               "the study to finish")
+
+    s = state(crc)
+    assert (crc / "result.json").exists() and s["attempts"] == 2, s
+    assert interrupted_at < json.loads((crc / "result.json").read_text())["steps"]
+    # the resumed result equals an uninterrupted run of the same cell, on the same threads
+    config = json.loads((crc / "config.json").read_text())
+    ref = tmp_path / "uninterrupted"
+    args = ["train", "--store", config["store"], "--dataset", "crc", "--out", ref, "--epochs", config["epochs"],
+            "--batch-size", config["batch_size"], "--workers", "0", "--optimizer", config["optimizer"],
+            "--lr", config["lr"], "--eval-batch-size", config["eval_batch_size"], "--no-progress"]
+    r = subprocess.run(histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = checkpoint.load(crc / "final.pt")["model"], checkpoint.load(ref / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    report = (runs / "summary" / "report.md").read_text()
+    assert "failed" in report and "std-mhist" not in report  # the report lists training cells
+    assert "A-mhist-random-s0" in report
+    status = subprocess.run(histokt_cmd("status", runs), env=env(), capture_output=True, text=True).stdout
+    assert "failed standardize/std-mhist-0of1" in status
+    assert "preempted 1 time(s), 1 cell(s)" in status
+
+    # fix the download: a re-run submits only the cells that are not done
+    annotations.write_text(good)
+    out = sweep(tmp_path)
+    assert "pretrain          1 to run of      2 cells" in out and "standardize       1 to run of      3" in out
+    wait_until(lambda: queue_empty_for(runs) and
+               (runs / "cells" / "transfer" / "B-random-mhist-crc-deep-lr1e-3-s0" / "result.json").exists(),
+               "the missing cells")
+    wait_until(lambda: queue_empty_for(runs), "the collector")
+    assert "nothing to do" in sweep(tmp_path)
+
+
+def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+    import histokt.batch.sweep as sweep_module
+    from histokt.batch.sweep import SweepConfig, submissions
+
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep_module, "max_array_size", lambda: 3)  # a cluster allowing indices 0..2
+    out = sweep_module.sweep(SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    records = submissions(Path(out["run_root"]))
+    try:
+        by_stage = {}
+        for r in records:
+            by_stage.setdefault(r["stage"], []).append(len(r["cells"]))
+        assert by_stage == {"standardize": [2, 1], "pretrain": [2], "transfer": [2], "merge": [1], "distill": [1],
+                            "collect": [1]}
+        assert all(n <= 2 for sizes in by_stage.values() for n in sizes)
+        queue = sweep_module.squeue()
+        deps = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
+        first_pretrain = next(r["job"] for r in records if r["stage"] == "pretrain")
+        std_jobs = [r["job"] for r in records if r["stage"] == "standardize"]
+        line = next(x for x in deps.splitlines() if x.startswith(first_pretrain))
+        assert all(f"afterany:{j}" in line for j in std_jobs), line  # chained on every chunk of the stage before
+        assert queue is not None
+    finally:
+        subprocess.run(["scancel", *[r["job"] for r in records]], check=False)
+
+
+def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+    """--container runs each task as `apptainer exec --nv --bind ... IMG python ...`. A stand-in apptainer
+    (no Apptainer here) logs its arguments and runs the command with no SLURM tools on PATH, as in an image."""
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apptainer.log"
+    fake = bin_dir / "apptainer"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$@" >> {log}\n'
+        '[ "$1" = exec ] || exit 64\n'
+        "shift\n"
+        'while [ "${1#-}" != "$1" ]; do case "$1" in --bind) shift 2;; *) shift;; esac; done\n'
+        "image=$1; shift\n"
+        '[ -f "$image" ] || { echo "no image $image" >&2; exit 65; }\n'
+        f'exec env PATH=/nonexistent {Path(__import__("sys").executable).parent}/"$@"\n'
+    )
+    fake.chmod(0o755)
+    image = tmp_path / "histokt.sif"
+    image.write_bytes(b"stand-in")
+    run_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    r = subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container",
+                                   image), cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = tmp_path / "demo" / "runs"
+    wait_until(lambda: queue_empty_for(runs), "the standardize tasks")
+    cells = runs / "cells" / "standardize"
+    assert all((cells / c / "done.json").exists() for c in ("std-crc-0of2", "std-crc-1of2", "std-mhist-0of1"))
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3
+    assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c
+               for c in calls)
+    assert str(runs) in calls[0]

@@ -1,0 +1,57 @@
+"""Per-image standardization primitives: tiling geometry, mirror padding, the low-contrast filter."""
+
+import numpy as np
+import pytest
+
+from histokt.ingest.tiling import FilterParams, exact_low_contrast, is_low_contrast, mirror_pad, rescale, tile_boxes, _LUMA
+
+
+def test_tile_boxes_full_windows_row_major():
+    # 700 wide: x0 in 0, 204, 408 (408 + 272 = 680 <= 700); 500 high: y0 in 0, 204
+    boxes = tile_boxes(500, 700, 272, 204)
+    assert boxes == [(0, 0, 272, 272), (204, 0, 476, 272), (408, 0, 680, 272),
+                     (0, 204, 272, 476), (204, 204, 476, 476), (408, 204, 680, 476)]
+    assert tile_boxes(271, 1000, 272, 204) == []
+
+
+def test_mirror_pad_reflects_without_repeating_the_edge():
+    img = np.arange(5 * 4 * 3, dtype=np.uint8).reshape(5, 4, 3)
+    out = mirror_pad(img, 8)
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_array_equal(out[:5, :4], img)
+    np.testing.assert_array_equal(out[5, :4], img[3])  # row after the last mirrors the one before it
+    np.testing.assert_array_equal(out[:5, 4], img[:, 2])
+    big = np.zeros((300, 300, 3), np.uint8)
+    assert mirror_pad(big, 272) is big
+
+
+def test_rescale_size_rounds():
+    img = np.zeros((100, 120, 3), np.uint8)
+    assert rescale(img, 0.42).shape == (42, 50, 3)
+    assert rescale(img, 1.0) is img
+    mask = np.arange(100 * 120, dtype=np.int32).reshape(100, 120) % 7
+    small = rescale(mask, 0.5, labels=True)
+    assert small.shape == (50, 60) and set(np.unique(small)) <= set(range(7))  # nearest: no new codes
+
+
+@pytest.mark.parametrize("sigma", [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 20, 40])
+def test_fast_filter_decision_equals_the_percentile_rule(sigma):
+    rng = np.random.default_rng(sigma)
+    params = FilterParams()
+    for _ in range(5):
+        base = rng.integers(30, 230)
+        patch = np.clip(base + rng.normal(0, sigma, (272, 272, 1)) * [1, 1.2, 0.8], 0, 255).astype(np.uint8)
+        gray = patch.reshape(-1, 3).astype(np.float32) @ _LUMA
+        assert is_low_contrast(patch, params) == exact_low_contrast(gray, params)
+
+
+def test_filter_threshold_is_skimage_is_low_contrast():
+    # (p99 - p5) / 2 < 0.05 on gray in [0, 1]: a flat patch is low-contrast, a half black / half white one not
+    params = FilterParams()
+    assert is_low_contrast(np.full((272, 272, 3), 200, np.uint8), params)
+    two = np.zeros((272, 272, 3), np.uint8)
+    two[:, 136:] = 255
+    assert not is_low_contrast(two, params)
+    # a spread of 20 gray levels (0.078 < 0.1) is low-contrast, 30 levels (0.118) is not
+    ramp = lambda levels: np.linspace(100, 100 + levels, 272 * 272).reshape(272, 272, 1).repeat(3, 2).astype(np.uint8)  # noqa: E731
+    assert is_low_contrast(ramp(21), params) and not is_low_contrast(ramp(33), params)
