@@ -4,6 +4,7 @@ Benchmarks are measured, never asserted: each script prints a markdown table and
 with the machine they came from, to ``benchmarks/results/<name>.json``.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -62,8 +63,11 @@ def image_pool(work: Path, n: int, size: int, procs: int = 2) -> list[Path]:
         (pool / f"class_{c}").mkdir(parents=True, exist_ok=True)
     todo = [(p, i, size) for i, p in enumerate(paths) if not p.is_file()]
     if todo:
-        print(f"generating {len(todo)} tissue images of {size}x{size} px in {pool} (cached for later runs)...",
-              file=sys.stderr, flush=True)
+        print(
+            f"generating {len(todo)} tissue images of {size}x{size} px in {pool} (cached for later runs)...",
+            file=sys.stderr,
+            flush=True,
+        )
         if procs > 1 and len(todo) > 1:
             with ProcessPoolExecutor(procs, mp_context=get_context("spawn")) as ex:
                 list(ex.map(_write_png, todo, chunksize=4))
@@ -199,10 +203,8 @@ def machine_info() -> dict:
     except OSError:
         pass
     mem = ""
-    try:
+    with contextlib.suppress(OSError, IndexError):
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except (OSError, IndexError):
-        pass
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),

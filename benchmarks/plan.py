@@ -34,13 +34,25 @@ def measure(spec: Path) -> dict:
         for d in tomllib.loads(spec.read_text())["datasets"].values():
             (Path(tmp) / d["raw"]).mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", CHILD, str(spec)], cwd=tmp, capture_output=True, text=True,
-                             check=True, env={"PYTHONPATH": str(ROOT)})
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(spec)],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONPATH": str(ROOT)},
+        )
         wall = time.perf_counter() - t
         plan_bytes = (Path(tmp) / "runs" / "paper" / "plan.json").stat().st_size
     cells, inside, rss = out.stdout.split()
-    return {"spec": spec.name, "cells": int(cells), "process_wall_s": wall, "plan_and_dry_run_s": float(inside),
-            "peak_rss_mb": float(rss), "plan_json_mb": plan_bytes / 2**20}
+    return {
+        "spec": spec.name,
+        "cells": int(cells),
+        "process_wall_s": wall,
+        "plan_and_dry_run_s": float(inside),
+        "peak_rss_mb": float(rss),
+        "plan_json_mb": plan_bytes / 2**20,
+    }
 
 
 def main() -> int:
@@ -48,8 +60,10 @@ def main() -> int:
     print("| spec | cells | plan + plan.json + sbatch scripts, s | whole process, s | peak RSS, MB | plan.json, MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in runs:
-        print(f"| {r['spec']} | {r['cells']:,} | {r['plan_and_dry_run_s']:.2f} | {r['process_wall_s']:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['plan_json_mb']:.2f} |")
+        print(
+            f"| {r['spec']} | {r['cells']:,} | {r['plan_and_dry_run_s']:.2f} | {r['process_wall_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['plan_json_mb']:.2f} |"
+        )
     path = ROOT / "benchmarks" / "results" / "plan.json"
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "runs": runs, **runs[-1]}, indent=1) + "\n")
     return 0

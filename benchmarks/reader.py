@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     DEFAULT_WORK,
     children,
     cpu_seconds,
@@ -71,8 +71,11 @@ def build_store(args) -> tuple[Path, str]:
     raw = folder_dataset(args.work, args.images, args.size, args.gen_procs)
     store, name = args.work / "reader-store.zarr", f"bench{args.images}"
     t = time.perf_counter()
-    s = standardize(StandardizeConfig(dataset="folder", raw=raw, store=store, name=name, mpp=1.0,
-                                      workers=args.gen_procs, progress=False))
+    s = standardize(
+        StandardizeConfig(
+            dataset="folder", raw=raw, store=store, name=name, mpp=1.0, workers=args.gen_procs, progress=False
+        )
+    )
     if s["status"] == "written":
         print(f"built {store}/{name} in {time.perf_counter() - t:.1f} s: {s['counts']}", file=sys.stderr)
     return store, name
@@ -100,7 +103,7 @@ def loader_rate(store, name, split, variant, workers, batch, min_patches, min_se
 
     def epoch() -> int:
         n = 0
-        for images, labels in loader:
+        for images, _ in loader:  # noqa: F821 (loader is deleted only after the last call)
             n += images.shape[0]
         return n
 
@@ -120,10 +123,19 @@ def loader_rate(store, name, split, variant, workers, batch, min_patches, min_se
         main_cpu = _self_cpu() - main0
         worker_cpu = sum((cpu_seconds(p) or cpu0[p]) - cpu0[p] for p in procs if cpu0[p] is not None)
         busy = worker_cpu if workers else main_cpu  # at 0 workers the main process is the worker
-        run = {"variant": variant, "workers": workers, "patches": patches, "epochs": epochs, "wall_s": wall,
-               "warmup_s": warmup, "rate": patches / wall, "per_worker": patches / wall / max(1, workers),
-               "main_cpu_s": main_cpu, "worker_cpu_s": worker_cpu,
-               "per_worker_cpu_s": patches / busy if busy else None}
+        run = {
+            "variant": variant,
+            "workers": workers,
+            "patches": patches,
+            "epochs": epochs,
+            "wall_s": wall,
+            "warmup_s": warmup,
+            "rate": patches / wall,
+            "per_worker": patches / wall / max(1, workers),
+            "main_cpu_s": main_cpu,
+            "worker_cpu_s": worker_cpu,
+            "per_worker_cpu_s": patches / busy if busy else None,
+        }
         if best is None or run["rate"] > best["rate"]:
             best = run
         rates.append(run["rate"])
@@ -188,13 +200,13 @@ def comparisons(store, name, split, batch, min_patches) -> dict:
     def memcpy_reused():
         for b in batches:
             for k, i in enumerate(b):
-                buf_u8[k] = pre[i]
+                buf_u8[k] = pre[i]  # noqa: F821 (deleted after the last call)
 
     def memcpy_fresh():  # a new buffer per batch, as the reader allocates one: first-touch page faults
         for b in batches:
             out = np.empty((batch, *shape), np.uint8)
             for k, i in enumerate(b):
-                out[k] = pre[i]
+                out[k] = pre[i]  # noqa: F821 (deleted after the last call)
 
     def memcpy_fresh_shm():  # a new shared-memory tensor per batch, as reader._empty does in a worker
         nbytes = batch * int(np.prod(shape))
@@ -202,7 +214,7 @@ def comparisons(store, name, split, batch, min_patches) -> dict:
             st = torch.UntypedStorage._new_shared(nbytes)
             out = torch.tensor([], dtype=torch.uint8).set_(st).view(batch, *shape).numpy()
             for k, i in enumerate(b):
-                out[k] = pre[i]
+                out[k] = pre[i]  # noqa: F821 (deleted after the last call)
 
     def read_only():
         for i in order[:n_batched]:
@@ -285,11 +297,17 @@ def stage_model(rates: dict, workers: int) -> dict:
     read = us["PatchReader.read (np.fromfile), random order"]
     aug = us["Augment: full call"]
     if workers:
-        copy, norm, where = us["memcpy, fresh shared-memory buffer per batch"], us[
-            "Normalize.into, fresh shared-memory float buffer"], "fresh shm batch"
+        copy, norm, where = (
+            us["memcpy, fresh shared-memory buffer per batch"],
+            us["Normalize.into, fresh shared-memory float buffer"],
+            "fresh shm batch",
+        )
     else:
-        copy, norm, where = us["memcpy, fresh buffer per batch"], us[
-            "Normalize.into, fresh float buffer per batch"], "fresh batch"
+        copy, norm, where = (
+            us["memcpy, fresh buffer per batch"],
+            us["Normalize.into, fresh float buffer per batch"],
+            "fresh batch",
+        )
     return {
         "raw": {"read": read, f"copy into {where}": copy},
         "aug-u8": {"read": read, "augment": aug, f"copy into {where}": copy},
@@ -303,8 +321,11 @@ def main(argv=None) -> int:
     import torch
 
     info = machine_info()
-    print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), python {info['python']}, "
-          f"torch {info['torch']}, load average {info['loadavg_at_start']}", file=sys.stderr)
+    print(
+        f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), python {info['python']}, "
+        f"torch {info['torch']}, load average {info['loadavg_at_start']}",
+        file=sys.stderr,
+    )
     store, name = build_store(args)
     warm_page_cache(sorted(p for p in (store / name / args.split / "images" / "c").rglob("*") if p.is_file()))
     torch.set_num_threads(1)  # the loader work is per-sample numpy/PIL; keep torch from spinning threads
@@ -314,38 +335,76 @@ def main(argv=None) -> int:
     runs = []
     for variant in args.variants:
         for w in args.workers:
-            r = loader_rate(store, name, args.split, variant, w, args.batch, args.min_patches, args.min_seconds,
-                            args.repeat)
+            r = loader_rate(
+                store, name, args.split, variant, w, args.batch, args.min_patches, args.min_seconds, args.repeat
+            )
             runs.append(r)
-            print(f"  {variant}, {w} workers: {r['rate']:,.0f} patches/s ({r['per_worker']:,.0f} per worker)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {variant}, {w} workers: {r['rate']:,.0f} patches/s ({r['per_worker']:,.0f} per worker)",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    print(f"\n### reader: {comp['patches_in_split']:,} patches of 272x272x3 ({args.split}), random order, "
-          f"batch {args.batch} ({info['date'][:10]}, {info['cpu_count']} CPUs)\n")
+    print(
+        f"\n### reader: {comp['patches_in_split']:,} patches of 272x272x3 ({args.split}), random order, "
+        f"batch {args.batch} ({info['date'][:10]}, {info['cpu_count']} CPUs)\n"
+    )
     rows = []
     for r in runs:
         model = stage_model(comp["rates"], r["workers"])[r["variant"]]
         r["stage_model_us"] = model
         per_cpu = r["per_worker_cpu_s"]
-        rows.append([r["variant"], r["workers"], r["patches"], r["wall_s"], r["rate"], r["per_worker"],
-                     r["worker_cpu_s"] if r["workers"] else "-", r["main_cpu_s"],
-                     per_cpu if per_cpu else "-", f"{1e6 / per_cpu:.0f}" if per_cpu else "-",
-                     f"{sum(model.values()):.0f}"])
-    print(markdown_table(["variant", "workers", "patches timed", "seconds", "patches/s", "per worker",
-                          "worker CPU s", "main CPU s", "patches per worker-CPU-s", "µs CPU/patch",
-                          "sum of stages µs"], rows))
+        rows.append(
+            [
+                r["variant"],
+                r["workers"],
+                r["patches"],
+                r["wall_s"],
+                r["rate"],
+                r["per_worker"],
+                r["worker_cpu_s"] if r["workers"] else "-",
+                r["main_cpu_s"],
+                per_cpu if per_cpu else "-",
+                f"{1e6 / per_cpu:.0f}" if per_cpu else "-",
+                f"{sum(model.values()):.0f}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "variant",
+                "workers",
+                "patches timed",
+                "seconds",
+                "patches/s",
+                "per worker",
+                "worker CPU s",
+                "main CPU s",
+                "patches per worker-CPU-s",
+                "µs CPU/patch",
+                "sum of stages µs",
+            ],
+            rows,
+        )
+    )
     print("\n### single-process comparisons and stages\n")
-    print(markdown_table(["operation", "patches/s", "µs/patch"],
-                         [[k, v, f"{1e6 / v:.1f}"] for k, v in comp["rates"].items()]))
-    path = write_results(args.out, {
-        "benchmark": "reader",
-        "machine": info,
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("THP_", "OMP_", "MALLOC_"))},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "store": str(store / name),
-        "runs": runs,
-        "comparisons": comp,
-    })
+    print(
+        markdown_table(
+            ["operation", "patches/s", "µs/patch"], [[k, v, f"{1e6 / v:.1f}"] for k, v in comp["rates"].items()]
+        )
+    )
+    path = write_results(
+        args.out,
+        {
+            "benchmark": "reader",
+            "machine": info,
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("THP_", "OMP_", "MALLOC_"))},
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "store": str(store / name),
+            "runs": runs,
+            "comparisons": comp,
+        },
+    )
     print(f"\nresults: {path}")
     return 0
 

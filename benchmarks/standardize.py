@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+from _common import (
     DEFAULT_WORK,
+    PeakRSS,
     folder_dataset,
     machine_info,
     markdown_table,
-    PeakRSS,
     warm_page_cache,
     write_results,
 )
@@ -120,8 +120,11 @@ class StageTimer:
         self.wrap(S, "is_low_contrast", "part: low-contrast filter")
         self.wrap(S, "patch_array", lambda ph: f"{ph}: create zarr array(s)")
         self.wrap(S, "write_chunk", "part: write chunk files")
-        self.wrap(histokt.atomic, "write_json",
-                  lambda ph: f"{ph}: atomic JSON write (fsync)" + (" [in staging]" if ph == "plan" else " [manifest]"))
+        self.wrap(
+            histokt.atomic,
+            "write_json",
+            lambda ph: f"{ph}: atomic JSON write (fsync)" + (" [in staging]" if ph == "plan" else " [manifest]"),
+        )
         self.wrap(S, "_finalize_locked", "finalize: total", phase="finalize")
         self.wrap(S, "_move_chunks", "finalize: rename chunk files")
         self.wrap(S, "_write_meta", "finalize: labels/source_id/box arrays")
@@ -196,8 +199,9 @@ def run_child(spec: dict) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK,
-                   help=f"cache of images and scratch stores ({DEFAULT_WORK})")
+    p.add_argument(
+        "--work", type=Path, default=DEFAULT_WORK, help=f"cache of images and scratch stores ({DEFAULT_WORK})"
+    )
     p.add_argument("--images", type=int, default=256, help="images of the main run (default 256 -> 1024 patches)")
     p.add_argument("--small", type=int, default=64, help="images of the second size, for the RSS comparison (64)")
     p.add_argument("--size", type=int, default=1024, help="image side in px (default 1024)")
@@ -233,8 +237,11 @@ def main(argv=None) -> int:
     warm_page_cache(sorted(raws[max(sizes)].rglob("*.png")))
     store = str(work / "stores" / "standardize-bench.zarr")
     info = machine_info()
-    print(f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), python {info['python']}, "
-          f"torch {info['torch']}, load average {info['loadavg_at_start']}", file=sys.stderr)
+    print(
+        f"machine: {info['cpu_count']} CPUs ({info['cpu_model']}), python {info['python']}, "
+        f"torch {info['torch']}, load average {info['loadavg_at_start']}",
+        file=sys.stderr,
+    )
 
     runs = []
     for n in sizes:
@@ -242,49 +249,96 @@ def main(argv=None) -> int:
             common = {"raw": str(raws[n]), "workers": w}
             std = best({"kind": "standardize", "store": store, "mpp": args.mpp, **common}, args.repeat)
             dec = best({"kind": "decode", **common}, args.repeat)
-            run = {"images": n, "workers": w, "standardize": std, "decode": dec,
-                   "ratio": std["wall_s"] / dec["wall_s"]}
+            run = {"images": n, "workers": w, "standardize": std, "decode": dec, "ratio": std["wall_s"] / dec["wall_s"]}
             runs.append(run)
-            print(f"  {n} images, {w} worker(s): standardize {std['wall_s']:.2f} s, decode {dec['wall_s']:.2f} s, "
-                  f"ratio {run['ratio']:.2f}", file=sys.stderr, flush=True)
+            print(
+                f"  {n} images, {w} worker(s): standardize {std['wall_s']:.2f} s, decode {dec['wall_s']:.2f} s, "
+                f"ratio {run['ratio']:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     stages = None
     if not args.no_stages:
-        stages = run_child({"kind": "standardize", "store": store, "mpp": args.mpp, "raw": str(raws[max(sizes)]),
-                            "workers": 1, "stages": True})
+        stages = run_child(
+            {
+                "kind": "standardize",
+                "store": store,
+                "mpp": args.mpp,
+                "raw": str(raws[max(sizes)]),
+                "workers": 1,
+                "stages": True,
+            }
+        )
     profile = None
     if args.profile:
         profile = str(Path(__file__).resolve().parent / "results" / "standardize_profile.txt")
         Path(profile).parent.mkdir(parents=True, exist_ok=True)
-        run_child({"kind": "standardize", "store": store, "mpp": args.mpp, "raw": str(raws[max(sizes)]),
-                   "workers": 1, "profile": profile})
+        run_child(
+            {
+                "kind": "standardize",
+                "store": store,
+                "mpp": args.mpp,
+                "raw": str(raws[max(sizes)]),
+                "workers": 1,
+                "profile": profile,
+            }
+        )
 
-    headers = ["images", "workers", "patches", "standardize s", "patches/s", "decode-only s", "ratio (goal ≤ 1.5)",
-               "CPU s std / dec", "peak RSS main MiB", "peak RSS worker MiB"]
+    headers = [
+        "images",
+        "workers",
+        "patches",
+        "standardize s",
+        "patches/s",
+        "decode-only s",
+        "ratio (goal ≤ 1.5)",
+        "CPU s std / dec",
+        "peak RSS main MiB",
+        "peak RSS worker MiB",
+    ]
     rows = []
     for r in runs:
         s, d = r["standardize"], r["decode"]
-        rows.append([r["images"], r["workers"], s["patches"], s["wall_s"], s["patches"] / s["wall_s"], d["wall_s"],
-                     f"{r['ratio']:.2f}x", f"{s['cpu_s']:.1f} / {d['cpu_s']:.1f}", s["rss_mb"]["self"],
-                     s["rss_mb"]["children"] if r["workers"] > 1 else "-"])
+        rows.append(
+            [
+                r["images"],
+                r["workers"],
+                s["patches"],
+                s["wall_s"],
+                s["patches"] / s["wall_s"],
+                d["wall_s"],
+                f"{r['ratio']:.2f}x",
+                f"{s['cpu_s']:.1f} / {d['cpu_s']:.1f}",
+                s["rss_mb"]["self"],
+                s["rss_mb"]["children"] if r["workers"] > 1 else "-",
+            ]
+        )
     per_image = runs[-1]["standardize"]["patches"] / runs[-1]["images"]
-    print(f"\n### standardize: {args.size}x{args.size} PNG, --mpp {args.mpp} -> {per_image:g} patches/image "
-          f"({info['date'][:10]}, {info['cpu_count']} CPUs)\n")
+    print(
+        f"\n### standardize: {args.size}x{args.size} PNG, --mpp {args.mpp} -> {per_image:g} patches/image "
+        f"({info['date'][:10]}, {info['cpu_count']} CPUs)\n"
+    )
     print(markdown_table(headers, rows))
     if stages:
-        print(f"\n### where the time goes: 1 worker, {stages['patches']} patches, {stages['wall_s']:.2f} s wall "
-              f"(stage timers add ~µs per call)\n")
+        print(
+            f"\n### where the time goes: 1 worker, {stages['patches']} patches, {stages['wall_s']:.2f} s wall "
+            f"(stage timers add ~µs per call)\n"
+        )
         print(markdown_table(*stage_rows(stages)))
     if profile:
         print(f"\ncProfile of one single-process run: {profile}")
 
-    path = write_results(args.out, {
-        "benchmark": "standardize",
-        "machine": info,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
-        "runs": runs,
-        "stages": stages,
-    })
+    path = write_results(
+        args.out,
+        {
+            "benchmark": "standardize",
+            "machine": info,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+            "runs": runs,
+            "stages": stages,
+        },
+    )
     print(f"\nresults: {path}")
     return 0
 
@@ -305,8 +359,11 @@ def stage_rows(stages: dict):
             row(("  " if total else "") + k, st[k]["s"], st[k]["calls"])
         if total == "part: total":
             row("  part: other (tiling, manifest rows, Python)", st[total]["s"] - sum(st[k]["s"] for k in keys))
-    top = sum(st[k]["s"] for k in ("plan: index sources + split", "plan: staging folder + plan.json",
-                                    "part: total", "finalize: total") if k in st)
+    top = sum(
+        st[k]["s"]
+        for k in ("plan: index sources + split", "plan: staging folder + plan.json", "part: total", "finalize: total")
+        if k in st
+    )
     row("outside the above (config, summary)", wall - top)
     return ["stage", "calls", "seconds", "% of wall", "ms / patch"], rows
 

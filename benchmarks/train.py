@@ -68,17 +68,31 @@ def make_store(work: Path, n: int) -> Path:
     procs = os.cpu_count() or 1
     with ProcessPoolExecutor(procs) as pool:
         list(pool.map(partial(write_tile, raw), range(n), chunksize=64))
-    standardize(StandardizeConfig(dataset="folder", raw=raw, store=store, name="bench", mpp=1.0, workers=procs,
-                                  progress=False))
+    standardize(
+        StandardizeConfig(dataset="folder", raw=raw, store=store, name="bench", mpp=1.0, workers=procs, progress=False)
+    )
     return store
 
 
 def config(args, store: Path, out: Path):
     from histokt.train.loop import TrainConfig
 
-    return TrainConfig(store=store, dataset="bench", out=out, arch=args.arch, epochs=1000, batch_size=args.batch_size,
-                       workers=args.workers, device=args.device, precision=args.precision, compile=args.compile,
-                       optimizer="sgd", lr=0.01, progress=False, ckpt_every_min=0)
+    return TrainConfig(
+        store=store,
+        dataset="bench",
+        out=out,
+        arch=args.arch,
+        epochs=1000,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        optimizer="sgd",
+        lr=0.01,
+        progress=False,
+        ckpt_every_min=0,
+    )
 
 
 def sync(device):
@@ -141,12 +155,19 @@ def measure(args, store: Path) -> dict:
         saves.append(time.perf_counter() - t)
     size_mb = (out / "last.pt").stat().st_size / 2**20
 
-    print(f"full loop {loop_images / loop_s:.1f} img/s, in memory {n_mem * args.batch_size / mem_s:.1f} img/s",
-          file=sys.stderr, flush=True)
+    print(
+        f"full loop {loop_images / loop_s:.1f} img/s, in memory {n_mem * args.batch_size / mem_s:.1f} img/s",
+        file=sys.stderr,
+        flush=True,
+    )
     # process start -> first resumed step, in a fresh interpreter
     t = time.time()
-    child = subprocess.run([sys.executable, __file__, "--child-resume", str(out), *child_args(args)],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--child-resume", str(out), *child_args(args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     first_step_at = float(child.stdout.strip().splitlines()[-1])
     return {
         "device": str(device),
@@ -155,8 +176,11 @@ def measure(args, store: Path) -> dict:
         "channels_last": cell.memory_format == torch.channels_last,
         "steps_per_epoch": steps_per_epoch,
         "full_loop": {"images": loop_images, "seconds": loop_s, "images_per_s": loop_images / loop_s},
-        "in_memory": {"images": n_mem * args.batch_size, "seconds": mem_s,
-                      "images_per_s": n_mem * args.batch_size / mem_s},
+        "in_memory": {
+            "images": n_mem * args.batch_size,
+            "seconds": mem_s,
+            "images_per_s": n_mem * args.batch_size / mem_s,
+        },
         "checkpoint_save_s": min(saves),
         "checkpoint_mb": size_mb,
         "start_to_first_resumed_step_s": first_step_at - t,
@@ -164,9 +188,22 @@ def measure(args, store: Path) -> dict:
 
 
 def child_args(args):
-    return ["--images", str(args.images), "--batch-size", str(args.batch_size), "--arch", args.arch, "--device",
-            args.device, "--workers", str(args.workers), "--precision", args.precision, "--work", str(args.work)] + (
-        ["--compile"] if args.compile else [])
+    return [
+        "--images",
+        str(args.images),
+        "--batch-size",
+        str(args.batch_size),
+        "--arch",
+        args.arch,
+        "--device",
+        args.device,
+        "--workers",
+        str(args.workers),
+        "--precision",
+        args.precision,
+        "--work",
+        str(args.work),
+    ] + (["--compile"] if args.compile else [])
 
 
 def child_resume(args) -> None:
@@ -196,11 +233,18 @@ def main(argv=None) -> int:
     r = measure(args, store)
     ratio = r["full_loop"]["images_per_s"] / r["in_memory"]["images_per_s"]
     r["ratio"] = ratio
-    info = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
-    print(f"\n### training loop: {args.arch}, batch {args.batch_size}, 272 px, {r['device']}"
-          f"{' (' + r['gpu'] + ')' if r['gpu'] else ''}, bf16 {r['amp_bf16']}, workers {args.workers} "
-          f"({info['date']}, {info['cpu_count']} CPUs)\n")
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    print(
+        f"\n### training loop: {args.arch}, batch {args.batch_size}, 272 px, {r['device']}"
+        f"{' (' + r['gpu'] + ')' if r['gpu'] else ''}, bf16 {r['amp_bf16']}, workers {args.workers} "
+        f"({info['date']}, {info['cpu_count']} CPUs)\n"
+    )
     print("| measure | value |\n|---|---:|")
     print(f"| full loop (store → augment → step), images/s | {r['full_loop']['images_per_s']:.1f} |")
     print(f"| same steps on in-memory tensors, images/s | {r['in_memory']['images_per_s']:.1f} |")

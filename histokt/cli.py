@@ -38,9 +38,13 @@ def _standardize(argv):
 def _demo(argv):
     from histokt.batch.demo import DemoConfig, run_demo
 
-    cfg = _parse(DemoConfig, "demo", argv,
-                 "Generate a small SYNTHETIC histology collection and run a whole study on it (jobs/demo.toml); "
-                 "with --raw-root, run the same study on real data.")
+    cfg = _parse(
+        DemoConfig,
+        "demo",
+        argv,
+        "Generate a small SYNTHETIC histology collection and run a whole study on it (jobs/demo.toml); "
+        "with --raw-root, run the same study on real data.",
+    )
     out = run_demo(cfg)
     summary = Path(out["summary"])
     print(f"demo: finished in {out['seconds'] / 60:.1f} min ({out['run_root']})")
@@ -58,21 +62,24 @@ def _train(argv):
         print(f"{cfg.out}: {result['message']}", file=sys.stderr)
         return EXIT_REQUEUE
     valid, test = result["valid"], result["test"]
-    print(f"{cfg.out}: done: test top1 {test['top1']:.4f}, balanced {test['balanced_acc']:.4f} "
-          f"(best valid top1 {valid['top1_best']:.4f} at epoch {valid['best_epoch']})")
+    print(
+        f"{cfg.out}: done: test top1 {test['top1']:.4f}, balanced {test['balanced_acc']:.4f} "
+        f"(best valid top1 {valid['top1_best']:.4f} at epoch {valid['best_epoch']})"
+    )
     return 0
 
 
 def _distill(argv):
     from histokt.distill.merge import DistillConfig, distill
 
-    cfg = _parse(DistillConfig, "distill", argv,
-                 "Merge Stage-A models of one architecture into one, without training.")
+    cfg = _parse(DistillConfig, "distill", argv, "Merge Stage-A models of one architecture into one, without training.")
     s = distill(cfg)
     picks = "; picks " + ", ".join(f"{run} {n}" for run, n in s["picks"].items()) if s["picks"] else ""
     low = ", lowrank" if s["lowrank"] else ""
-    print(f"{s['out']}: merged {s['sources']} {s['arch']} models ({s['rule']}{low}) over {s['layers']} conv layers"
-          f"{picks}; per-layer report in {s['json']}")
+    print(
+        f"{s['out']}: merged {s['sources']} {s['arch']} models ({s['rule']}{low}) over {s['layers']} conv layers"
+        f"{picks}; per-layer report in {s['json']}"
+    )
     return 0
 
 
@@ -119,9 +126,11 @@ def _collect(argv):
     cfg = _parse(CollectConfig, "collect", argv, "Summary tables of a study from its cells' result.json files.")
     out = collect(cfg.run_root, cfg.out, compare_paper=cfg.compare_paper)
     matrices = ", ".join(out["matrices"]) or "no matrix"
-    print(f"{out['out']}: {out['rows']} rows, {matrices}; {out['done']} cells done, {out['failed']} failed, "
-          f"{out['running']} running, {out['missing']} not started, {out['corrupt']} corrupt "
-          f"(report.md; {out['seconds']:.2f} s)")
+    print(
+        f"{out['out']}: {out['rows']} rows, {matrices}; {out['done']} cells done, {out['failed']} failed, "
+        f"{out['running']} running, {out['missing']} not started, {out['corrupt']} corrupt "
+        f"(report.md; {out['seconds']:.2f} s)"
+    )
     return 0
 
 
@@ -141,8 +150,10 @@ class StatusConfig:
 class CollectConfig:
     run_root: Path = field(metadata={"args": ["run_root"], "help": "the study's run root"})
     out: Optional[Path] = field(default=None, metadata={"help": "output folder (default RUN_ROOT/summary)"})
-    compare_paper: bool = field(default=False, metadata={
-        "help": "also write compare_<init>_deep.csv/.md: our deep matrices minus the published HistoKT ones"})
+    compare_paper: bool = field(
+        default=False,
+        metadata={"help": "also write compare_<init>_deep.csv/.md: our deep matrices minus the published HistoKT ones"},
+    )
 
 
 COMMANDS = {
@@ -189,7 +200,7 @@ def main(argv=None) -> int:
     parser = _top_parser()
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
-    args, rest = parser.parse_known_args(argv[:1])
+    args, _ = parser.parse_known_args(argv[:1])
     run, _ = COMMANDS[args.command]
     try:
         return run(argv[1:])

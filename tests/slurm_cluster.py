@@ -37,7 +37,10 @@ def _probe(timeout: float) -> tuple[bool, str, list[str]]:
     try:
         proc = subprocess.run(
             [sinfo, "-h", "-o", "%T"],
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         return False, f"SLURM not available: 'sinfo -h -o %T' did not answer within {timeout:g} s", []
@@ -71,8 +74,12 @@ class SlurmCluster:
     def run(self, *argv: str, timeout: float = 60.0, check: bool = True, cwd: str | Path | None = None):
         """Run a SLURM command (``sbatch``, ``scontrol`` ...) and return the CompletedProcess."""
         proc = subprocess.run(
-            [str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL, cwd=cwd,
+            [str(a) for a in argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -86,14 +93,21 @@ class SlurmCluster:
         argv = ["sbatch", "--parsable", f"--chdir={cwd}"] + (["--wait"] if wait else []) + [str(a) for a in args]
         try:
             proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
             )
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             job_id = out.strip().split(";")[0]
             if job_id:
                 subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
-            raise AssertionError(f"sbatch did not finish within {timeout:g} s (job {job_id or '?'} cancelled)")
+            raise AssertionError(
+                f"sbatch did not finish within {timeout:g} s (job {job_id or '?'} cancelled)"
+            ) from None
         job_id = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else ""
         if proc.returncode != 0:
             raise AssertionError(

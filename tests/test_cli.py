@@ -5,7 +5,6 @@ import subprocess
 import pytest
 
 from histokt.cli import COMMANDS, main
-
 from tests.conftest import histokt_cmd
 
 

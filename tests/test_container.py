@@ -34,12 +34,42 @@ DEF = ROOT / "containers" / "histokt.def"
 INSTALL_DIR = "/opt/histokt"  # where %files puts the project in the image
 
 # Apptainer's definition-file sections (apptainer pkg/build/types/parser/deffile.go)
-SECTIONS = {"help", "setup", "files", "labels", "environment", "pre", "post", "runscript", "test",
-            "startscript", "arguments"}
+SECTIONS = {
+    "help",
+    "setup",
+    "files",
+    "labels",
+    "environment",
+    "pre",
+    "post",
+    "runscript",
+    "test",
+    "startscript",
+    "arguments",
+}
 APP_SECTIONS = {"appinstall", "applabels", "appfiles", "appenv", "apphelp", "apprun", "appstart", "apptest"}
-HEADER_KEYS = {"bootstrap", "from", "stage", "registry", "namespace", "includecmd", "mirrorurl", "osversion",
-               "include", "confurl", "updateurl", "product", "user", "regcode", "productpgp", "registerurl",
-               "modules", "otherurl", "fingerprints", "setopt"}
+HEADER_KEYS = {
+    "bootstrap",
+    "from",
+    "stage",
+    "registry",
+    "namespace",
+    "includecmd",
+    "mirrorurl",
+    "osversion",
+    "include",
+    "confurl",
+    "updateurl",
+    "product",
+    "user",
+    "regcode",
+    "productpgp",
+    "registerurl",
+    "modules",
+    "otherurl",
+    "fingerprints",
+    "setopt",
+}
 SHELL_SECTIONS = ("post", "test", "runscript", "environment")
 TEMPLATE = re.compile(r"{{\s*(\w+)\s*}}")
 
@@ -73,7 +103,7 @@ class Definition:
         args = {}
         for line in self.section("arguments").lines:
             if line.strip():
-                key, sep, value = line.strip().partition("=")
+                key, _sep, value = line.strip().partition("=")
                 args[key] = value
         return args
 
@@ -85,7 +115,7 @@ def parse_def(text):
     for line in text.splitlines():
         words = line.split()
         if words and words[0].startswith("%"):
-            sections.append(Section(words[0][1:].lower(), line.strip()[len(words[0]):].strip()))
+            sections.append(Section(words[0][1:].lower(), line.strip()[len(words[0]) :].strip()))
         elif sections:
             sections[-1].lines.append(line)
         elif line.strip() and not line.strip().startswith("#"):
@@ -172,8 +202,21 @@ def logical_lines(script):
     return [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
-OPTIONS_WITH_VALUE = {"-i", "--index-url", "--extra-index-url", "-f", "--find-links", "-c", "--constraint",
-                      "-r", "--requirement", "--target", "-t", "--prefix", "--root"}
+OPTIONS_WITH_VALUE = {
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-c",
+    "--constraint",
+    "-r",
+    "--requirement",
+    "--target",
+    "-t",
+    "--prefix",
+    "--root",
+}
 
 
 def pip_installs(post):
@@ -279,7 +322,8 @@ def test_post_installs_exactly_the_setup_cfg_pins(definition, args):
             assert key not in named, f"{req.name} is installed twice in %post"
             named[key] = req
     assert set(named) == set(pins), (
-        f"only in %post: {sorted(set(named) - set(pins))}; only in setup.cfg: {sorted(set(pins) - set(named))}")
+        f"only in %post: {sorted(set(named) - set(pins))}; only in setup.cfg: {sorted(set(pins) - set(named))}"
+    )
     for key, req in named.items():
         assert req.specifier == pins[key].specifier, f"{key}: %post has {req}, setup.cfg has {pins[key]}"
     assert named["torch"].specifier == pins["torch"].specifier  # ==2.14.1, spelled out for the reader
@@ -290,7 +334,7 @@ def test_post_installs_the_pins_then_the_project(definition, args):
     post = expand(definition.section("post").body, args)
     installs = pip_installs(post)
     # torch and torchvision first, from the wheel index of the base image's CUDA build
-    options, reqs, paths = installs[0]
+    options, reqs, _paths = installs[0]
     assert sorted(Requirement(r).name for r in reqs) == ["torch", "torchvision"]
     assert options["--index-url"].endswith("/" + args["CUDA_TAG"])
     # the project last, from where %files put it, when every requirement is already there
@@ -313,9 +357,22 @@ def test_files_alone_make_an_installable_project(definition, tmp_path):
                 shutil.copy2(ROOT / src, target)
     out = tmp_path / "wheel"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", str(out), str(project)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(project),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = out.glob("histokt-*.whl")
@@ -328,17 +385,20 @@ def test_files_alone_make_an_installable_project(definition, tmp_path):
 
 def test_venv_satisfies_the_pins(definition, args):
     """The stand-in for a fresh install: this venv was installed from setup.cfg, which %post equals."""
-    for key, req in setup_cfg_pins().items():
+    for _key, req in setup_cfg_pins().items():
         installed = metadata.version(req.name)
         assert req.specifier.contains(installed, prereleases=True), f"venv has {req.name} {installed}, pin {req}"
-    py = "%d.%d" % sys.version_info[:2]
+    py = "{}.{}".format(*sys.version_info[:2])
     assert py == args["PYTHON_VERSION"], "the image's Python must be the submit host's (submitit pickles)"
 
 
 def _container_env(tmp_path):
     """The environment `apptainer test` would see, here: this venv's bin first (python, histokt)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK",
-                                                            "MPLBACKEND", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "MPLBACKEND", "VIRTUAL_ENV")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["HOME"] = str(tmp_path)  # matplotlib's cache, as a bound HOME
     return env
@@ -366,8 +426,9 @@ def test_environment_section(definition, args, tmp_path):
 def test_runscript_execs_histokt(definition, args, tmp_path):
     script = tmp_path / "runscript.sh"
     script.write_text(_adapt(definition.section("runscript").body, args))
-    proc = subprocess.run(["sh", str(script), "--version"], env=_container_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["sh", str(script), "--version"], env=_container_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("histokt ")
 
@@ -375,14 +436,26 @@ def test_runscript_execs_histokt(definition, args, tmp_path):
 def test_test_section_passes_in_the_venv(definition, args, tmp_path):
     """%test, with %environment sourced first as Apptainer does, in the project's virtualenv."""
     test_body = definition.section("test").body
-    for module in ("torch", "torchvision", "submitit", "zarr", "h5py", "PIL", "pandas", "argparse_dataclass",
-                   "numpy", "tqdm", "matplotlib"):
+    for module in (
+        "torch",
+        "torchvision",
+        "submitit",
+        "zarr",
+        "h5py",
+        "PIL",
+        "pandas",
+        "argparse_dataclass",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ):
         assert re.search(rf"\bimport\b[^\n]*\b{module}\b", test_body), f"%test does not import {module}"
     assert "histokt --help" in test_body
     script = tmp_path / "test.sh"
     script.write_text(_adapt(definition.section("environment").body + test_body, args))
-    proc = subprocess.run(["sh", str(script)], env=_container_env(tmp_path), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["sh", str(script)], env=_container_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

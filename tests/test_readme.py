@@ -8,7 +8,6 @@ import subprocess
 import pytest
 
 from histokt import cli
-
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
@@ -17,44 +16,93 @@ PROGRAMS = ("histokt", "make", "sbatch", "apptainer", "scontrol", "squeue", ".ci
 # README command (a regex on the command, whitespace collapsed) -> the tests that run it. A command shown in the
 # README without an entry here fails test_every_readme_command_is_run_by_a_test.
 COVERAGE = [
-    (r"make demo", ["test_readme.py::test_make_targets_are_the_readme_commands",
-                    "batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
+    (
+        r"make demo",
+        [
+            "test_readme.py::test_make_targets_are_the_readme_commands",
+            "batch/test_demo.py::test_demo_runs_the_whole_study_locally",
+        ],
+    ),
     (r"make (test|bench)", ["test_readme.py::test_make_targets_are_the_readme_commands"]),
     (r"\.ci/run", ["test_readme.py::test_ci_runs_the_cluster_script_then_make_test"]),
     (r"(sudo )?slurm/local/start\.sh", ["test_slurm_local.py::test_two_task_array_runs_both_tasks"]),
     (r"histokt demo", ["batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
     (r"histokt demo --executor slurm", ["batch/test_demo.py::test_demo_on_slurm"]),
-    (r"histokt demo --raw-root ~/data .*", ["batch/test_demo.py::test_raw_root_caps_real_data_at_per_class",
-                                            "batch/test_demo.py::test_demo_on_the_shared_real_data"]),
-    (r"histokt demo --raw-root \.\./shared/data --datasets jobs/demo-shared-data\.toml .*",
-     ["batch/test_demo.py::test_demo_on_the_shared_real_data"]),
-    (r"histokt standardize( --dataset CARD .*)?", ["ingest/test_standardize.py::test_concurrent_shard_processes",
-                                                   "ingest/test_standardize.py::test_strict_makes_a_bad_image_fatal_and_writes_nothing"]),
-    (r"sbatch --array=0-7 --wrap 'histokt standardize .*", ["test_slurm_local.py::test_readme_sbatch_standardize_example"]),
+    (
+        r"histokt demo --raw-root ~/data .*",
+        [
+            "batch/test_demo.py::test_raw_root_caps_real_data_at_per_class",
+            "batch/test_demo.py::test_demo_on_the_shared_real_data",
+        ],
+    ),
+    (
+        r"histokt demo --raw-root \.\./shared/data --datasets jobs/demo-shared-data\.toml .*",
+        ["batch/test_demo.py::test_demo_on_the_shared_real_data"],
+    ),
+    (
+        r"histokt standardize( --dataset CARD .*)?",
+        [
+            "ingest/test_standardize.py::test_concurrent_shard_processes",
+            "ingest/test_standardize.py::test_strict_makes_a_bad_image_fatal_and_writes_nothing",
+        ],
+    ),
+    (
+        r"sbatch --array=0-7 --wrap 'histokt standardize .*",
+        ["test_slurm_local.py::test_readme_sbatch_standardize_example"],
+    ),
     (r"sbatch", ["test_slurm_local.py::test_readme_sbatch_standardize_example"]),
-    (r"histokt train( --store data/store\.zarr --dataset crc .*)?", ["train/test_loop.py::test_sigkill_and_resume_is_bitwise_identical"]),
-    (r"histokt train --store data/store\.zarr --dataset bach --out runs/B-.* --norm crc",
-     ["train/test_loop.py::test_readme_stage_b_command_line"]),
+    (
+        r"histokt train( --store data/store\.zarr --dataset crc .*)?",
+        ["train/test_loop.py::test_sigkill_and_resume_is_bitwise_identical"],
+    ),
+    (
+        r"histokt train --store data/store\.zarr --dataset bach --out runs/B-.* --norm crc",
+        ["train/test_loop.py::test_readme_stage_b_command_line"],
+    ),
     (r"histokt train .* --init imagenet --norm imagenet", ["train/test_loop.py::test_imagenet_init_from_staged_file"]),
-    (r"histokt train .* --init merged\.pt --mode deep", ["distill/test_merge.py::test_merged_checkpoint_initializes_training"]),
+    (
+        r"histokt train .* --init merged\.pt --mode deep",
+        ["distill/test_merge.py::test_merged_checkpoint_initializes_training"],
+    ),
     (r"histokt distill( --sources .*)?", ["distill/test_merge.py::test_cli_success_prints_one_line"]),
     (r"histokt --help", ["test_cli.py::test_top_level_help_lists_commands"]),
     (r"histokt sweep", ["batch/test_sweep.py::test_demo_study_end_to_end_then_nothing_to_do"]),
-    (r"histokt sweep jobs/paper\.toml --executor slurm --dry-run", ["batch/test_sweep.py::test_dry_run_of_the_paper_spec"]),
-    (r"histokt sweep jobs/paper\.toml --executor slurm( \[--container histokt\.sif\])?",
-     ["batch/test_sweep_slurm.py::test_demo_study_on_slurm", "batch/test_sweep_slurm.py::test_container_wraps_every_task"]),
-    (r"histokt run-cell RUN_ROOT --stage S --index I", ["batch/test_sweep_slurm.py::test_demo_study_on_slurm",
-                                                        "test_slurm_scripts.py::test_exit_75_without_a_signal_is_requeued"]),
+    (
+        r"histokt sweep jobs/paper\.toml --executor slurm --dry-run",
+        ["batch/test_sweep.py::test_dry_run_of_the_paper_spec"],
+    ),
+    (
+        r"histokt sweep jobs/paper\.toml --executor slurm( \[--container histokt\.sif\])?",
+        [
+            "batch/test_sweep_slurm.py::test_demo_study_on_slurm",
+            "batch/test_sweep_slurm.py::test_container_wraps_every_task",
+        ],
+    ),
+    (
+        r"histokt run-cell RUN_ROOT --stage S --index I",
+        [
+            "batch/test_sweep_slurm.py::test_demo_study_on_slurm",
+            "test_slurm_scripts.py::test_exit_75_without_a_signal_is_requeued",
+        ],
+    ),
     (r"histokt status( RUN_ROOT)?", ["batch/test_sweep.py::test_failing_cell_does_not_stop_the_rest_and_is_reported"]),
-    (r"histokt collect( RUN_ROOT \[--compare-paper\])?", ["results/test_collect.py::test_plan_without_distillation_and_cli"]),
+    (
+        r"histokt collect( RUN_ROOT \[--compare-paper\])?",
+        ["results/test_collect.py::test_plan_without_distillation_and_cli"],
+    ),
     (r"scontrol show config", ["batch/test_sweep_slurm.py::test_arrays_are_cut_below_max_array_size"]),
     (r"squeue|scontrol", ["batch/test_sweep_slurm.py::test_demo_study_on_slurm"]),
     # The real build runs where Apptainer and the base image's registry are (it skips elsewhere, saying so); the
     # definition is also checked offline (lint, shell syntax of every section, the pins, an install of exactly
     # the %files into a fresh venv, %test in that venv).
-    (r"apptainer build histokt\.sif containers/histokt\.def", ["test_container.py::test_apptainer_build_and_test",
-                                                              "test_container.py::test_files_alone_make_an_installable_project",
-                                                              "test_container.py::test_test_section_passes_in_the_venv"]),
+    (
+        r"apptainer build histokt\.sif containers/histokt\.def",
+        [
+            "test_container.py::test_apptainer_build_and_test",
+            "test_container.py::test_files_alone_make_an_installable_project",
+            "test_container.py::test_test_section_passes_in_the_venv",
+        ],
+    ),
 ]
 
 
@@ -87,8 +135,9 @@ def test_readme_commands_are_found():
     commands = readme_commands(README.read_text())
     assert "make demo" in commands and "make test" in commands
     assert any(c.startswith("sbatch --array=0-7 --wrap 'histokt standardize") for c in commands)
-    assert any(c.startswith("histokt standardize --dataset CARD --raw DIR") and c.endswith("[--no-progress]")
-               for c in commands)  # four lines joined
+    assert any(
+        c.startswith("histokt standardize --dataset CARD --raw DIR") and c.endswith("[--no-progress]") for c in commands
+    )  # four lines joined
 
 
 def test_readme_histokt_commands_use_real_options(capsys):
@@ -111,8 +160,9 @@ def _test_exists(ref: str) -> bool:
 
 
 def test_every_readme_command_is_run_by_a_test():
-    uncovered = [c for c in readme_commands(README.read_text())
-                 if not any(re.fullmatch(pattern, c) for pattern, _ in COVERAGE)]
+    uncovered = [
+        c for c in readme_commands(README.read_text()) if not any(re.fullmatch(pattern, c) for pattern, _ in COVERAGE)
+    ]
     assert not uncovered, f"README commands that no test is named for: {uncovered}"
     missing = [ref for _, refs in COVERAGE for ref in refs if not _test_exists(ref)]
     assert not missing, f"COVERAGE names tests that do not exist: {missing}"
@@ -123,8 +173,13 @@ def test_make_targets_are_the_readme_commands():
         # -n: print what would run; -W the stamp: as if the venv were fresh, so the install steps show too
         # inside `make test` (CI) the outer make's variables would make this one print "Entering directory"
         env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-        r = subprocess.run(["make", "--no-print-directory", "-n", "-W", "setup.cfg", target], cwd=ROOT, env=env,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["make", "--no-print-directory", "-n", "-W", "setup.cfg", target],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr
         return r.stdout
 
@@ -136,7 +191,10 @@ def test_make_targets_are_the_readme_commands():
 
 
 def test_ci_runs_the_cluster_script_then_make_test():
-    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-             if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    steps = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "set ", "cd "))
+    ]
     assert steps == ["bash slurm/local/start.sh", "export HISTOKT_REQUIRE_SLURM=1", "make test"]
     assert subprocess.run(["bash", "-n", ROOT / ".ci" / "run"]).returncode == 0

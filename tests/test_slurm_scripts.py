@@ -67,7 +67,7 @@ def _sbatch_options(path):
     opts = []
     for line in path.read_text().splitlines()[1:]:
         if line.startswith("#SBATCH"):
-            opts.append(line[len("#SBATCH"):].strip())
+            opts.append(line[len("#SBATCH") :].strip())
         elif line.strip() and not line.lstrip().startswith("#"):
             break
     return opts
@@ -76,7 +76,7 @@ def _sbatch_options(path):
 def _body(path, stage):
     """The script from `set -u` on, with its stage name neutralized."""
     text = path.read_text()
-    return text[text.index("\nset -u\n"):].replace(f"STAGE={stage}\n", "STAGE=X\n")
+    return text[text.index("\nset -u\n") :].replace(f"STAGE={stage}\n", "STAGE=X\n")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -155,8 +155,12 @@ class Batch:
             full_env["SLURM_ARRAY_JOB_ID"] = "4242"
         full_env.update(env)
         self.proc = subprocess.Popen(
-            ["bash", str(_script(stage))], env=full_env, cwd=tmp_path,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ["bash", str(_script(stage))],
+            env=full_env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def wait_ready(self, timeout=20):
@@ -255,8 +259,20 @@ def test_container_wraps_histokt_and_requeues_on_the_host(tmp_path):
     rc, out = batch.finish()
     assert rc == 0, out
     assert batch.read("apptainer") == [
-        "exec", "--nv", "--bind", f"{batch.run_root},/data,/scratch/stores", "--env", "PYTHONPATH=",
-        str(image), "histokt", "run-cell", str(batch.run_root), "--stage", "pretrain", "--index", "1007",
+        "exec",
+        "--nv",
+        "--bind",
+        f"{batch.run_root},/data,/scratch/stores",
+        "--env",
+        "PYTHONPATH=",
+        str(image),
+        "histokt",
+        "run-cell",
+        str(batch.run_root),
+        "--stage",
+        "pretrain",
+        "--index",
+        "1007",
     ]
     assert batch.read("signals") == ["USR2"]
     assert batch.read("scontrol") == ["requeue 4242_7"]

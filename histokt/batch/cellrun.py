@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histokt import atomic
-from histokt.study import plan
 from histokt.errors import UserError
+from histokt.study import plan
 from histokt.train.config import EXIT_REQUEUE
 
 REQUEUE_DIR = ".requeue"
@@ -95,8 +95,14 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
     if cell.kind == "merge":
         from histokt.distill.merge import DistillConfig, distill
 
-        result = distill(DistillConfig(sources=[Path(p) for p in args["sources"]], rule=args["rule"],
-                                       lowrank=args["lowrank"], out=directory / "merged.pt"))
+        result = distill(
+            DistillConfig(
+                sources=[Path(p) for p in args["sources"]],
+                rule=args["rule"],
+                lowrank=args["lowrank"],
+                out=directory / "merged.pt",
+            )
+        )
         atomic.write_json(directory / "done.json", result)
         return 0
     if cell.kind == "collect":
@@ -139,7 +145,9 @@ class CellTask:
 
 def teardown_lines(run_root) -> list[str]:
     """Batch-script lines run on the host after srun: requeue this task if the cell asked for it."""
-    marker = f"{Path(run_root).absolute()}/{REQUEUE_DIR}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
+    marker = (
+        f"{Path(run_root).absolute()}/{REQUEUE_DIR}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
+    )
     key = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"
     task = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
     return [

@@ -23,15 +23,22 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from histokt import atomic
-from histokt.study import spec
 from histokt.errors import UserError
+from histokt.study import spec
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "jobs" / "demo.toml"
 
 # class -> (nuclei per 100x100 px, nucleus radius px); distinct enough to learn, close enough to be a task
-DEMO_CLASSES = {"ADI": (2, 5), "LYM": (40, 4), "MUC": (6, 6), "MUS": (10, 3), "NORM": (18, 5), "STR": (8, 4),
-                "TUM": (28, 7)}
+DEMO_CLASSES = {
+    "ADI": (2, 5),
+    "LYM": (40, 4),
+    "MUC": (6, 6),
+    "MUS": (10, 3),
+    "NORM": (18, 5),
+    "STR": (8, 4),
+    "TUM": (28, 7),
+}
 MHIST_CLASSES = {"HP": (12, 4), "SSA": (30, 6)}
 PCAM_CLASSES = {"non_tumor": (8, 3), "tumor": (35, 5)}
 # (stroma RGB, nucleus RGB) per dataset: each scanner and lab stains differently
@@ -45,22 +52,35 @@ STAINS = {
 @dataclass
 class DemoConfig:
     out: Path = field(default=Path("demo"), metadata={"help": "folder for the raw data, store and runs (demo)"})
-    executor: str = field(default="local", metadata={"choices": ("local", "slurm"),
-                                                     "help": "run the cells here (local) or on SLURM"})
-    per_class: int = field(default=12, metadata={
-        "help": "synthetic images per class; with --raw-root, at most this many real images per class and "
-                "official partition, unless the dataset sets max_per_class (default 12)"})
+    executor: str = field(
+        default="local", metadata={"choices": ("local", "slurm"), "help": "run the cells here (local) or on SLURM"}
+    )
+    per_class: int = field(
+        default=12,
+        metadata={
+            "help": "synthetic images per class; with --raw-root, at most this many real images per class and "
+            "official partition, unless the dataset sets max_per_class (default 12)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the synthetic images (default 0)"})
     parallel: int = field(default=2, metadata={"help": "local executor: cells at once (default 2)"})
     raw_root: Optional[Path] = field(
-        default=None, metadata={"help": "run the demo spec on real data: DIR/crc, DIR/mhist, DIR/pcam laid out as "
-                                        "the cards expect, or the datasets of --datasets (nothing synthetic is "
-                                        "generated)"})
+        default=None,
+        metadata={
+            "help": "run the demo spec on real data: DIR/crc, DIR/mhist, DIR/pcam laid out as "
+            "the cards expect, or the datasets of --datasets (nothing synthetic is "
+            "generated)"
+        },
+    )
     datasets: Optional[Path] = field(
-        default=None, metadata={"help": "a TOML file of [datasets.NAME] tables (as in a spec; raw relative to "
-                                        "--raw-root) replacing the demo's crc/mhist/pcam: each is pretrained, "
-                                        "transferred to every other, and all but the last are merged and tuned "
-                                        "on the last; e.g. jobs/demo-shared-data.toml"})
+        default=None,
+        metadata={
+            "help": "a TOML file of [datasets.NAME] tables (as in a spec; raw relative to "
+            "--raw-root) replacing the demo's crc/mhist/pcam: each is pretrained, "
+            "transferred to every other, and all but the last are merged and tuned "
+            "on the last; e.g. jobs/demo-shared-data.toml"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
 
 
@@ -112,8 +132,9 @@ def write_mhist_like(root: Path, per_class: int, seed: int) -> Path:
         rows.append((name, label, 6 if label == "SSA" else 0, "test" if k >= 2 * per_class - 4 else "train"))
     with (root / "annotations.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA (Out of 7)",
-                         "Partition"])
+        writer.writerow(
+            ["Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA (Out of 7)", "Partition"]
+        )
         writer.writerows(rows)
     return root
 
@@ -189,8 +210,9 @@ def write_spec(cfg: "DemoConfig", doc: dict) -> Path:
     path = Path(cfg.out).absolute() / "demo.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     # no absolute paths in the header: a re-run from another folder must render the same spec (same digest)
-    header = "# rendered by `histokt demo` from jobs/demo.toml" + (f" and {Path(cfg.datasets).name}"
-                                                                   if cfg.datasets else "")
+    header = "# rendered by `histokt demo` from jobs/demo.toml" + (
+        f" and {Path(cfg.datasets).name}" if cfg.datasets else ""
+    )
     atomic.write_bytes(path, (header + "\n" + spec.to_toml(doc)).encode())
     return path
 
@@ -205,8 +227,10 @@ def read_datasets(path: Path) -> dict:
         raise UserError(f"--datasets {path}: not valid TOML ({exc})") from None
     extra = sorted(set(doc) - {"datasets"})
     if extra or not isinstance(doc.get("datasets"), dict) or len(doc["datasets"]) < 2:
-        raise UserError(f"--datasets {path}: expected only [datasets.NAME] tables, at least two "
-                        f"(found {', '.join(extra) or len(doc.get('datasets') or {})})")
+        raise UserError(
+            f"--datasets {path}: expected only [datasets.NAME] tables, at least two "
+            f"(found {', '.join(extra) or len(doc.get('datasets') or {})})"
+        )
     for name, table in doc["datasets"].items():
         if not isinstance(table, dict) or "raw" not in table:
             raise UserError(f"--datasets {path}: datasets.{name}.raw: missing (the folder under --raw-root)")
@@ -243,8 +267,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"demo: writing the SYNTHETIC collection to {out / 'raw'} ...", file=sys.stderr)
         write_collection(out, cfg.per_class, cfg.seed)
     else:
-        print(f"demo: real data from {os.path.abspath(cfg.raw_root)}, at most {cfg.per_class} images per class "
-              f"and partition unless a dataset sets max_per_class (--per-class)", file=sys.stderr)
+        print(
+            f"demo: real data from {os.path.abspath(cfg.raw_root)}, at most {cfg.per_class} images per class "
+            f"and partition unless a dataset sets max_per_class (--per-class)",
+            file=sys.stderr,
+        )
     stage_imagenet_stand_in(out)
     spec_path = write_spec(cfg, doc)
     t = time.time()
@@ -258,8 +285,8 @@ def wait_for_slurm(run_root: Path, progress: bool) -> None:
     """Follow a submitted demo until its collector has run and nothing is queued (squeue, not sacct)."""
     from tqdm import tqdm
 
-    from histokt.study import plan
     from histokt.batch.sweep import queued_cells
+    from histokt.study import plan
 
     cells = plan.read(run_root)
     total = sum(len(c) for c in cells.values())

@@ -3,14 +3,13 @@
 from pathlib import Path
 
 from histokt import atomic
-from histokt.study import plan
 from histokt.batch.sweep import cell_jobs, squeue
+from histokt.study import plan
 
 COLUMNS = ("done", "running", "pending", "requeued", "failed")
 
 
-def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict,
-                state: dict) -> tuple[str, str | None]:
+def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict, state: dict) -> tuple[str, str | None]:
     """(status, last error line) of one cell; ``state`` is its state.json (or {})."""
     if plan.is_done(run_root, cell):
         return "done", None
@@ -43,8 +42,12 @@ def status(run_root) -> dict:
             if state.get("interrupted_at_steps"):
                 preempted.append(len(state["interrupted_at_steps"]))
         table[stage] = counts
-    return {"stages": table, "failures": failures, "scheduler": queue is not None,
-            "preempted": {"cells": len(preempted), "times": sum(preempted)}}
+    return {
+        "stages": table,
+        "failures": failures,
+        "scheduler": queue is not None,
+        "preempted": {"cells": len(preempted), "times": sum(preempted)},
+    }
 
 
 def render(report: dict) -> str:

@@ -19,9 +19,9 @@ from typing import Optional
 from tqdm import tqdm
 
 from histokt import atomic
-from histokt.study import plan
 from histokt.batch.cellrun import CellTask, teardown_lines
 from histokt.errors import UserError
+from histokt.study import plan
 from histokt.study.spec import STAGES, Resources, load
 
 
@@ -56,8 +56,11 @@ def prepare(cfg: SweepConfig):
 
 
 def todo(run_root: Path, cells: dict, stages: list, queued: set) -> dict[str, list[int]]:
-    out = {s: [i for i, c in enumerate(cells[s]) if c.id not in queued and not plan.is_done(run_root, c)]
-           for s in stages if s != "collect"}
+    out = {
+        s: [i for i, c in enumerate(cells[s]) if c.id not in queued and not plan.is_done(run_root, c)]
+        for s in stages
+        if s != "collect"
+    }
     if "collect" in stages:
         out["collect"] = [0] if collect_stale(run_root, cells, any(out.values())) else []
     return out
@@ -68,8 +71,16 @@ def collect_stale(run_root: Path, cells: dict, more_work: bool) -> bool:
     marker = plan.cell_dir(run_root, cells["collect"][0]) / "done.json"
     if more_work or not marker.exists():
         return True
-    newest = max((plan.marker(run_root, c).stat().st_mtime for s, cs in cells.items() if s != "collect"
-                  for c in cs if plan.is_done(run_root, c)), default=0.0)
+    newest = max(
+        (
+            plan.marker(run_root, c).stat().st_mtime
+            for s, cs in cells.items()
+            if s != "collect"
+            for c in cs
+            if plan.is_done(run_root, c)
+        ),
+        default=0.0,
+    )
     return newest > marker.stat().st_mtime
 
 
@@ -104,8 +115,7 @@ def run_local(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
         if not indices:
             continue
         executor.update_parameters(timeout_min=resources(spec, stage).time_min)
-        bar = tqdm(total=len(indices), desc=stage, unit="cell", file=sys.stderr,
-                   disable=None if cfg.progress else True)
+        bar = tqdm(total=len(indices), desc=stage, unit="cell", file=sys.stderr, disable=None if cfg.progress else True)
         pending, running = list(indices), []
         while pending or running:
             while pending and len(running) < cfg.parallel:
@@ -164,8 +174,10 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) ->
         "signal_delay_s": 120,
         "additional_parameters": {"requeue": True},
         # one intra-op thread per allocated CPU: no oversubscription, and the same arithmetic on every requeue
-        "setup": [f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
-                  "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"],
+        "setup": [
+            f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
+            "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+        ],
         "teardown": teardown_lines(run_root),
         "stderr_to_stdout": True,
     }
@@ -191,8 +203,12 @@ def dry_run_scripts(spec, run_root: Path, work, cfg: SweepConfig) -> dict[str, s
         params = slurm_parameters(spec, stage, run_root, previous)
         folder = run_root / "submitit" / "%j"
         size = min(len(indices), 1000)
-        scripts[stage] = _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {folder}", folder=folder,
-                                             map_count=size if len(indices) > 1 else None, **params)
+        scripts[stage] = _make_sbatch_string(
+            command=f"{python} -u -m submitit.core._submit {folder}",
+            folder=folder,
+            map_count=size if len(indices) > 1 else None,
+            **params,
+        )
         previous = [f"<{stage} arrays>"]
     return scripts
 
@@ -206,14 +222,20 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
     for stage, indices in work.items():
         ids = sorted({queued[c.id] for c in cells[stage] if c.id in queued})
         for chunk in chunks(indices, size):
-            executor = submitit.SlurmExecutor(folder=str(run_root / "submitit" / "%j"), max_num_timeout=1000,
-                                              python=python)
+            executor = submitit.SlurmExecutor(
+                folder=str(run_root / "submitit" / "%j"), max_num_timeout=1000, python=python
+            )
             executor.update_parameters(**slurm_parameters(spec, stage, run_root, previous))
             with executor.batch():
                 jobs = [executor.submit(CellTask(str(run_root), stage, i)) for i in chunk]
             array = jobs[0].job_id.split("_")[0]
-            record = {"job": array, "stage": stage, "cells": [cells[stage][i].id for i in chunk],
-                      "array": len(chunk) > 1, "time": time.time()}
+            record = {
+                "job": array,
+                "stage": stage,
+                "cells": [cells[stage][i].id for i in chunk],
+                "array": len(chunk) > 1,
+                "time": time.time(),
+            }
             _append(run_root / "submissions.jsonl", record)
             submitted.append(record)
             ids.append(array)

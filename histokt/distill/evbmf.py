@@ -22,8 +22,9 @@ the noise objective. ``low_rank`` reconstructs from the retained components as U
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -44,8 +45,9 @@ class Minimum(NamedTuple):
     converged: bool
 
 
-def minimize_bounded(f: Callable[[float], float], lower: float, upper: float,
-                     xatol: float = 1e-5, maxiter: int = 500) -> Minimum:
+def minimize_bounded(
+    f: Callable[[float], float], lower: float, upper: float, xatol: float = 1e-5, maxiter: int = 500
+) -> Minimum:
     """Minimize a scalar function on [lower, upper]: Brent's bounded method (golden section + parabolas).
 
     A port of scipy's ``minimize_scalar(method="Bounded")`` (fminbound), steps and stopping rule
@@ -104,7 +106,7 @@ def minimize_bounded(f: Callable[[float], float], lower: float, upper: float,
             if fu <= fnfc or nfc == xf:
                 fulc, ffulc = nfc, fnfc
                 nfc, fnfc = x, fu
-            elif fu <= ffulc or fulc == xf or fulc == nfc:
+            elif fu <= ffulc or fulc in (xf, nfc):
                 fulc, ffulc = x, fu
         xm = 0.5 * (a + b)
         tol1 = _SQRT_EPS * abs(xf) + xatol / 3.0
@@ -165,8 +167,9 @@ def noise_objective(sigma2: float, s2: np.ndarray, L: int, M: int, xbar: float, 
     big = x > xbar
     z1, z2 = x[big], x[~big]
     t = _tau(z1, alpha)
-    value = (np.sum(z2 - np.log(z2)) + np.sum(z1 - t) + np.sum(np.log((t + 1) / z1))
-             + alpha * np.sum(np.log(t / alpha + 1)))
+    value = (
+        np.sum(z2 - np.log(z2)) + np.sum(z1 - t) + np.sum(np.log((t + 1) / z1)) + alpha * np.sum(np.log(t / alpha + 1))
+    )
     return float(value + residual / (M * sigma2) + (L - s2.size) * math.log(sigma2))
 
 
@@ -175,7 +178,7 @@ def _noise_bounds(s2: np.ndarray, L: int, M: int, xbar: float) -> tuple[float, f
     alpha = L / M
     e = int(min(math.ceil(L / (1 + alpha)) - 1, L)) - 1
     upper = float(s2.sum() / (L * M))
-    lower = float(max(s2[e + 1] / (M * xbar), s2[e + 1:].mean() / M))
+    lower = float(max(s2[e + 1] / (M * xbar), s2[e + 1 :].mean() / M))
     return min(lower, upper), upper  # equal up to rounding for flat spectra: never an inverted interval
 
 
@@ -321,8 +324,9 @@ def unfolding_metrics(weight, mode: str, p: int = 1, xatol: float = 1e-5) -> Unf
         r = evbmf(y, xatol=xatol)
     except np.linalg.LinAlgError:
         return UnfoldingMetrics(mode, channels, 0, 0.0, 0.0, 0.0, 0.0)
-    return UnfoldingMetrics(mode, channels, r.rank, r.rank / channels, knowledge_gain(r.d, channels, p),
-                            mapping_condition(r.d, p), r.sigma2)
+    return UnfoldingMetrics(
+        mode, channels, r.rank, r.rank / channels, knowledge_gain(r.d, channels, p), mapping_condition(r.d, p), r.sigma2
+    )
 
 
 def layer_metrics(weight, p: int = 1, xatol: float = 1e-5) -> LayerMetrics:

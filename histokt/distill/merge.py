@@ -22,17 +22,16 @@ Outputs: MERGED.pt = {"model": state_dict, "arch", "distill": {...}} (weights-on
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from histokt import __version__
-from histokt import atomic
-from histokt.train import checkpoint
-from histokt.errors import UserError
+from histokt import __version__, atomic
 from histokt.distill.evbmf import layer_metrics, low_rank
+from histokt.errors import UserError
+from histokt.train import checkpoint
 from histokt.train.models import build_model, head_name
 
 RULES = ("kg-select", "average", "kg-weighted")
@@ -43,16 +42,21 @@ BEST = "best.pt"
 class DistillConfig:
     """One merge: which Stage-A runs, how, and where the merged checkpoint goes."""
 
-    sources: List[Path] = field(
-        metadata={"nargs": "+", "metavar": "RUN_DIR",
-                  "help": "Stage-A run directories (each holding best.pt) of one architecture"}
+    sources: list[Path] = field(
+        metadata={
+            "nargs": "+",
+            "metavar": "RUN_DIR",
+            "help": "Stage-A run directories (each holding best.pt) of one architecture",
+        }
     )
     rule: str = field(
-        metadata={"choices": RULES, "help": "kg-select: per conv layer the source with the highest knowledge "
-                                            "gain; average: element-wise mean; kg-weighted: mean weighted by gain"}
+        metadata={
+            "choices": RULES,
+            "help": "kg-select: per conv layer the source with the highest knowledge "
+            "gain; average: element-wise mean; kg-weighted: mean weighted by gain",
+        }
     )
-    out: Path = field(metadata={"metavar": "MERGED.pt",
-                                "help": "merged checkpoint (MERGED.json is written beside it)"})
+    out: Path = field(metadata={"metavar": "MERGED.pt", "help": "merged checkpoint (MERGED.json is written beside it)"})
     lowrank: bool = field(
         default=False, metadata={"help": "replace each merged conv by its EVBMF low-rank reconstruction (postSVD)"}
     )
@@ -97,9 +101,17 @@ def distill(cfg: DistillConfig) -> dict:
     meta = {"rule": cfg.rule, "lowrank": cfg.lowrank, "sources": [str(s.run) for s in sources]}
     checkpoint.save_weights(out, {"model": merged, "arch": arch, "distill": meta})
     atomic.write_json(report_path, report)
-    return {"out": str(out), "json": str(report_path), "arch": arch, "rule": cfg.rule, "lowrank": cfg.lowrank,
-            "sources": len(sources), "layers": len(layers), "picks": report["picks"],
-            "seconds": report["seconds"]}
+    return {
+        "out": str(out),
+        "json": str(report_path),
+        "arch": arch,
+        "rule": cfg.rule,
+        "lowrank": cfg.lowrank,
+        "sources": len(sources),
+        "layers": len(layers),
+        "picks": report["picks"],
+        "seconds": report["seconds"],
+    }
 
 
 def conv_groups(model: nn.Module) -> list[ConvGroup]:
@@ -161,7 +173,9 @@ def _load_source(run: Path) -> Source:
     try:
         ckpt = checkpoint.load(path)
     except Exception as exc:  # any unpickling failure means a damaged or foreign file
-        raise UserError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        raise UserError(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from None
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: not a histokt checkpoint (no 'model' state_dict)")
@@ -195,13 +209,16 @@ def _check_compatible(sources: list[Source], model: nn.Module, head: str) -> Non
             raise UserError(f"key {only[0]} is in only one of {ref.path} and {s.path}")
         for k, v in ref.state.items():
             if not k.startswith(head) and s.state[k].shape != v.shape:
-                raise UserError(f"key {k}: shape {tuple(v.shape)} in {ref.path} but {tuple(s.state[k].shape)} "
-                                f"in {s.path}")
+                raise UserError(
+                    f"key {k}: shape {tuple(v.shape)} in {ref.path} but {tuple(s.state[k].shape)} in {s.path}"
+                )
 
 
 def _has_own_state(module: nn.Module) -> bool:
-    return (next(module.parameters(recurse=False), None) is not None
-            or next(module.buffers(recurse=False), None) is not None)
+    return (
+        next(module.parameters(recurse=False), None) is not None
+        or next(module.buffers(recurse=False), None) is not None
+    )
 
 
 # ------------------------------------------------------------------------------------------ merging
@@ -226,8 +243,13 @@ def _merge(sources: list[Source], groups: list[ConvGroup], rule: str) -> tuple[d
         weights = rule_weights(rule, [m.kg for m in metrics])
         for k in g.keys:
             merged[k] = _combine([s.state[k] for s in sources], weights)
-        record = {"conv": g.conv, "bn": g.bn, "shape": list(sources[0].state[g.conv + ".weight"].shape),
-                  "weights": weights.tolist(), "sources": [m.to_dict() for m in metrics]}
+        record = {
+            "conv": g.conv,
+            "bn": g.bn,
+            "shape": list(sources[0].state[g.conv + ".weight"].shape),
+            "weights": weights.tolist(),
+            "sources": [m.to_dict() for m in metrics],
+        }
         if rule == "kg-select":
             record["chosen"] = int(np.argmax(weights))
             record["chosen_source"] = str(sources[record["chosen"]].run)
@@ -259,15 +281,25 @@ def _apply_lowrank(merged: dict, groups: list[ConvGroup], layers: list) -> None:
         kept = r.rank > 0
         if kept:
             merged[key] = torch.from_numpy(rebuilt).to(w.dtype)
-        record["lowrank"] = {"rank": r.rank, "channels": int(w.shape[0]), "sigma2": r.sigma2,
-                             "replaced": kept}
+        record["lowrank"] = {"rank": r.rank, "channels": int(w.shape[0]), "sigma2": r.sigma2, "replaced": kept}
 
 
 def _report(cfg, arch, sources, layers, other, seconds) -> dict:
     picks = {}
     if cfg.rule == "kg-select":
         picks = {str(s.run): sum(1 for r in layers if r["chosen"] == i) for i, s in enumerate(sources)}
-    return {"format": "histokt-distill/1", "histokt_version": __version__, "rule": cfg.rule,
-            "lowrank": cfg.lowrank, "arch": arch, "sources": [str(s.run) for s in sources],
-            "checkpoints": [str(s.path) for s in sources], "out": str(cfg.out), "metric": "EVBMF, p=1",
-            "picks": picks, "layers": layers, "other": other, "seconds": round(seconds, 3)}
+    return {
+        "format": "histokt-distill/1",
+        "histokt_version": __version__,
+        "rule": cfg.rule,
+        "lowrank": cfg.lowrank,
+        "arch": arch,
+        "sources": [str(s.run) for s in sources],
+        "checkpoints": [str(s.path) for s in sources],
+        "out": str(cfg.out),
+        "metric": "EVBMF, p=1",
+        "picks": picks,
+        "layers": layers,
+        "other": other,
+        "seconds": round(seconds, 3),
+    }

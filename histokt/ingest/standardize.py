@@ -11,6 +11,7 @@ A part is the unit of resume: a part without a manifest is redone from scratch, 
 moment and started again produces the same store, byte for byte.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,25 +24,35 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import zarr
 from tqdm import tqdm
 
-from histokt import __version__
-from histokt import atomic
+from histokt import __version__, atomic
+from histokt.errors import UserError
 from histokt.ingest.cards import CARD_NAMES, card_class, get_card, parse_options
 from histokt.ingest.decode import MAX_PIXELS, BadImage
-from histokt.errors import UserError
 from histokt.ingest.splits import SPLIT_RULES, check_plan, grouped_splits, patch_splits
-from histokt.store.schema import FORMAT, SPLITS, chunk_dir, patch_array, small_array, staging_dir, string_array, write_chunk
 from histokt.ingest.tiling import FilterParams, is_low_contrast, mirror_pad, rescale, tile_boxes
+from histokt.store.schema import (
+    FORMAT,
+    SPLITS,
+    chunk_dir,
+    patch_array,
+    small_array,
+    staging_dir,
+    string_array,
+    write_chunk,
+)
 
 DEFAULT_STRIDE = 204  # int(272 * (1 - 0.25)): HistoKT's 25 % overlap
 LOCK_STALE_S = 600
 # The root group's metadata, as zarr writes it; written atomically here because shards start concurrently.
-ROOT_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()  # a finalize lock untouched this long belongs to a dead process
+ROOT_METADATA = json.dumps(
+    {"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2
+).encode()  # a finalize lock untouched this long belongs to a dead process
 
 
 @dataclass
@@ -77,13 +88,17 @@ class StandardizeConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "replace a dataset of the same name made with another card or options"}
     )
-    option: List[str] = field(
+    option: list[str] = field(
         default_factory=list, metadata={"nargs": "*", "help": "card options KEY=VALUE (e.g. classes=9 for crc)"}
     )
     max_pixels: int = field(default=MAX_PIXELS, metadata={"help": f"largest image accepted (default {MAX_PIXELS:,})"})
     max_per_class: Optional[int] = field(
-        default=None, metadata={"help": "use at most N source images per class in each official partition, a "
-                                        "seeded choice (--split-seed): a quick trial on a big download"})
+        default=None,
+        metadata={
+            "help": "use at most N source images per class in each official partition, a "
+            "seeded choice (--split-seed): a quick trial on a big download"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
 
 
@@ -154,7 +169,7 @@ def make_plan(cfg: StandardizeConfig):
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise UserError(f"{cfg.dataset}: {raw / dup}: listed twice; verify the download")
-    plan = getattr(card, "split_plan")
+    plan = card.split_plan
     check_plan(plan, {s.partition for s in sources}, cfg.dataset)
     splits = grouped_splits(sources, plan, cfg.split_seed) if cfg.split_rule == "grouped" else [None] * len(sources)
     # the card's overlap (25 %, BCSS 75 %) at whatever patch size
@@ -518,7 +533,5 @@ def _swap_in(store: Path, name: str, out: Path, staging: Path) -> None:
 
 def _remove_staging(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.parent.rmdir()  # the last dataset of this store to finish removes the shared folder
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):  # the last dataset of this store to finish removes the shared folder
+        staging.parent.rmdir()

@@ -42,18 +42,31 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histokt import __version__
-from histokt import atomic
-from histokt.results import figures
-from histokt.results import paper
-from histokt.study import plan
+from histokt import __version__, atomic
 from histokt.errors import UserError
+from histokt.results import figures, paper
 from histokt.results.matrix import MISSING, Matrix, Stat, diag_text, title
+from histokt.study import plan
 
 COLUMNS = ["init", "mode", "source", "target", "lr", "n", "valid_top1_mean", "test_top1_mean", "test_top1_std"]
-DISTILL_COLUMNS = ["family", "target", "sources", "rule", "lowrank", "lr", "n", "top1_pct_mean", "top1_pct_std",
-                   "imagenet_pct_mean", "imagenet_pct_std", "gain_vs_imagenet_pp", "best_source",
-                   "best_source_pct_mean", "best_source_pct_std", "gain_vs_best_source_pp"]
+DISTILL_COLUMNS = [
+    "family",
+    "target",
+    "sources",
+    "rule",
+    "lowrank",
+    "lr",
+    "n",
+    "top1_pct_mean",
+    "top1_pct_std",
+    "imagenet_pct_mean",
+    "imagenet_pct_std",
+    "gain_vs_imagenet_pp",
+    "best_source",
+    "best_source_pct_mean",
+    "best_source_pct_std",
+    "gain_vs_best_source_pp",
+]
 COMPARE_COLUMNS = ["source", "target", "ours_mean", "ours_std", "paper_mean", "paper_std", "diff_pp"]
 MODES = ("fine", "deep")
 STATUSES = ("done", "running", "failed", "corrupt", "missing")
@@ -122,8 +135,10 @@ def _read_plan(run_root: Path) -> dict:
     try:
         return plan.read(run_root)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UserError(f"{run_root}/plan.json is corrupt ({type(exc).__name__}: {exc}); re-plan it with "
-                        f"'histokt sweep SPEC' (cells that are done are kept)") from None
+        raise UserError(
+            f"{run_root}/plan.json is corrupt ({type(exc).__name__}: {exc}); re-plan it with "
+            f"'histokt sweep SPEC' (cells that are done are kept)"
+        ) from None
 
 
 def _scan(run_root: Path, cells: dict) -> _Scan:
@@ -260,12 +275,18 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     names = sorted([*files, *(f"{m.name}.png" for m in matrices), "report.md"])
     report = _report(run_root, out, scan, matrices, distill, time.perf_counter() - started)
     atomic.write_bytes(out / "report.md", report.encode())
-    return {"rows": len(rows), **{k: len(v) for k, v in scan.status.items()},
-            "matrices": [m.name for m in matrices], "files": names, "out": str(out),
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "rows": len(rows),
+        **{k: len(v) for k, v in scan.status.items()},
+        "matrices": [m.name for m in matrices],
+        "files": names,
+        "out": str(out),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 # ---- text tables ----------------------------------------------------------------------------------------------
+
 
 def _num(x) -> str:
     """A number for a CSV: exact enough, without float noise (0.85, not 0.8500000000000001); '' for None."""
@@ -324,8 +345,9 @@ def _matrix_csv(m: Matrix) -> str:
 
 
 def _md_table(header, rows) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-            + ["| " + " | ".join(r) + " |" for r in rows])
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def _matrix_md(m: Matrix) -> str:
@@ -340,14 +362,24 @@ def _matrix_md(m: Matrix) -> str:
             row.append(f"**{text}**" if s == t and st is not None else text)
         top1.append(row)
     top1.append(["LR", *(_lr_text(m.lr[t]) for t in m.cols)])
-    gains = [[f"**{d(s)}**", *((_signed(m.gain(s, t)) or MISSING) if s != t and m.at(s, t)[0] else ""
-                                for t in m.cols)] for s in m.rows]
-    lines = [f"# {title(m)}: test top-1 (%)", "",
-             f"Rows = source, columns = target; mean ± sample std over seeds. **Diagonal** = {diag_text(m.init)}. "
-             "LR chosen per target on validation (the same for every source; row LR). "
-             f"{MISSING} = planned, no result yet; blank = not planned.", "",
-             *_md_table(head, top1), "", "## Gain over the target's diagonal (points)", "",
-             *_md_table(head, gains), ""]
+    gains = [
+        [f"**{d(s)}**", *((_signed(m.gain(s, t)) or MISSING) if s != t and m.at(s, t)[0] else "" for t in m.cols)]
+        for s in m.rows
+    ]
+    lines = [
+        f"# {title(m)}: test top-1 (%)",
+        "",
+        f"Rows = source, columns = target; mean ± sample std over seeds. **Diagonal** = {diag_text(m.init)}. "
+        "LR chosen per target on validation (the same for every source; row LR). "
+        f"{MISSING} = planned, no result yet; blank = not planned.",
+        "",
+        *_md_table(head, top1),
+        "",
+        "## Gain over the target's diagonal (points)",
+        "",
+        *_md_table(head, gains),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -373,35 +405,80 @@ def _distill_rows(scan: _Scan, matrices: dict) -> list[dict]:
         def diff(a, b):
             return None if a is None or b is None else 100 * (a.test - b.test)
 
-        csv_row = [family, target, sources, rule, lowrank, lr, st and st.n or 0, pct(st and st.test),
-                   pct(st and st.std), pct(bar and bar.test), pct(bar and bar.std), diff(st, bar), best_source or "",
-                   pct(best and best.test), pct(best and best.std), diff(st, best)]
-        out.append({"csv": csv_row, "model": model, "lr": lr, "stat": st, "bar": bar, "best_source": best_source,
-                    "best": best})
+        csv_row = [
+            family,
+            target,
+            sources,
+            rule,
+            lowrank,
+            lr,
+            (st and st.n) or 0,
+            pct(st and st.test),
+            pct(st and st.std),
+            pct(bar and bar.test),
+            pct(bar and bar.std),
+            diff(st, bar),
+            best_source or "",
+            pct(best and best.test),
+            pct(best and best.std),
+            diff(st, best),
+        ]
+        out.append(
+            {"csv": csv_row, "model": model, "lr": lr, "stat": st, "bar": bar, "best_source": best_source, "best": best}
+        )
     return out
 
 
 def _distill_md(rows: list[dict]) -> str:
-    lines = ["# Weight distillation: merged models deep-tuned on a target, test top-1 (%)", "",
-             "Each merged model at its LR chosen on validation, against ImageNet → target (the bar of method.md "
-             "§5.4) and against the best single source of the same family (deep-tuned, best test mean in that "
-             f"target's column). {MISSING} = no result yet.", ""]
+    lines = [
+        "# Weight distillation: merged models deep-tuned on a target, test top-1 (%)",
+        "",
+        "Each merged model at its LR chosen on validation, against ImageNet → target (the bar of method.md "
+        "§5.4) and against the best single source of the same family (deep-tuned, best test mean in that "
+        f"target's column). {MISSING} = no result yet.",
+        "",
+    ]
     if not rows:
         return "\n".join(lines + ["No distillation cells in this plan.", ""])
     body = []
     for r in rows:
         family, sources, target, rule, lowrank = r["model"]
         st, bar, best = r["stat"], r["bar"], r["best"]
-        vs = lambda other: _signed(None if st is None or other is None else 100 * (st.test - other.test))  # noqa: E731
+        vs = lambda other, st=st: _signed(None if st is None or other is None else 100 * (st.test - other.test))
         best_name = f"{paper.display(r['best_source'])}: {_pct(best)}" if best else MISSING
-        body.append([paper.display(target), family, "+".join(map(paper.display, sources.split("+"))), rule, lowrank,
-                     _lr_text(r["lr"]), _pct(st), _pct(bar), vs(bar), best_name, vs(best)])
-    head = ["target", "family", "sources", "rule", "lowrank", "LR", "merged", "ImageNet → target", "vs ImageNet",
-            "best single source", "vs best source"]
+        body.append(
+            [
+                paper.display(target),
+                family,
+                "+".join(map(paper.display, sources.split("+"))),
+                rule,
+                lowrank,
+                _lr_text(r["lr"]),
+                _pct(st),
+                _pct(bar),
+                vs(bar),
+                best_name,
+                vs(best),
+            ]
+        )
+    head = [
+        "target",
+        "family",
+        "sources",
+        "rule",
+        "lowrank",
+        "LR",
+        "merged",
+        "ImageNet → target",
+        "vs ImageNet",
+        "best single source",
+        "vs best source",
+    ]
     return "\n".join(lines + _md_table(head, body) + [""])
 
 
 # ---- the paper ------------------------------------------------------------------------------------------------
+
 
 def _compare(m: Matrix) -> list[list]:
     """[source, target, ours mean, ours std, paper mean, paper std, ours − paper] (points), matched cells only."""
@@ -420,26 +497,35 @@ def _compare(m: Matrix) -> list[list]:
 
 
 def _compare_md(m: Matrix, rows: list[list]) -> str:
-    lines = [f"# {title(m)}: ours minus the paper (test top-1, points)", "",
-             f"Published: method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
-             "matched by name with the paper's cards (" + ", ".join(paper.CARDS) + f"). {MISSING}: no result yet.",
-             ""]
+    lines = [
+        f"# {title(m)}: ours minus the paper (test top-1, points)",
+        "",
+        f"Published: method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
+        "matched by name with the paper's cards (" + ", ".join(paper.CARDS) + f"). {MISSING}: no result yet.",
+        "",
+    ]
     if not rows:
         return "\n".join(lines + ["No dataset of this study has a paper card's name: nothing to compare.", ""])
     diffs = [r[6] for r in rows if r[6] is not None]
     if diffs:
-        lines += [f"{len(diffs)} of {len(rows)} matched cells have a result: mean difference "
-                  f"{statistics.fmean(diffs):+.2f}, mean absolute difference "
-                  f"{statistics.fmean(map(abs, diffs)):.2f} points.", ""]
+        lines += [
+            f"{len(diffs)} of {len(rows)} matched cells have a result: mean difference "
+            f"{statistics.fmean(diffs):+.2f}, mean absolute difference "
+            f"{statistics.fmean(map(abs, diffs)):.2f} points.",
+            "",
+        ]
     by = {(r[0], r[1]): r for r in rows}
     srcs = [s for s in m.rows if any((s, t) in by for t in m.cols)]
     tgts = [t for t in m.cols if any((s, t) in by for s in m.rows)]
-    body = [[f"**{paper.display(s)}**", *((_signed(by[(s, t)][6]) or MISSING) if (s, t) in by else "" for t in tgts)]
-            for s in srcs]
+    body = [
+        [f"**{paper.display(s)}**", *((_signed(by[(s, t)][6]) or MISSING) if (s, t) in by else "" for t in tgts)]
+        for s in srcs
+    ]
     return "\n".join(lines + _md_table(["source \\ target", *map(paper.display, tgts)], body) + [""])
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
+
 
 def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: list, seconds: float) -> str:
     try:
@@ -448,15 +534,25 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         doc = {}
     st = scan.status
     total = sum(len(v) for v in st.values())
-    lines = [f"# {doc.get('study', 'study')}: collection report", "",
-             f"- spec digest `{doc.get('spec_digest')}`, histokt {__version__}, collected "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} in {seconds:.2f} s",
-             f"- training cells: {total}; done {len(st['done'])}, failed {len(st['failed'])}, running or requeued "
-             f"{len(st['running'])}, not started {len(st['missing'])}, corrupt or incomplete {len(st['corrupt'])}",
-             "- " + ("**complete**: every training cell has its result" if total and len(st["done"]) == total
-                     else "**partial**: tables hold what is done; missing cells are marked " + MISSING), ""]
-    lines += _md_table(["stage", "done", "running", "failed", "corrupt", "not started", "total"],
-                       [[s, *(str(c[k]) for k in STATUSES), str(sum(c.values()))] for s, c in scan.stages.items()])
+    lines = [
+        f"# {doc.get('study', 'study')}: collection report",
+        "",
+        f"- spec digest `{doc.get('spec_digest')}`, histokt {__version__}, collected "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} in {seconds:.2f} s",
+        f"- training cells: {total}; done {len(st['done'])}, failed {len(st['failed'])}, running or requeued "
+        f"{len(st['running'])}, not started {len(st['missing'])}, corrupt or incomplete {len(st['corrupt'])}",
+        "- "
+        + (
+            "**complete**: every training cell has its result"
+            if total and len(st["done"]) == total
+            else "**partial**: tables hold what is done; missing cells are marked " + MISSING
+        ),
+        "",
+    ]
+    lines += _md_table(
+        ["stage", "done", "running", "failed", "corrupt", "not started", "total"],
+        [[s, *(str(c[k]) for k in STATUSES), str(sum(c.values()))] for s, c in scan.stages.items()],
+    )
     lines += ["", "## Matrices", ""]
     if not matrices:
         lines.append("No transfer cells in this plan.")
@@ -465,14 +561,20 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         gaps = [f"{s} → {t}" for (s, t), v in sorted(m.cells.items()) if v is None]
         gaps += [f"{t} (diagonal)" for t, v in m.diag.items() if v is None]
         lr = ", ".join(f"{t} {_lr_text(m.lr[t])}" for t in m.cols)
-        lines.append(f"- `{m.name}`: {sum(c is not None for c in cells)}/{len(cells)} transfer cells, "
-                     f"{sum(v is not None for v in m.diag.values())}/{len(m.diag)} diagonal; LR per target: {lr}"
-                     + (f"; missing: {', '.join(gaps)}" if gaps else ""))
+        lines.append(
+            f"- `{m.name}`: {sum(c is not None for c in cells)}/{len(cells)} transfer cells, "
+            f"{sum(v is not None for v in m.diag.values())}/{len(m.diag)} diagonal; LR per target: {lr}"
+            + (f"; missing: {', '.join(gaps)}" if gaps else "")
+        )
     if distill:
         done = sum(r["stat"] is not None for r in distill)
         lines += ["", f"Distillation: {done}/{len(distill)} merged models have results (distill.md)."]
-    for kind, heading in (("failed", "Failed"), ("corrupt", "Corrupt or incomplete results (skipped)"),
-                        ("running", "Running or requeued"), ("missing", "Not started")):
+    for kind, heading in (
+        ("failed", "Failed"),
+        ("corrupt", "Corrupt or incomplete results (skipped)"),
+        ("running", "Running or requeued"),
+        ("missing", "Not started"),
+    ):
         items = st[kind]
         if not items:
             continue
@@ -481,6 +583,11 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         lines += [f"- `{x['cell']}` ({x['stage']}): {x['why']}" for x in shown]
         if len(shown) < len(items):
             lines.append(f"- … and {len(items) - len(shown)} more (`histokt status {run_root}` counts them)")
-    lines += ["", f"Files in `{out}`: transfer.csv, distill.csv/.md"
-              + "".join(f", {m.name}.csv/.md/.tex/.png" for m in matrices) + ".", ""]
+    lines += [
+        "",
+        f"Files in `{out}`: transfer.csv, distill.csv/.md"
+        + "".join(f", {m.name}.csv/.md/.tex/.png" for m in matrices)
+        + ".",
+        "",
+    ]
     return "\n".join(lines)

@@ -2,15 +2,24 @@
 
 from pathlib import Path
 
-from histokt import __version__
-from histokt import atomic
+from histokt import __version__, atomic
 from histokt.results import paper
 from histokt.results.matrix import MISSING, Matrix, Stat, diag_text, title
 
 # ---- LaTeX ----------------------------------------------------------------------------------------------------
 
-_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+_TEX_SPECIAL = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+}
 
 
 def _tex_escape(text: str) -> str:
@@ -32,15 +41,19 @@ def _shade(gain: float, best: float, worst: float) -> str:
 
 def matrix_tex(m: Matrix) -> str:
     """A tabular fragment: \\input it in a document with \\usepackage[table]{xcolor}."""
-    d = lambda name: _tex_escape(paper.display(name))  # noqa: E731
+    d = lambda name: _tex_escape(paper.display(name))
     gains = {t: [g for s in m.rows if s != t and (g := m.gain(s, t)) is not None] for t in m.cols}
-    lines = [f"% histokt {__version__} collect: {title(m)}, test top-1 (%) mean$_{{std}}$ over seeds; rows = "
-             "source, columns = target.",
-             f"% Bold diagonal: {diag_text(m.init)}. Off-diagonal cells shaded green (gain) or red (loss) "
-             "against it; gray: no result.",
-             "% Needs \\usepackage[table]{xcolor} (xcolor with colortbl).",
-             f"\\begin{{tabular}}{{l|{'c' * len(m.cols)}}}", "\\hline",
-             " & ".join(["src $\\backslash$ tgt", *(f"\\textbf{{{d(t)}}}" for t in m.cols)]) + " \\\\", "\\hline"]
+    lines = [
+        f"% histokt {__version__} collect: {title(m)}, test top-1 (%) mean$_{{std}}$ over seeds; rows = "
+        "source, columns = target.",
+        f"% Bold diagonal: {diag_text(m.init)}. Off-diagonal cells shaded green (gain) or red (loss) "
+        "against it; gray: no result.",
+        "% Needs \\usepackage[table]{xcolor} (xcolor with colortbl).",
+        f"\\begin{{tabular}}{{l|{'c' * len(m.cols)}}}",
+        "\\hline",
+        " & ".join(["src $\\backslash$ tgt", *(f"\\textbf{{{d(t)}}}" for t in m.cols)]) + " \\\\",
+        "\\hline",
+    ]
     for s in m.rows:
         cells = [f"\\textbf{{{d(s)}}}"]
         for t in m.cols:
@@ -62,6 +75,7 @@ def matrix_tex(m: Matrix) -> str:
 
 
 # ---- heatmap --------------------------------------------------------------------------------------------------
+
 
 def heatmap(m: Matrix, path: Path) -> None:
     """The paper-style figure: test top-1 per cell, coloured by the gain over the target's diagonal."""
@@ -103,20 +117,34 @@ def heatmap(m: Matrix, path: Path) -> None:
             if not planned:
                 continue
             if st is None:
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", edgecolor="0.55", hatch="///",
-                                       linewidth=0, zorder=2))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5), 1, 1, facecolor="0.85", edgecolor="0.55", hatch="///", linewidth=0, zorder=2
+                    )
+                )
                 ax.text(j, i, f"{MISSING}\nmissing", ha="center", va="center", fontsize=small, color="0.3")
                 continue
             dark = np.isfinite(gain[i, j]) and abs(gain[i, j]) > 0.75 * lim
             colour = "white" if dark else "black"
-            ax.text(j, i - 0.1, f"{100 * st.test:.2f}", ha="center", va="center", fontsize=small + 2,
-                    color=colour, fontweight="bold" if s == t else "normal")
+            ax.text(
+                j,
+                i - 0.1,
+                f"{100 * st.test:.2f}",
+                ha="center",
+                va="center",
+                fontsize=small + 2,
+                color=colour,
+                fontweight="bold" if s == t else "normal",
+            )
             std = f"±{100 * st.std:.2f}" if st.std is not None else f"n={st.n}"
             ax.text(j, i + 0.22, std, ha="center", va="center", fontsize=small, color=colour)
     for j, t in enumerate(m.cols):
         if t in m.rows:
-            ax.add_patch(Rectangle((j - 0.5, m.rows.index(t) - 0.5), 1, 1, fill=False, edgecolor="black",
-                                   linewidth=2.5, zorder=3))
+            ax.add_patch(
+                Rectangle(
+                    (j - 0.5, m.rows.index(t) - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5, zorder=3
+                )
+            )
     ax.set_xticks(range(nc), xlabels, rotation=30 if rotate else 0, ha="right" if rotate else "center")
     ax.set_yticks(range(nr), ylabels)
     ax.set_xlabel("target", fontweight="bold")
@@ -127,10 +155,24 @@ def heatmap(m: Matrix, path: Path) -> None:
     ax.tick_params(which="minor", length=0)
     bar = fig.colorbar(image, cax=cax)
     bar.set_label("gain over the diagonal (points)", fontsize=9)
-    fig.text(0.5, 1 - 0.12 / height, f"{title(m)}: test top-1 (%), mean ± std over seeds", ha="center", va="top",
-             fontsize=12, fontweight="bold")
-    fig.text(0.5, 1 - 0.42 / height, f"outlined diagonal: {diag_text(m.init)}\ncolour: gain over that "
-             "diagonal; hatched: no result yet", ha="center", va="top", fontsize=8, color="0.3")
+    fig.text(
+        0.5,
+        1 - 0.12 / height,
+        f"{title(m)}: test top-1 (%), mean ± std over seeds",
+        ha="center",
+        va="top",
+        fontsize=12,
+        fontweight="bold",
+    )
+    fig.text(
+        0.5,
+        1 - 0.42 / height,
+        f"outlined diagonal: {diag_text(m.init)}\ncolour: gain over that diagonal; hatched: no result yet",
+        ha="center",
+        va="top",
+        fontsize=8,
+        color="0.3",
+    )
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
 

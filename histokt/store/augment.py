@@ -89,8 +89,9 @@ def warp_batch(images, params):
     fx, fy = 1 - 2 * p[:, 0], 1 - 2 * p[:, 1]
     a11, a12, a21, a22 = fx * cos, fx * sin * h / w, -fy * sin * w / h, fy * cos
     tx, ty = p[:, 3] * 2 / w, p[:, 4] * 2 / h
-    theta = torch.stack([torch.stack([a11, a12, -(a11 * tx + a12 * ty)], 1),
-                         torch.stack([a21, a22, -(a21 * tx + a22 * ty)], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([a11, a12, -(a11 * tx + a12 * ty)], 1), torch.stack([a21, a22, -(a21 * tx + a22 * ty)], 1)], 1
+    )
     grid = F.affine_grid(theta, (b, images.shape[1], h, w), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 

@@ -100,9 +100,7 @@ def list_datasets(store) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and (p / "zarr.json").is_file()
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "zarr.json").is_file()
     )
 
 

@@ -42,21 +42,49 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
         cells = []
         for name, d in spec.datasets.items():
             for i in range(d.shards):
-                args = {"dataset": d.card, "raw": str(Path(d.raw).absolute()), "store": store, "name": name,
-                        "mpp": d.mpp, "shard": f"{i}/{d.shards}", "patch_size": spec.patch_size,
-                        "target_mpp": spec.target_mpp, "option": [f"{k}={v}" for k, v in d.options.items()],
-                        "max_per_class": d.max_per_class, "progress": False}
+                args = {
+                    "dataset": d.card,
+                    "raw": str(Path(d.raw).absolute()),
+                    "store": store,
+                    "name": name,
+                    "mpp": d.mpp,
+                    "shard": f"{i}/{d.shards}",
+                    "patch_size": spec.patch_size,
+                    "target_mpp": spec.target_mpp,
+                    "option": [f"{k}={v}" for k, v in d.options.items()],
+                    "max_per_class": d.max_per_class,
+                    "progress": False,
+                }
                 cells.append(Cell("standardize", f"std-{name}-{i}of{d.shards}", "standardize", args))
         out["standardize"] = cells
     if "pretrain" in spec.stages:
         st = spec.stages["pretrain"]
         out["pretrain"] = [
-            Cell("pretrain", f"A-{name}-{init}-s{seed}", "train",
-                 {**st.recipe, "store": store, "dataset": name, "init": init, "mode": "scratch", "seed": seed,
-                  "norm": "imagenet" if init == "imagenet" else "dataset"},
-                 meta={"family": init, "source": name, "target": name, "mode": "scratch",
-                       "lr": st.recipe.get("lr"), "seed": seed})
-            for name in st.datasets for init in st.inits for seed in st.seeds
+            Cell(
+                "pretrain",
+                f"A-{name}-{init}-s{seed}",
+                "train",
+                {
+                    **st.recipe,
+                    "store": store,
+                    "dataset": name,
+                    "init": init,
+                    "mode": "scratch",
+                    "seed": seed,
+                    "norm": "imagenet" if init == "imagenet" else "dataset",
+                },
+                meta={
+                    "family": init,
+                    "source": name,
+                    "target": name,
+                    "mode": "scratch",
+                    "lr": st.recipe.get("lr"),
+                    "seed": seed,
+                },
+            )
+            for name in st.datasets
+            for init in st.inits
+            for seed in st.seeds
         ]
     if "transfer" in spec.stages:
         st = spec.stages["transfer"]
@@ -74,13 +102,32 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
                             for seed in st.seeds:
                                 src = f"A-{source}-{init}-s{seed}"
                                 init_path = f"{{run_root}}/cells/pretrain/{src}/best.pt"
-                                cells.append(Cell(
-                                    "transfer", f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}", "train",
-                                    {**st.recipe, "store": store, "dataset": target, "init": init_path, "mode": mode,
-                                     "lr": lr, "seed": seed, "norm": "imagenet" if init == "imagenet" else source},
-                                    inputs=[init_path],
-                                    meta={"family": init, "source": source, "target": target, "mode": mode,
-                                          "lr": lr, "seed": seed}))
+                                cells.append(
+                                    Cell(
+                                        "transfer",
+                                        f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}",
+                                        "train",
+                                        {
+                                            **st.recipe,
+                                            "store": store,
+                                            "dataset": target,
+                                            "init": init_path,
+                                            "mode": mode,
+                                            "lr": lr,
+                                            "seed": seed,
+                                            "norm": "imagenet" if init == "imagenet" else source,
+                                        },
+                                        inputs=[init_path],
+                                        meta={
+                                            "family": init,
+                                            "source": source,
+                                            "target": target,
+                                            "mode": mode,
+                                            "lr": lr,
+                                            "seed": seed,
+                                        },
+                                    )
+                                )
         out["transfer"] = cells
     if "distill" in spec.stages:
         out["merge"], out["distill"] = distill_cells(spec, store)
@@ -105,22 +152,48 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
                     for seed in st.seeds:
                         name = f"{init}-{'+'.join(members)}-{rule}{'-lowrank' if lowrank else ''}"
                         sources = [f"{{run_root}}/cells/pretrain/A-{m}-{init}-s{seed}" for m in members]
-                        merge = Cell("merge", f"M-{name}-s{seed}", "merge",
-                                     {"sources": sources, "rule": rule, "lowrank": lowrank},
-                                     inputs=[f"{s}/best.pt" for s in sources])
+                        merge = Cell(
+                            "merge",
+                            f"M-{name}-s{seed}",
+                            "merge",
+                            {"sources": sources, "rule": rule, "lowrank": lowrank},
+                            inputs=[f"{s}/best.pt" for s in sources],
+                        )
                         merges.append(merge)
                         merged = f"{{run_root}}/cells/merge/{merge.id}/merged.pt"
                         for target in st.targets:
-                            lrs = [TARGET_LR.get(spec.datasets[target].card, 1e-4)] if st.lrs == "per-target" \
-                                else st.lrs
+                            lrs = (
+                                [TARGET_LR.get(spec.datasets[target].card, 1e-4)] if st.lrs == "per-target" else st.lrs
+                            )
                             for lr in lrs:
-                                tunes.append(Cell(
-                                    "distill", f"D-{name}-{target}-lr{lr_name(lr)}-s{seed}", "train",
-                                    {**st.recipe, "store": store, "dataset": target, "init": merged, "mode": "deep",
-                                     "lr": lr, "seed": seed, "norm": "imagenet" if init == "imagenet" else "dataset"},
-                                    inputs=[merged],
-                                    meta={"family": init, "source": "+".join(members), "target": target,
-                                          "mode": "deep", "lr": lr, "seed": seed, "rule": rule, "lowrank": lowrank}))
+                                tunes.append(
+                                    Cell(
+                                        "distill",
+                                        f"D-{name}-{target}-lr{lr_name(lr)}-s{seed}",
+                                        "train",
+                                        {
+                                            **st.recipe,
+                                            "store": store,
+                                            "dataset": target,
+                                            "init": merged,
+                                            "mode": "deep",
+                                            "lr": lr,
+                                            "seed": seed,
+                                            "norm": "imagenet" if init == "imagenet" else "dataset",
+                                        },
+                                        inputs=[merged],
+                                        meta={
+                                            "family": init,
+                                            "source": "+".join(members),
+                                            "target": target,
+                                            "mode": "deep",
+                                            "lr": lr,
+                                            "seed": seed,
+                                            "rule": rule,
+                                            "lowrank": lowrank,
+                                        },
+                                    )
+                                )
     return merges, tunes
 
 
@@ -151,12 +224,19 @@ def write(run_root, spec: Spec, plan: dict[str, list[Cell]], force: bool = False
     root = Path(run_root)
     old = atomic.read_json(root / "plan.json")
     if old is not None and old.get("spec_digest") != spec.digest and not force:
-        raise UserError(f"{root}: was made from another spec (digest {old.get('spec_digest')}, this one "
-                        f"{spec.digest}); use another run_root, or --force to re-plan it")
+        raise UserError(
+            f"{root}: was made from another spec (digest {old.get('spec_digest')}, this one "
+            f"{spec.digest}); use another run_root, or --force to re-plan it"
+        )
     root.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(root / "spec.toml", spec.text.encode())
-    doc = {"format": PLAN_FORMAT, "study": spec.name, "spec_digest": spec.digest, "store": spec.store,
-           "stages": {stage: [asdict(c) for c in cells] for stage, cells in plan.items()}}
+    doc = {
+        "format": PLAN_FORMAT,
+        "study": spec.name,
+        "spec_digest": spec.digest,
+        "store": spec.store,
+        "stages": {stage: [asdict(c) for c in cells] for stage, cells in plan.items()},
+    }
     atomic.write_bytes(root / "plan.json", json.dumps(doc, separators=(",", ":")).encode())
 
 

@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from histokt.ingest.cards import CARD_NAMES
 from histokt.errors import UserError
+from histokt.ingest.cards import CARD_NAMES
 from histokt.train.config import TrainConfig
 
 STAGES = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
@@ -146,9 +146,15 @@ def parse_dataset(name: str, t, where) -> Dataset:
     card = _get(t, "card", str, key, where)
     if card not in CARD_NAMES:
         raise UserError(f"{where}: {key}.card: unknown card {card!r}; choose one of {', '.join(CARD_NAMES)}")
-    d = Dataset(name, card, _get(t, "raw", str, key, where), _get(t, "mpp", float, key, where, default=None),
-                _get(t, "options", dict, key, where, default={}), _get(t, "shards", int, key, where, default=1),
-                _get(t, "max_per_class", int, key, where, default=None))
+    d = Dataset(
+        name,
+        card,
+        _get(t, "raw", str, key, where),
+        _get(t, "mpp", float, key, where, default=None),
+        _get(t, "options", dict, key, where, default={}),
+        _get(t, "shards", int, key, where, default=1),
+        _get(t, "max_per_class", int, key, where, default=None),
+    )
     if d.mpp is not None and not d.mpp > 0:
         raise UserError(f"{where}: {key}.mpp: {d.mpp} must be a positive µm/px")
     if d.shards < 1:
@@ -165,8 +171,14 @@ def _stage(name: str, t, where) -> Stage:
     _keys(t, STAGE_KEYS[name], key, where)
     stage = Stage(name=name)
     stage.resources = _resources(t.get("resources", {}), f"{key}.resources", where)
-    for attr, typ in (("datasets", str), ("sources", str), ("targets", str), ("inits", str), ("modes", str),
-                      ("seeds", int)):
+    for attr, typ in (
+        ("datasets", str),
+        ("sources", str),
+        ("targets", str),
+        ("inits", str),
+        ("modes", str),
+        ("seeds", int),
+    ):
         if attr in t:
             setattr(stage, attr, _list(t, attr, typ, key, where))
     if "include_diagonal" in t:
@@ -183,8 +195,9 @@ def _stage(name: str, t, where) -> Stage:
         if not isinstance(sets, list) or not all(isinstance(x, list) for x in sets):
             raise UserError(f"{where}: {key}.source_sets: expected a list of lists of dataset names")
         for i, members in enumerate(sets):
-            stage.source_sets.append([_check_type(v, str, f"{key}.source_sets[{i}][{j}]", where)
-                                      for j, v in enumerate(members)])
+            stage.source_sets.append(
+                [_check_type(v, str, f"{key}.source_sets[{i}][{j}]", where) for j, v in enumerate(members)]
+            )
             if len(members) < 2:
                 raise UserError(f"{where}: {key}.source_sets[{i}]: merging needs at least 2 datasets")
     for i, init in enumerate(stage.inits):
@@ -248,8 +261,10 @@ def _cross_check(spec: Spec, where) -> None:
         for attr in ("datasets", "sources", "targets"):
             for i, name in enumerate(getattr(stage, attr)):
                 if name not in names:
-                    raise UserError(f"{where}: stages.{stage.name}.{attr}[{i}]: unknown dataset {name!r}; "
-                                    f"declare it under [datasets.{name}]")
+                    raise UserError(
+                        f"{where}: stages.{stage.name}.{attr}[{i}]: unknown dataset {name!r}; "
+                        f"declare it under [datasets.{name}]"
+                    )
     if "distill" in spec.stages:
         d, p = spec.stages["distill"], spec.stages.get("pretrain")
         for i, members in enumerate(d.source_sets):
@@ -257,8 +272,9 @@ def _cross_check(spec: Spec, where) -> None:
                 if name not in names:
                     raise UserError(f"{where}: stages.distill.source_sets[{i}]: unknown dataset {name!r}")
                 if p is None or name not in p.datasets:
-                    raise UserError(f"{where}: stages.distill.source_sets[{i}]: {name!r} is not trained in "
-                                    f"stages.pretrain")
+                    raise UserError(
+                        f"{where}: stages.distill.source_sets[{i}]: {name!r} is not trained in stages.pretrain"
+                    )
         for init in d.inits:
             if p is None or init not in p.inits:
                 raise UserError(f"{where}: stages.distill.inits: {init!r} models are not trained in stages.pretrain")
@@ -334,7 +350,7 @@ def _table(doc, name, where) -> dict:
 def _check_type(value, typ, key, where):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+    if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
         raise UserError(f"{where}: {key}: {value!r} is not a {typ.__name__}")
     return value
 

@@ -65,7 +65,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    version, internal, gauss = random.getstate()
+    version, _, gauss = random.getstate()
     random.setstate((version, tuple(int(x) for x in state["python"].tolist()), gauss))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"]))
     torch.set_rng_state(state["torch"])

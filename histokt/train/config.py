@@ -21,13 +21,17 @@ class TrainConfig:
     )
     mode: str = field(
         default="scratch",
-        metadata={"choices": ("scratch", "fine", "deep"),
-                  "help": "scratch: train all layers (Stage A); fine: train only the new head; deep: all layers"},
+        metadata={
+            "choices": ("scratch", "fine", "deep"),
+            "help": "scratch: train all layers (Stage A); fine: train only the new head; deep: all layers",
+        },
     )
     arch: str = field(default="resnet18", metadata={"help": "any torchvision classification model (default resnet18)"})
     epochs: int = field(default=250, metadata={"help": "epochs (paper: 250)"})
     batch_size: int = field(default=64, metadata={"help": "GLOBAL batch size, whatever the world size (paper: 64)"})
-    lr: Optional[float] = field(default=None, metadata={"help": "learning rate (default: the recipe's for mode/target)"})
+    lr: Optional[float] = field(
+        default=None, metadata={"help": "learning rate (default: the recipe's for mode/target)"}
+    )
     optimizer: Optional[str] = field(
         default=None, metadata={"help": "adamp, sgd, adam, adamw (default: sgd for scratch, adamp for fine/deep)"}
     )
@@ -41,24 +45,31 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of init, data order and augmentation"})
     norm: str = field(
         default="dataset",
-        metadata={"help": "normalization: dataset (this one's train statistics), imagenet, none, or another "
-                          "dataset's name in the store (HistoKT: the source's for random-init transfer)"},
+        metadata={
+            "help": "normalization: dataset (this one's train statistics), imagenet, none, or another "
+            "dataset's name in the store (HistoKT: the source's for random-init transfer)"
+        },
     )
     bn: str = field(
         default="train",
-        metadata={"choices": ("train", "eval"),
-                  "help": "fine mode: encoder BatchNorm statistics keep updating (train, the paper) or frozen (eval)"},
+        metadata={
+            "choices": ("train", "eval"),
+            "help": "fine mode: encoder BatchNorm statistics keep updating (train, the paper) or frozen (eval)",
+        },
     )
     crop: int = field(default=0, metadata={"help": "random crop size after augmentation (0: full patch, the paper)"})
     augment: bool = field(default=True, metadata={"help": "flips + affine (--no-augment to turn off)"})
     augment_on: str = field(
         default="auto",
-        metadata={"choices": ("auto", "loader", "device"),
-                  "help": "where the affine warp runs: loader workers (Pillow), or batched on the device; auto: the "
-                          "device on CUDA (the CPU loader cannot keep a GPU busy), the loader otherwise"},
+        metadata={
+            "choices": ("auto", "loader", "device"),
+            "help": "where the affine warp runs: loader workers (Pillow), or batched on the device; auto: the "
+            "device on CUDA (the CPU loader cannot keep a GPU busy), the loader otherwise",
+        },
     )
     precision: str = field(
-        default="auto", metadata={"choices": ("auto", "bf16", "fp32"), "help": "auto: bf16 autocast on CUDA, fp32 on CPU"}
+        default="auto",
+        metadata={"choices": ("auto", "bf16", "fp32"), "help": "auto: bf16 autocast on CUDA, fp32 on CPU"},
     )
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})

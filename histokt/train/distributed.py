@@ -135,8 +135,9 @@ def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torc
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if isinstance(child, torch.nn.BatchNorm2d) and type(child) is torch.nn.BatchNorm2d:
-            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
+            sync = CpuSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             sync.load_state_dict(child.state_dict())
             sync.train(child.training)
             setattr(model, name, sync)

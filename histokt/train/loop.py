@@ -26,14 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from histokt import __version__
-from histokt import atomic
-from histokt.train import checkpoint
-from histokt.train import distributed
-from histokt.store.augment import Augment, warp_batch
+from histokt import __version__, atomic
 from histokt.errors import UserError
+from histokt.store.augment import Augment, warp_batch
 from histokt.store.reader import PatchDataset, make_loader, open_attrs
 from histokt.store.sampler import GlobalBatchSampler, eval_shards
+from histokt.train import checkpoint, distributed
 from histokt.train.config import EXIT_REQUEUE, OPERATIONAL, TrainConfig, config_dict, resolved
 
 # -- configuration ------------------------------------------------------------------------------------------
@@ -217,9 +215,9 @@ class Cell:
     """Everything one rank holds while training a cell."""
 
     def __init__(self, cfg: TrainConfig, world: distributed.World, device: torch.device):
+        from histokt.store.normstats import resolve
         from histokt.train.metrics import loss_fn, multilabel_pos_weights
         from histokt.train.models import apply_bn_mode, build_model, freeze_encoder
-        from histokt.store.normstats import resolve
         from histokt.train.optim import build_optimizer, build_scheduler
 
         self.cfg, self.world, self.device = cfg, world, device
@@ -289,17 +287,20 @@ class Cell:
         if self.world.main:
             self.state["seconds"] += time.time() - self.t0
             self.t0 = time.time()
-            checkpoint.save(self.run_dir, {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": None,  # bf16 autocast needs no loss scaling
-                "rng": checkpoint.rng_state(),
-                "arch": self.cfg.arch,
-                "world_size": self.world.size,
-                "histokt_version": __version__,
-                **self.state,
-            })
+            checkpoint.save(
+                self.run_dir,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": None,  # bf16 autocast needs no loss scaling
+                    "rng": checkpoint.rng_state(),
+                    "arch": self.cfg.arch,
+                    "world_size": self.world.size,
+                    "histokt_version": __version__,
+                    **self.state,
+                },
+            )
         distributed.barrier()
 
     # -- loop --------------------------------------------------------------------------------------------
@@ -309,9 +310,12 @@ class Cell:
             while self.state["epoch"] < self.cfg.epochs:
                 epoch = self.state["epoch"]
                 if self.train_epoch(epoch, stop):
-                    return {"status": "interrupted", "step": self.state["step"],
-                            "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
-                                       "command again to resume"}
+                    return {
+                        "status": "interrupted",
+                        "step": self.state["step"],
+                        "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
+                        "command again to resume",
+                    }
                 self.end_epoch(epoch)
                 self.last_save = time.time()
         return self.finish()
@@ -321,8 +325,14 @@ class Cell:
         self.sampler.set_epoch(epoch, self.state["batch"])
         self.net.train()
         self.apply_bn_mode(self.model)
-        bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
-                   disable=None if self.cfg.progress and self.world.main else True)
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            leave=False,
+            file=sys.stderr,
+            disable=None if self.cfg.progress and self.world.main else True,
+        )
         for batch in bar:
             loss = self.step(*batch)
             self.state["step"] += 1
@@ -330,8 +340,9 @@ class Cell:
             every = self.cfg.ckpt_every_steps and self.state["step"] % self.cfg.ckpt_every_steps == 0
             timed = self.cfg.ckpt_every_min and time.time() - self.last_save > 60 * self.cfg.ckpt_every_min
             # one collective a step: every rank stops, fails or saves at the same step
-            halt, bad, periodic = distributed.any_rank([stop.flag, not math.isfinite(loss), bool(every or timed)],
-                                                       self.device)
+            halt, bad, periodic = distributed.any_rank(
+                [stop.flag, not math.isfinite(loss), bool(every or timed)], self.device
+            )
             if bad:
                 raise UserError(
                     f"loss is not finite at epoch {epoch} step {self.state['step']}; the last good checkpoint "
@@ -388,15 +399,21 @@ class Cell:
     def end_epoch(self, epoch: int) -> None:
         self.scheduler.step()
         valid = self.evaluate("valid", self.model)
-        line = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"],
-                "valid": valid}
+        line = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"], "valid": valid}
         best = self.state["best"]
         if best is None or valid["top1"] > best["top1"]:  # strictly improving, as HistoKT
             self.state["best"] = {"top1": valid["top1"], "epoch": epoch}
             if self.world.main:
-                checkpoint.save_weights(self.run_dir / "best.pt",
-                                        {"model": self.model.state_dict(), "epoch": epoch, "valid_top1": valid["top1"],
-                                         "arch": self.cfg.arch, "classes": self.classes})
+                checkpoint.save_weights(
+                    self.run_dir / "best.pt",
+                    {
+                        "model": self.model.state_dict(),
+                        "epoch": epoch,
+                        "valid_top1": valid["top1"],
+                        "arch": self.cfg.arch,
+                        "classes": self.classes,
+                    },
+                )
         self.state["history"].append(line)
         if self.world.main:
             text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.state["history"])
@@ -442,4 +459,4 @@ def drop_training_state(run_dir: Path) -> None:
             (run_dir / name).unlink(missing_ok=True)
 
 
-__all__ = ["TrainConfig", "train", "EXIT_REQUEUE"]
+__all__ = ["EXIT_REQUEUE", "TrainConfig", "train"]

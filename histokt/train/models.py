@@ -85,7 +85,9 @@ def _construct(arch: str, with_aux: bool = False) -> nn.Module:
 def _locate_head(model: nn.Module) -> tuple[nn.Module, str, str]:
     """(parent module, attribute, dotted name) of the final classification Linear, or UserError."""
     candidates = []
-    if isinstance(getattr(model, "fc", None), nn.Linear):  # resnet/resnext/wide_resnet, regnet, shufflenet, googlenet, inception
+    if isinstance(
+        getattr(model, "fc", None), nn.Linear
+    ):  # resnet/resnext/wide_resnet, regnet, shufflenet, googlenet, inception
         candidates.append((model, "fc", "fc"))
     heads = getattr(model, "heads", None)
     if isinstance(heads, nn.Module) and isinstance(getattr(heads, "head", None), nn.Linear):  # vit
@@ -95,7 +97,9 @@ def _locate_head(model: nn.Module) -> tuple[nn.Module, str, str]:
     clf = getattr(model, "classifier", None)
     if isinstance(clf, nn.Linear):  # densenet
         candidates.append((model, "classifier", "classifier"))
-    elif isinstance(clf, nn.Sequential) and len(clf) and isinstance(clf[-1], nn.Linear):  # vgg, alexnet, mobilenet, efficientnet, convnext, mnasnet, maxvit
+    elif (
+        isinstance(clf, nn.Sequential) and len(clf) and isinstance(clf[-1], nn.Linear)
+    ):  # vgg, alexnet, mobilenet, efficientnet, convnext, mnasnet, maxvit
         last = list(clf._modules)[-1]
         candidates.append((clf, last, f"classifier.{last}"))
     if not candidates:
@@ -217,7 +221,7 @@ def _state_dict_of(obj, path: Path, what: str) -> dict:
     sd = dict(obj)
     for prefix in _WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 

@@ -63,8 +63,9 @@ class AdamP(Optimizer):
     ``step`` (int), ``exp_avg``, ``exp_avg_sq`` per parameter, which ``state_dict`` round-trips.
     """
 
-    def __init__(self, params, lr, betas=ADAMP_BETAS, eps=ADAMP_EPS, weight_decay=0, delta=0.1, wd_ratio=0.1,
-                 nesterov=False):
+    def __init__(
+        self, params, lr, betas=ADAMP_BETAS, eps=ADAMP_EPS, weight_decay=0, delta=0.1, wd_ratio=0.1, nesterov=False
+    ):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
         if not eps >= 0.0:
@@ -73,8 +74,15 @@ class AdamP(Optimizer):
             raise ValueError(f"invalid betas: {betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"invalid weight_decay: {weight_decay}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
-                        wd_ratio=wd_ratio, nesterov=nesterov)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            nesterov=nesterov,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -14,8 +14,13 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 def run_demo(out, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TORCH_HOME", None)
-    return subprocess.run(histokt_cmd("demo", "--out", out, "--per-class", "4", "--no-progress", *extra), env=env,
-                          capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        histokt_cmd("demo", "--out", out, "--per-class", "4", "--no-progress", *extra),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 def check_outputs(out):
@@ -23,7 +28,10 @@ def check_outputs(out):
     assert sorted(store.group_keys()) == ["crc", "mhist", "pcam"]
     # each at its own native µm/px, standardized to the spec's 112 px at 1 µm/px
     assert {n: store[n].attrs["mpp_native"] for n in ("crc", "mhist", "pcam")} == {
-        "crc": 0.5, "mhist": 1.25, "pcam": 0.972}
+        "crc": 0.5,
+        "mhist": 1.25,
+        "pcam": 0.972,
+    }
     summary = out / "runs" / "summary"
     for init in ("random", "imagenet"):
         for mode in ("fine", "deep"):
@@ -88,25 +96,33 @@ def test_rendered_synthetic_spec_is_the_template_with_paths(tmp_path):
     assert doc["stages"] == template["stages"]
     assert doc["study"]["run_root"] == str(tmp_path / "out" / "runs")
     assert {n: d["raw"] for n, d in doc["datasets"].items()} == {
-        n: str(tmp_path / "out" / "raw" / n) for n in ("crc", "mhist", "pcam")}
+        n: str(tmp_path / "out" / "raw" / n) for n in ("crc", "mhist", "pcam")
+    }
     assert all("max_per_class" not in d for d in doc["datasets"].values())  # generated at --per-class already
 
 
 def test_raw_root_caps_real_data_at_per_class(tmp_path):
     doc = render(tmp_path, raw_root=tmp_path / "data" / ".." / "data", per_class=7)
     assert {n: (d["raw"], d["max_per_class"]) for n, d in doc["datasets"].items()} == {
-        n: (str(tmp_path / "data" / n), 7) for n in ("crc", "mhist", "pcam")}
+        n: (str(tmp_path / "data" / n), 7) for n in ("crc", "mhist", "pcam")
+    }
 
 
 def test_datasets_file_repoints_every_stage(tmp_path):
     three = TWO + '\n[datasets.third]\ncard = "folder"\nraw = "three"\nmpp = 1.0\n'
     doc = render(tmp_path, three, raw_root=tmp_path / "data", per_class=5)
     assert {n: (d["raw"], d["max_per_class"]) for n, d in doc["datasets"].items()} == {
-        "first": (str(tmp_path / "data" / "one"), 3), "second": ("/elsewhere/two", 5),
-        "third": (str(tmp_path / "data" / "three"), 5)}
+        "first": (str(tmp_path / "data" / "one"), 3),
+        "second": ("/elsewhere/two", 5),
+        "third": (str(tmp_path / "data" / "three"), 5),
+    }
     st = doc["stages"]
-    assert st["pretrain"]["datasets"] == st["transfer"]["sources"] == st["transfer"]["targets"] == [
-        "first", "second", "third"]
+    assert (
+        st["pretrain"]["datasets"]
+        == st["transfer"]["sources"]
+        == st["transfer"]["targets"]
+        == ["first", "second", "third"]
+    )
     assert st["distill"]["source_sets"] == [["first", "second"]] and st["distill"]["targets"] == ["third"]
     assert st["pretrain"]["recipe"]["epochs"] == 3  # the demo's recipes are kept
 
@@ -117,14 +133,17 @@ def test_two_datasets_run_without_distillation(tmp_path, capsys):
     assert "no weight distillation" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[datasets.a]\ncard = 'folder'\nraw = 'a'\n", r"at least two \(found 1\)"),
-    (TWO + "\n[stages.pretrain]\n", r"expected only \[datasets.NAME\] tables, at least two \(found stages\)"),
-    (TWO.replace('raw = "one"\n', ""), r"datasets.first.raw: missing"),
-    (TWO.replace('card = "crc"', 'card = "mnist"'), r"datasets.second.card: unknown card 'mnist'"),
-    (TWO.replace("max_per_class = 3", "max_per_class = 0"), r"datasets.first.max_per_class: 0 must be at least 1"),
-    ("[datasets.a\n", r"not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[datasets.a]\ncard = 'folder'\nraw = 'a'\n", r"at least two \(found 1\)"),
+        (TWO + "\n[stages.pretrain]\n", r"expected only \[datasets.NAME\] tables, at least two \(found stages\)"),
+        (TWO.replace('raw = "one"\n', ""), r"datasets.first.raw: missing"),
+        (TWO.replace('card = "crc"', 'card = "mnist"'), r"datasets.second.card: unknown card 'mnist'"),
+        (TWO.replace("max_per_class = 3", "max_per_class = 0"), r"datasets.first.max_per_class: 0 must be at least 1"),
+        ("[datasets.a\n", r"not valid TOML"),
+    ],
+)
 def test_bad_datasets_file_is_one_line(tmp_path, text, message):
     from histokt.errors import UserError
 
@@ -136,8 +155,12 @@ def test_bad_datasets_file_is_one_line(tmp_path, text, message):
 
 def test_datasets_needs_raw_root(tmp_path):
     (tmp_path / "d.toml").write_text(TWO)
-    r = subprocess.run(histokt_cmd("demo", "--out", tmp_path / "out", "--datasets", tmp_path / "d.toml"),
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    r = subprocess.run(
+        histokt_cmd("demo", "--out", tmp_path / "out", "--datasets", tmp_path / "d.toml"),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "pass --raw-root DIR too" in r.stderr
     assert not (tmp_path / "out").exists()
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from histokt.batch.demo import write_collection
-
 from tests.conftest import ROOT, histokt_cmd
 
 SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
@@ -26,8 +25,14 @@ def study(tmp_path):
 
 def sweep(cwd, *extra, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress", *extra), cwd=cwd,
-                          env=env, capture_output=True, text=True, **kw)
+    return subprocess.run(
+        histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress", *extra),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def rows(run_root: Path):
@@ -44,8 +49,12 @@ def test_demo_study_end_to_end_then_nothing_to_do(study):
     stages = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
     assert [len(plan["stages"][s]) for s in stages] == [3, 2, 2, 1, 1, 1]
     got = {(x["init"], x["mode"], x["source"], x["target"]) for x in rows(runs)}
-    assert got == {("random", "scratch", "crc", "crc"), ("random", "scratch", "mhist", "mhist"),
-                   ("random", "deep", "crc", "mhist"), ("random", "deep", "mhist", "crc")}
+    assert got == {
+        ("random", "scratch", "crc", "crc"),
+        ("random", "scratch", "mhist", "mhist"),
+        ("random", "deep", "crc", "mhist"),
+        ("random", "deep", "mhist", "crc"),
+    }
     for cell in ("A-crc-random-s0", "B-random-crc-mhist-deep-lr1e-3-s0"):
         assert (runs / "cells" / ("pretrain" if cell[0] == "A" else "transfer") / cell / "result.json").is_file()
     merged = runs / "cells" / "merge" / "M-random-crc+mhist-kg-select-s0"
@@ -57,8 +66,9 @@ def test_demo_study_end_to_end_then_nothing_to_do(study):
         assert (runs / "summary" / name).stat().st_size > 0
     again = sweep(study)
     assert again.returncode == 0 and "nothing to do" in again.stdout
-    status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True
+    )
     assert "10/10 cells done" in status.stdout and "failed" not in status.stdout.split("\n", 1)[1].split("[")[0]
 
 
@@ -70,21 +80,29 @@ def test_failing_cell_does_not_stop_the_rest_and_is_reported(study):
     report = (runs / "summary" / "report.md").read_text()
     assert "A-mhist-random-s0" in report and "input missing" in report
     assert {(x["source"], x["target"]) for x in rows(runs)} == {("crc", "crc")}  # the rest finished
-    status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            capture_output=True, text=True).stdout
+    status = subprocess.run(
+        histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True
+    ).stdout
     assert "failed standardize/std-mhist-0of1: " in status and "verify the download" in status
     assert "preempted" not in status
     state_file = runs / "cells" / "pretrain" / "A-crc-random-s0" / "state.json"  # as two preemptions leave it
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "interrupted_at_steps": [3, 7]}))
-    status = subprocess.run(histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            capture_output=True, text=True).stdout
+    status = subprocess.run(
+        histokt_cmd("status", runs), env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True
+    ).stdout
     assert "preempted 2 time(s), 1 cell(s)" in status
 
 
 def test_killed_sweep_continues_where_it_stopped(study):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress"), cwd=study, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress"),
+        cwd=study,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = study / "demo" / "runs" / "cells" / "pretrain" / "A-crc-random-s0" / "last.pt"
     while not last.exists():
         assert proc.poll() is None, "the sweep ended before a pretrain checkpoint appeared"
@@ -96,8 +114,9 @@ def test_killed_sweep_continues_where_it_stopped(study):
     state = json.loads((last.parent / "state.json").read_text())
     assert state["status"] == "done" and state["attempts"] == 2
     assert len(rows(study / "demo" / "runs")) == 4
-    assert (study / "demo" / "runs" / "cells" / "distill" / "D-random-crc+mhist-kg-select-mhist-lr1e-3-s0" /
-            "result.json").is_file()
+    assert (
+        study / "demo" / "runs" / "cells" / "distill" / "D-random-crc+mhist-kg-select-mhist-lr1e-3-s0" / "result.json"
+    ).is_file()
 
 
 def test_dry_run_of_the_paper_spec(tmp_path, monkeypatch, capsys):

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from histokt.train import checkpoint
 from histokt.batch.demo import write_collection
-
+from histokt.train import checkpoint
 from tests.conftest import ROOT, histokt_cmd
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
@@ -26,8 +25,14 @@ def env():
 
 
 def sweep(cwd):
-    r = subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "slurm"), cwd=cwd, env=env(), capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        histokt_cmd("sweep", SPEC, "--executor", "slurm"),
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -69,13 +74,16 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
 
     task = cell_jobs(runs)["A-crc-random-s0"]
     subprocess.run(["scancel", "--signal=USR2", task], check=True)
-    wait_until(lambda: state(crc).get("status") == "interrupted" or (crc / "result.json").exists(),
-               "the checkpoint-and-exit")
+    wait_until(
+        lambda: state(crc).get("status") == "interrupted" or (crc / "result.json").exists(), "the checkpoint-and-exit"
+    )
     # state.json, not last.pt: the requeued task may already have finished and dropped last.pt
     wait_until(lambda: state(crc).get("interrupted_at_steps"), "the interruption to be recorded")
     interrupted_at = state(crc)["interrupted_at_steps"][0]
-    wait_until(lambda: (runs / "cells" / "collect" / "collect" / "done.json").exists() and queue_empty_for(runs),
-               "the study to finish")
+    wait_until(
+        lambda: (runs / "cells" / "collect" / "collect" / "done.json").exists() and queue_empty_for(runs),
+        "the study to finish",
+    )
 
     s = state(crc)
     assert (crc / "result.json").exists() and s["attempts"] == 2, s
@@ -83,11 +91,31 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     # the resumed result equals an uninterrupted run of the same cell, on the same threads
     config = json.loads((crc / "config.json").read_text())
     ref = tmp_path / "uninterrupted"
-    args = ["train", "--store", config["store"], "--dataset", "crc", "--out", ref, "--epochs", config["epochs"],
-            "--batch-size", config["batch_size"], "--workers", "0", "--optimizer", config["optimizer"],
-            "--lr", config["lr"], "--eval-batch-size", config["eval_batch_size"], "--no-progress"]
-    r = subprocess.run(histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                       text=True)
+    args = [
+        "train",
+        "--store",
+        config["store"],
+        "--dataset",
+        "crc",
+        "--out",
+        ref,
+        "--epochs",
+        config["epochs"],
+        "--batch-size",
+        config["batch_size"],
+        "--workers",
+        "0",
+        "--optimizer",
+        config["optimizer"],
+        "--lr",
+        config["lr"],
+        "--eval-batch-size",
+        config["eval_batch_size"],
+        "--no-progress",
+    ]
+    r = subprocess.run(
+        histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     a, b = checkpoint.load(crc / "final.pt")["model"], checkpoint.load(ref / "final.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -103,9 +131,13 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     annotations.write_text(good)
     out = sweep(tmp_path)
     assert "pretrain          1 to run of      2 cells" in out and "standardize       1 to run of      3" in out
-    wait_until(lambda: queue_empty_for(runs) and
-               (runs / "cells" / "transfer" / "B-random-mhist-crc-deep-lr1e-3-s0" / "result.json").exists(),
-               "the missing cells")
+    wait_until(
+        lambda: (
+            queue_empty_for(runs)
+            and (runs / "cells" / "transfer" / "B-random-mhist-crc-deep-lr1e-3-s0" / "result.json").exists()
+        ),
+        "the missing cells",
+    )
     wait_until(lambda: queue_empty_for(runs), "the collector")
     assert "nothing to do" in sweep(tmp_path)
 
@@ -123,8 +155,14 @@ def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatc
         by_stage = {}
         for r in records:
             by_stage.setdefault(r["stage"], []).append(len(r["cells"]))
-        assert by_stage == {"standardize": [2, 1], "pretrain": [2], "transfer": [2], "merge": [1], "distill": [1],
-                            "collect": [1]}
+        assert by_stage == {
+            "standardize": [2, 1],
+            "pretrain": [2],
+            "transfer": [2],
+            "merge": [1],
+            "distill": [1],
+            "collect": [1],
+        }
         assert all(n <= 2 for sizes in by_stage.values() for n in sizes)
         queue = sweep_module.squeue()
         deps = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
@@ -159,8 +197,14 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
     image = tmp_path / "histokt.sif"
     image.write_bytes(b"stand-in")
     run_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    r = subprocess.run(histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container",
-                                   image), cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container", image),
+        cwd=tmp_path,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     runs = tmp_path / "demo" / "runs"
     wait_until(lambda: queue_empty_for(runs), "the standardize tasks")
@@ -168,6 +212,5 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
     assert all((cells / c / "done.json").exists() for c in ("std-crc-0of2", "std-crc-1of2", "std-mhist-0of1"))
     calls = log.read_text().splitlines()
     assert len(calls) == 3
-    assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c
-               for c in calls)
+    assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c for c in calls)
     assert str(runs) in calls[0]

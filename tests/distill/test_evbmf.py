@@ -6,19 +6,32 @@ import numpy as np
 import pytest
 import torch
 
-from histokt.distill.evbmf import evbmf, fold, knowledge_gain, layer_metrics, low_rank, mapping_condition, minimize_bounded, unfold, unfolding_metrics
+from histokt.distill.evbmf import (
+    evbmf,
+    fold,
+    knowledge_gain,
+    layer_metrics,
+    low_rank,
+    mapping_condition,
+    minimize_bounded,
+    unfold,
+    unfolding_metrics,
+)
 
 # ------------------------------------------------------------------------------------------ minimizer
 
 
-@pytest.mark.parametrize("f, lo, hi, expected, tol", [
-    (lambda x: (x - 2) ** 2, 0.0, 5.0, 2.0, 1e-6),          # smooth, interior: parabolic steps
-    (math.cos, 2.0, 5.0, math.pi, 1e-5),                    # pi, not a bound
-    (lambda x: abs(x - 0.3), 0.0, 1.0, 0.3, 1e-5),          # kink: golden-section steps
-    (lambda x: x, 1.0, 3.0, 1.0, 1e-5),                     # monotone: the lower bound (within xatol)
-    (lambda x: -x, 1.0, 3.0, 3.0, 1e-5),                    # the upper bound
-    (lambda x: (x - 1e-3) ** 2 + 1, 0.0, 1.0, 1e-3, 1e-5),  # near a bound
-])
+@pytest.mark.parametrize(
+    "f, lo, hi, expected, tol",
+    [
+        (lambda x: (x - 2) ** 2, 0.0, 5.0, 2.0, 1e-6),  # smooth, interior: parabolic steps
+        (math.cos, 2.0, 5.0, math.pi, 1e-5),  # pi, not a bound
+        (lambda x: abs(x - 0.3), 0.0, 1.0, 0.3, 1e-5),  # kink: golden-section steps
+        (lambda x: x, 1.0, 3.0, 1.0, 1e-5),  # monotone: the lower bound (within xatol)
+        (lambda x: -x, 1.0, 3.0, 3.0, 1e-5),  # the upper bound
+        (lambda x: (x - 1e-3) ** 2 + 1, 0.0, 1.0, 1e-3, 1e-5),  # near a bound
+    ],
+)
 def test_minimizer_known_functions(f, lo, hi, expected, tol):
     m = minimize_bounded(f, lo, hi)
     assert m.converged and lo <= m.x <= hi
@@ -49,8 +62,9 @@ def low_rank_plus_noise(L, M, r, sigma, rng, spread=(3.0, 6.0)):
     return signal, signal + sigma * rng.standard_normal((L, M))
 
 
-@pytest.mark.parametrize("L, M, r", [(20, 50, 5), (50, 20, 5), (64, 576, 10), (576, 64, 10), (128, 1152, 40),
-                                     (100, 100, 10), (200, 30, 1)])
+@pytest.mark.parametrize(
+    "L, M, r", [(20, 50, 5), (50, 20, 5), (64, 576, 10), (576, 64, 10), (128, 1152, 40), (100, 100, 10), (200, 30, 1)]
+)
 def test_evbmf_recovers_rank_and_noise(L, M, r):
     rng = np.random.default_rng(L * 1000 + M + r)
     _, y = low_rank_plus_noise(L, M, r, 0.1, rng)

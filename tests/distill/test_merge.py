@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from histokt.train import checkpoint
 from histokt.cli import main
+from histokt.distill.evbmf import layer_metrics, unfold
 from histokt.distill.merge import DistillConfig, _apply_lowrank, conv_groups, distill, rule_weights
 from histokt.errors import UserError
-from histokt.distill.evbmf import layer_metrics, unfold
-from histokt.train.models import build_model
+from histokt.train import checkpoint
 from histokt.train.loop import TrainConfig, train
-
+from histokt.train.models import build_model
 from tests.fixtures.trainstore import make_store
 
 # Layers where source A holds a clearly higher-rank conv than B, and the other way round.
@@ -114,8 +113,13 @@ def test_conv_groups_pair_each_conv_with_the_bn_that_follows():
     assert groups["layer1.0.conv2"].bn == "layer1.0.bn2"
     assert groups["layer3.0.downsample.0"].bn == "layer3.0.downsample.1"
     assert set(groups["layer2.0.conv1"].keys) == {
-        "layer2.0.conv1.weight", "layer2.0.bn1.weight", "layer2.0.bn1.bias", "layer2.0.bn1.running_mean",
-        "layer2.0.bn1.running_var", "layer2.0.bn1.num_batches_tracked"}
+        "layer2.0.conv1.weight",
+        "layer2.0.bn1.weight",
+        "layer2.0.bn1.bias",
+        "layer2.0.bn1.running_mean",
+        "layer2.0.bn1.running_var",
+        "layer2.0.bn1.num_batches_tracked",
+    }
 
 
 def test_rule_weights():
@@ -135,14 +139,15 @@ def test_kg_select_takes_the_higher_gain_conv_and_its_bn(runs, merged):
     state, report, _ = merged("kg-select")
     layers = layers_by_conv(report)
     assert len(layers) == 20 and report["rule"] == "kg-select" and report["lowrank"] is False
-    for conv, src, other in [(c, "sa", "sb") for c in A_HIGH] + [(c, "sb", "sa") for c in B_HIGH]:
+    for conv, src, _other in [(c, "sa", "sb") for c in A_HIGH] + [(c, "sb", "sa") for c in B_HIGH]:
         rec = layers[conv]
         want = 0 if src == "sa" else 1
         assert rec["chosen"] == want, (conv, [s["kg"] for s in rec["sources"]])
         assert rec["chosen_source"] == str(runs["a" if want == 0 else "b"])
         assert rec["sources"][want]["kg"] > 2 * rec["sources"][1 - want]["kg"]
-        for k in [conv + ".weight"] + [f"{rec['bn']}.{p}" for p in
-                                       ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]:
+        for k in [conv + ".weight"] + [
+            f"{rec['bn']}.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        ]:
             assert torch.equal(state[k], runs[src][k]), k
     # every layer came whole from one source, and the metrics are EVBMF's on that source's weight
     for rec in report["layers"]:
@@ -241,8 +246,20 @@ def test_merged_checkpoint_initializes_training(merged, tmp_path):
         if not k.startswith("fc."):
             assert torch.equal(v, state[k]), k
     store = make_store(tmp_path, per_class=8)
-    result = train(TrainConfig(store=store, dataset="toy", out=tmp_path / "B", epochs=1, batch_size=4, workers=0,
-                               device="cpu", progress=False, init=str(out), mode="deep"))
+    result = train(
+        TrainConfig(
+            store=store,
+            dataset="toy",
+            out=tmp_path / "B",
+            epochs=1,
+            batch_size=4,
+            workers=0,
+            device="cpu",
+            progress=False,
+            init=str(out),
+            mode="deep",
+        )
+    )
     assert result["epochs"] == 1 and np.isfinite(result["test"]["loss"])
     assert (tmp_path / "B" / "result.json").is_file()
     assert json.loads((tmp_path / "B" / "config.json").read_text())["init"] == str(out)

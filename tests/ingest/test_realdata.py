@@ -14,9 +14,24 @@ pytestmark = pytest.mark.realdata
 def test_lc25000_lung_folder_with_mpp(shared_data, tmp_path, cli_env):
     store = tmp_path / "lung.zarr"
     r = subprocess.run(
-        histokt_cmd("standardize", "--dataset", "folder", "--raw", shared_data / "lc25000-lung", "--store", store,
-                    "--mpp", "1.0", "--name", "lung", "--workers", "2"),
-        env=cli_env, capture_output=True, text=True,
+        histokt_cmd(
+            "standardize",
+            "--dataset",
+            "folder",
+            "--raw",
+            shared_data / "lc25000-lung",
+            "--store",
+            store,
+            "--mpp",
+            "1.0",
+            "--name",
+            "lung",
+            "--workers",
+            "2",
+        ),
+        env=cli_env,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     g = zarr.open_group(str(store / "lung"), mode="r")
@@ -33,7 +48,9 @@ def test_kather2016_empty_tiles_are_rejected_tissue_kept(shared_data, tmp_path, 
     raw = shared_data / "kather2016-samples"
     r = subprocess.run(
         histokt_cmd("standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "0.495"),
-        env=cli_env, capture_output=True, text=True,
+        env=cli_env,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     g = zarr.open_group(str(store / "folder"), mode="r")
@@ -50,10 +67,34 @@ def test_lc25000_trains_clearly_better_than_chance(shared_data, tmp_path):
 
     store = tmp_path / "lung.zarr"
     # 224 px tiles at an assumed 1 µm/px, standardized to 2 µm/px and 112 px patches to keep CPU training short
-    standardize(StandardizeConfig(dataset="folder", raw=shared_data / "lc25000-lung", store=store, name="lung",
-                                  mpp=1.0, target_mpp=2.0, patch_size=112, stride=112, workers=2, progress=False))
-    result = train(TrainConfig(store=store, dataset="lung", out=tmp_path / "run", epochs=3, batch_size=32,
-                               optimizer="adamw", lr=1e-3, workers=1, device="cpu", progress=False))
+    standardize(
+        StandardizeConfig(
+            dataset="folder",
+            raw=shared_data / "lc25000-lung",
+            store=store,
+            name="lung",
+            mpp=1.0,
+            target_mpp=2.0,
+            patch_size=112,
+            stride=112,
+            workers=2,
+            progress=False,
+        )
+    )
+    result = train(
+        TrainConfig(
+            store=store,
+            dataset="lung",
+            out=tmp_path / "run",
+            epochs=3,
+            batch_size=32,
+            optimizer="adamw",
+            lr=1e-3,
+            workers=1,
+            device="cpu",
+            progress=False,
+        )
+    )
     # chance is 1/3 on three balanced classes
     assert result["test"]["top1"] > 0.6, result["test"]
     assert result["test"]["balanced_acc"] > 0.6

@@ -15,7 +15,6 @@ import histokt.ingest.standardize as st
 from histokt.errors import UserError
 from histokt.ingest.standardize import StandardizeConfig, standardize
 from histokt.store.schema import staging_dir
-
 from tests.conftest import histokt_cmd
 from tests.fixtures.images import save, tissue
 from tests.fixtures.stores import assert_same_store, folder_dataset
@@ -69,8 +68,21 @@ def test_counts_geometry_and_schema(tmp_path, raw, reference):
     image = np.asarray(Image.open(raw / sources[sid]).convert("RGB"))
     np.testing.assert_array_equal(g["train/images"][0], image[box[1] : box[3], box[0] : box[2]])
     attrs = g.attrs
-    for key in ("classes", "multi_label", "mpp_native", "mpp_source", "mpp_target", "patch_size", "stride",
-                "filter", "split_rule", "split_seed", "counts", "rejected", "histokt_version"):
+    for key in (
+        "classes",
+        "multi_label",
+        "mpp_native",
+        "mpp_source",
+        "mpp_target",
+        "patch_size",
+        "stride",
+        "filter",
+        "split_rule",
+        "split_seed",
+        "counts",
+        "rejected",
+        "histokt_version",
+    ):
         assert key in attrs
     assert attrs["stride"] == 204 and attrs["patch_size"] == 272 and attrs["split_rule"] == "grouped"
     assert not staging_dir(reference, "folder").exists()
@@ -92,8 +104,9 @@ def test_rescale_and_padding(tmp_path):
     g = zarr.open_group(str(tmp_path / "s.zarr" / "folder"), mode="r")
     assert sum(g.attrs["counts"].values()) == expected_patches(120, 100, 0.5) + expected_patches(1400, 400, 0.5) == 4
     # mirror padding: bottom/right only, the edge pixel not repeated (numpy "reflect")
-    small = next(s for s in ("train", "valid", "test")
-                 if any(g["sources"][i] == "a/small.png" for i in g[f"{s}/source_id"][:]))
+    small = next(
+        s for s in ("train", "valid", "test") if any(g["sources"][i] == "a/small.png" for i in g[f"{s}/source_id"][:])
+    )
     k = [g["sources"][i] for i in g[f"{small}/source_id"][:]].index("a/small.png")
     patch = g[f"{small}/images"][k]
     rescaled = np.asarray(Image.fromarray(tissue(100, 120, seed=1)).resize((60, 50), Image.BILINEAR))
@@ -219,7 +232,9 @@ def test_strict_makes_a_bad_image_fatal_and_writes_nothing(tmp_path, raw, cli_en
     store = tmp_path / "strict.zarr"
     r = subprocess.run(
         histokt_cmd("standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", "--strict"),
-        env=cli_env, capture_output=True, text=True,
+        env=cli_env,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
@@ -341,7 +356,8 @@ def test_subsample_keeps_every_official_partition():
     sources = [Source(f"{part}/{i}", i % 2, part, f"{part}{i}") for part in ("test", "train") for i in range(10)]
     kept = st.subsample(sources, 3, seed=0)
     assert sorted((s.partition, s.label) for s in kept) == sorted(
-        (p, c) for p in ("test", "train") for c in (0, 1) for _ in range(3))
+        (p, c) for p in ("test", "train") for c in (0, 1) for _ in range(3)
+    )
     assert kept == [s for s in sources if s in kept]  # the listing's order is kept
     assert st.subsample(sources, 10, seed=0) == sources
 

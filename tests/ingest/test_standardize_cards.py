@@ -44,6 +44,7 @@ def _no_fsync(monkeypatch):
     """fsync only buys crash durability (tested in test_standardize.py) and costs ~1 s per run here."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)
 
+
 ADP_L3 = (
     "E", "E.M", "E.M.S", "E.M.C", "E.T", "E.T.S", "E.T.C", "C", "C.D", "C.D.I", "C.D.R", "C.L",
     "H", "H.E", "H.K", "H.Y", "S", "S.M", "S.C", "S.R", "A", "A.W", "A.M", "M",
@@ -144,16 +145,16 @@ def check_common(r: Result, *, classes, multi_label: bool, mpp: float, stride: i
             assert set(np.unique(d["labels"])) <= {0, 1}
         else:
             assert d["labels"].dtype == np.int64 and d["labels"].shape == (n,)
-            assert ((0 <= d["labels"]) & (d["labels"] < len(classes))).all()
+            assert ((d["labels"] >= 0) & (d["labels"] < len(classes))).all()
         assert d["source_id"].dtype == np.int64 and d["source_id"].shape == (n,)
-        assert ((0 <= d["source_id"]) & (d["source_id"] < len(r.sources))).all()
+        assert ((d["source_id"] >= 0) & (d["source_id"] < len(r.sources))).all()
         assert d["box"].dtype == np.int64 and d["box"].shape == (n, 4)
         # patches of one source are stored together, sources in their sorted order
         assert (np.diff(d["source_id"]) >= 0).all()
-    for split, path, (x0, y0, x1, y1), _, k in r.patches():
+    for _split, path, (x0, y0, x1, y1), _, _k in r.patches():
         w, h = size_of(path)
         assert x1 - x0 == P and y1 - y0 == P
-        assert 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h, (path, (x0, y0, x1, y1), (w, h))
+        assert x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h, (path, (x0, y0, x1, y1), (w, h))
         assert x0 % stride == 0 and y0 % stride == 0
     for path, (_, boxes, _) in r.by_source().items():
         assert boxes == sorted(boxes, key=lambda b: (b[1], b[0])), f"{path}: not row-major"
@@ -243,12 +244,15 @@ def test_mhist_official_test_partition_and_blank(tmp_path):
     assert r.counts() == {"train": 4, "valid": 2, "test": 4}
     by = r.by_source()
     label = {name: ("HP", "SSA").index(cls) for name, cls, _, _ in rows}
-    for path, (split, boxes, labels) in by.items():
+    for path, (_split, boxes, labels) in by.items():
         name = path.removeprefix("images/")
         assert boxes == TWO_COLS and labels == [label[name]] * 2
     assert {p for p, (s, _, _) in by.items() if s == "test"} == {"images/MHIST_aad.png", "images/MHIST_aae.png"}
-    assert sorted(s for p, (s, _, _) in by.items() if p in ("images/MHIST_aaa.png", "images/MHIST_aab.png",
-                                                             "images/MHIST_aac.png")) == ["train", "train", "valid"]
+    assert sorted(
+        s
+        for p, (s, _, _) in by.items()
+        if p in ("images/MHIST_aaa.png", "images/MHIST_aab.png", "images/MHIST_aac.png")
+    ) == ["train", "train", "valid"]
     # the blank image is a source (indexed) but never a patch
     assert "images/MHIST_aaf.png" in r.sources and "images/MHIST_aaf.png" not in by
     assert any("mhist: train has 3 sources" in w for w in r.attrs["warnings"])
@@ -275,7 +279,7 @@ def test_bach_six_windows_blank_and_half_blank(tmp_path):
     assert sum(r.counts().values()) == 26
     by = r.by_source()
     for cls, stem in (("Benign", "b001"), ("InSitu", "is001"), ("Invasive", "iv001"), ("Normal", "n001")):
-        split, boxes, labels = by[f"Photos/{cls}/{stem}.tif"]
+        _split, boxes, labels = by[f"Photos/{cls}/{stem}.tif"]
         assert boxes == SIX and labels == [("Benign", "InSitu", "Invasive", "Normal").index(cls)] * 6
     assert by["Photos/Invasive/iv002.tif"][1:] == ([SIX[2], SIX[5]], [2, 2])
     assert "Photos/Normal/n002.tif" in r.sources and "Photos/Normal/n002.tif" not in by
@@ -469,7 +473,7 @@ def test_osteosarcoma_names_cases_and_blank(tmp_path):
         assert boxes == FOUR and labels == [OS_LABELS[path]] * 4
     # groups = cases Case-3 (3 tiles), Case-4 (2), Case-48 (3), P9 (2): 4 groups cut 80/10/10:
     # HistoKT's cut gives 3 / 0 / 1; the empty valid takes one case from train -> 2 / 1 / 1 cases.
-    case = lambda p: re.match(r"(Case-\d+|P\d+)-", Path(p).name)[1]  # noqa: E731
+    case = lambda p: re.match(r"(Case-\d+|P\d+)-", Path(p).name)[1]
     where = check_groups(r, case)
     assert sorted(where.values()) == ["test", "train", "train", "valid"]
     tiles_with_patches = {"Case-3": 3, "Case-4": 2, "Case-48": 3, "P9": 1}  # P9's second tile is blank

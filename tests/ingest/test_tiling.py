@@ -3,14 +3,28 @@
 import numpy as np
 import pytest
 
-from histokt.ingest.tiling import FilterParams, exact_low_contrast, is_low_contrast, mirror_pad, rescale, tile_boxes, _LUMA
+from histokt.ingest.tiling import (
+    _LUMA,
+    FilterParams,
+    exact_low_contrast,
+    is_low_contrast,
+    mirror_pad,
+    rescale,
+    tile_boxes,
+)
 
 
 def test_tile_boxes_full_windows_row_major():
     # 700 wide: x0 in 0, 204, 408 (408 + 272 = 680 <= 700); 500 high: y0 in 0, 204
     boxes = tile_boxes(500, 700, 272, 204)
-    assert boxes == [(0, 0, 272, 272), (204, 0, 476, 272), (408, 0, 680, 272),
-                     (0, 204, 272, 476), (204, 204, 476, 476), (408, 204, 680, 476)]
+    assert boxes == [
+        (0, 0, 272, 272),
+        (204, 0, 476, 272),
+        (408, 0, 680, 272),
+        (0, 204, 272, 476),
+        (204, 204, 476, 476),
+        (408, 204, 680, 476),
+    ]
     assert tile_boxes(271, 1000, 272, 204) == []
 
 
@@ -53,5 +67,5 @@ def test_filter_threshold_is_skimage_is_low_contrast():
     two[:, 136:] = 255
     assert not is_low_contrast(two, params)
     # a spread of 20 gray levels (0.078 < 0.1) is low-contrast, 30 levels (0.118) is not
-    ramp = lambda levels: np.linspace(100, 100 + levels, 272 * 272).reshape(272, 272, 1).repeat(3, 2).astype(np.uint8)  # noqa: E731
+    ramp = lambda levels: np.linspace(100, 100 + levels, 272 * 272).reshape(272, 272, 1).repeat(3, 2).astype(np.uint8)
     assert is_low_contrast(ramp(21), params) and not is_low_contrast(ramp(33), params)

@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 from histokt import cli
-from histokt.results import paper
-from histokt.study import plan
-from histokt.results.collect import collect
 from histokt.errors import UserError
-
+from histokt.results import paper
+from histokt.results.collect import collect
+from histokt.study import plan
 from tests.conftest import ROOT
 
 DATASETS = ("adp", "mhist", "bach")
@@ -62,8 +61,11 @@ def _default(key):
 
 
 def _result(valid, test, lr):
-    return {"config": {"lr": lr}, "valid": {"top1_best": valid, "best_epoch": 3},
-            "test": {"top1": test, "balanced_acc": test, "loss": 0.5}}
+    return {
+        "config": {"lr": lr},
+        "valid": {"top1_best": valid, "best_epoch": 3},
+        "test": {"top1": test, "balanced_acc": test, "loss": 0.5},
+    }
 
 
 def make_run_root(root: Path, distill: bool = True) -> Path:
@@ -73,9 +75,13 @@ def make_run_root(root: Path, distill: bool = True) -> Path:
     for d in DATASETS:
         for fam in FAMILIES:
             for seed in SEEDS:
-                c = plan.Cell("pretrain", f"A-{d}-{fam}-s{seed}", "train", {"dataset": d, "seed": seed},
-                              meta={"family": fam, "source": d, "target": d, "mode": "scratch", "lr": STAGE_A_LR,
-                                    "seed": seed})
+                c = plan.Cell(
+                    "pretrain",
+                    f"A-{d}-{fam}-s{seed}",
+                    "train",
+                    {"dataset": d, "seed": seed},
+                    meta={"family": fam, "source": d, "target": d, "mode": "scratch", "lr": STAGE_A_LR, "seed": seed},
+                )
                 stages["pretrain"].append(c)
                 results[c.id] = (c, KNOWN.get((fam, "scratch", d, d, STAGE_A_LR)) or _default((fam, "scratch")))
     for fam in FAMILIES:
@@ -86,27 +92,47 @@ def make_run_root(root: Path, distill: bool = True) -> Path:
                 for mode in ("fine", "deep"):
                     for lr in LRS:
                         for seed in SEEDS:
-                            c = plan.Cell("transfer", f"B-{fam}-{s}-{t}-{mode}-lr{plan.lr_name(lr)}-s{seed}", "train",
-                                          {"dataset": t, "lr": lr, "seed": seed},
-                                          meta={"family": fam, "source": s, "target": t, "mode": mode, "lr": lr,
-                                                "seed": seed})
+                            c = plan.Cell(
+                                "transfer",
+                                f"B-{fam}-{s}-{t}-{mode}-lr{plan.lr_name(lr)}-s{seed}",
+                                "train",
+                                {"dataset": t, "lr": lr, "seed": seed},
+                                meta={"family": fam, "source": s, "target": t, "mode": mode, "lr": lr, "seed": seed},
+                            )
                             stages["transfer"].append(c)
                             key = (fam, mode, s, t, lr)
                             results[c.id] = (c, KNOWN.get(key) or _default(key))
     if distill:
         for (fam, sources, t, rule, lowrank, lr), vt in KNOWN_DISTILL.items():
             for seed in SEEDS:
-                c = plan.Cell("distill", f"D-{fam}-{sources}-{t}-{rule}-{'svd' if lowrank else 'raw'}"
-                              f"-lr{plan.lr_name(lr)}-s{seed}", "train", {"dataset": t, "lr": lr, "seed": seed},
-                              meta={"family": fam, "source": sources, "target": t, "mode": "deep", "lr": lr,
-                                    "seed": seed, "rule": rule, "lowrank": lowrank})
+                c = plan.Cell(
+                    "distill",
+                    f"D-{fam}-{sources}-{t}-{rule}-{'svd' if lowrank else 'raw'}-lr{plan.lr_name(lr)}-s{seed}",
+                    "train",
+                    {"dataset": t, "lr": lr, "seed": seed},
+                    meta={
+                        "family": fam,
+                        "source": sources,
+                        "target": t,
+                        "mode": "deep",
+                        "lr": lr,
+                        "seed": seed,
+                        "rule": rule,
+                        "lowrank": lowrank,
+                    },
+                )
                 stages["distill"].append(c)
                 results[c.id] = (c, vt)
     else:
         del stages["distill"]
     stages["collect"] = [plan.Cell("collect", "collect", "collect", {})]
-    doc = {"format": plan.PLAN_FORMAT, "study": "known", "spec_digest": "d1g35t", "store": "store.zarr",
-           "stages": {stage: [asdict(c) for c in cells] for stage, cells in stages.items()}}
+    doc = {
+        "format": plan.PLAN_FORMAT,
+        "study": "known",
+        "spec_digest": "d1g35t",
+        "store": "store.zarr",
+        "stages": {stage: [asdict(c) for c in cells] for stage, cells in stages.items()},
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps(doc))
     for cell, (valid, test) in results.values():
@@ -136,15 +162,32 @@ def complete(tmp_path_factory):
 
 
 def test_transfer_csv_long_rows_exactly(complete):
-    root, out, summary = complete
+    _root, out, summary = complete
     rows = read_csv(out / "transfer.csv")
-    assert list(rows[0]) == ["init", "mode", "source", "target", "lr", "n", "valid_top1_mean", "test_top1_mean",
-                             "test_top1_std"]
+    assert list(rows[0]) == [
+        "init",
+        "mode",
+        "source",
+        "target",
+        "lr",
+        "n",
+        "valid_top1_mean",
+        "test_top1_mean",
+        "test_top1_std",
+    ]
     assert len(rows) == summary["rows"] == 2 * 3 + 2 * 2 * 6 * 2  # Stage A diagonals + transfer groups
     by = {(r["init"], r["mode"], r["source"], r["target"], r["lr"]): r for r in rows}
     assert by[("random", "deep", "adp", "mhist", "0.001")] == {
-        "init": "random", "mode": "deep", "source": "adp", "target": "mhist", "lr": "0.001", "n": "3",
-        "valid_top1_mean": "0.85", "test_top1_mean": "0.78", "test_top1_std": "0.01"}
+        "init": "random",
+        "mode": "deep",
+        "source": "adp",
+        "target": "mhist",
+        "lr": "0.001",
+        "n": "3",
+        "valid_top1_mean": "0.85",
+        "test_top1_mean": "0.78",
+        "test_top1_std": "0.01",
+    }
     assert by[("random", "scratch", "mhist", "mhist", "0.03")]["test_top1_mean"] == "0.81"
     assert by[("random", "deep", "mhist", "bach", "0.0001")]["test_top1_mean"] == "0.88"
     assert not any(r["source"] == "adp+bach" for r in rows)  # merged models live in distill.csv
@@ -174,8 +217,12 @@ def test_matrix_picks_the_lr_on_validation_the_same_for_every_source(complete):
 
 def test_every_matrix_and_file_is_written(complete):
     _, out, summary = complete
-    assert summary["matrices"] == ["matrix_imagenet_fine", "matrix_imagenet_deep", "matrix_random_fine",
-                                   "matrix_random_deep"]
+    assert summary["matrices"] == [
+        "matrix_imagenet_fine",
+        "matrix_imagenet_deep",
+        "matrix_random_fine",
+        "matrix_random_deep",
+    ]
     for name in summary["matrices"]:
         for ext in ("csv", "md", "tex", "png"):
             assert (out / f"{name}.{ext}").stat().st_size > 0
@@ -188,8 +235,14 @@ def test_distill_table_against_imagenet_and_best_single_source(complete):
     assert set(rows) == {"true", "false"}
     svd = rows["true"]
     # its own LR on validation (1e-4: 0.86 > 0.83), ImageNet -> mhist 83.5, best single source bach -> mhist 79
-    assert (svd["family"], svd["target"], svd["sources"], svd["rule"], svd["lr"], svd["n"]) == \
-        ("random", "mhist", "adp+bach", "maxkg", "0.0001", "3")
+    assert (svd["family"], svd["target"], svd["sources"], svd["rule"], svd["lr"], svd["n"]) == (
+        "random",
+        "mhist",
+        "adp+bach",
+        "maxkg",
+        "0.0001",
+        "3",
+    )
     assert float(svd["top1_pct_mean"]) == pytest.approx(82.0) and float(svd["top1_pct_std"]) == pytest.approx(1.0)
     assert float(svd["imagenet_pct_mean"]) == pytest.approx(83.5)
     assert float(svd["gain_vs_imagenet_pp"]) == pytest.approx(-1.5)
@@ -277,10 +330,17 @@ def test_latex_table_compiles(complete, tmp_path):
         pytest.skip("pdflatex is not on PATH: the LaTeX structure is checked by test_latex_table_structure")
     _, out, _ = complete
     shutil.copy(out / "matrix_random_deep.tex", tmp_path / "table.tex")
-    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\usepackage[table]{xcolor}\n"
-                                      "\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
-    r = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    (tmp_path / "doc.tex").write_text(
+        "\\documentclass{article}\n\\usepackage[table]{xcolor}\n"
+        "\\begin{document}\n\\input{table.tex}\n\\end{document}\n"
+    )
+    r = subprocess.run(
+        [exe, "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout[-2000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 0
 
@@ -303,7 +363,8 @@ def broken(tmp_path):
     (cells / "transfer" / "B-random-mhist-adp-deep-lr1e-4-s1" / "result.json").write_text('{"valid": {"top1_be')
     (cells / "transfer" / "B-random-adp-bach-deep-lr1e-3-s2" / "result.json").write_text('{"config": {}, "valid": {}}')
     (cells / "transfer" / "B-random-adp-mhist-deep-lr1e-3-s2" / "result.json").write_text(
-        json.dumps(_result(None, 0.5, 1e-3)))
+        json.dumps(_result(None, 0.5, 1e-3))
+    )
     (cells / "transfer" / "B-random-adp-bach-fine-lr1e-3-s0" / "state.json").write_text("{garbage")
     return root
 
@@ -311,8 +372,13 @@ def broken(tmp_path):
 def test_partial_run_root_reports_and_still_makes_matrices(broken):
     summary = collect(broken)
     out = broken / "summary"
-    assert (summary["done"], summary["failed"], summary["running"], summary["missing"], summary["corrupt"]) == \
-        (174 - 3 - 3 - 1 - 3, 3, 1, 3, 3)
+    assert (summary["done"], summary["failed"], summary["running"], summary["missing"], summary["corrupt"]) == (
+        174 - 3 - 3 - 1 - 3,
+        3,
+        1,
+        3,
+        3,
+    )
     m = matrix(out / "matrix_random_deep.csv")
     assert m["bach"]["mhist"] == "—" and m["bach"]["bach"] == "—"  # missing transfer, failed diagonal
     assert m["adp"]["bach"] == "90.50 ± 0.71" and m["gain adp"]["bach"] == ""  # seeds 0, 1 left; no diagonal

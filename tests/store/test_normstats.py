@@ -7,7 +7,6 @@ import pytest
 
 from histokt.store.normstats import IMAGENET, dataset_stats, resolve
 from histokt.store.reader import PatchDataset
-
 from tests.fixtures.trainstore import make_store
 
 

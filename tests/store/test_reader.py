@@ -7,12 +7,11 @@ import pytest
 import torch
 import zarr
 
-from histokt.store.augment import Augment, Normalize, warp
 from histokt.errors import UserError
-from histokt.store.reader import PatchDataset, make_loader
 from histokt.ingest.standardize import StandardizeConfig, standardize
+from histokt.store.augment import Augment, Normalize, warp
+from histokt.store.reader import PatchDataset, make_loader
 from histokt.store.schema import PatchReader
-
 from tests.fixtures.stores import folder_dataset
 
 
@@ -53,8 +52,9 @@ def test_fast_path_and_zarr_fallback_agree(store, tmp_path):
     # the same patches re-written compressed by plain zarr: the reader must fall back and agree
     src = zarr.open_array(str(store / "folder" / "train" / "images"), mode="r")
     other = tmp_path / "c.zarr"
-    dst = zarr.create_array(str(other / "folder" / "train" / "images"), shape=src.shape, chunks=(4, 272, 272, 3),
-                            dtype="uint8")
+    dst = zarr.create_array(
+        str(other / "folder" / "train" / "images"), shape=src.shape, chunks=(4, 272, 272, 3), dtype="uint8"
+    )
     dst[...] = src[...]
     fast, slow = PatchReader(store, "folder", "train"), PatchReader(other, "folder", "train")
     for i in range(src.shape[0]):

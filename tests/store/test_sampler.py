@@ -8,7 +8,7 @@ def global_batches(n, batch, world, epoch=0, start=0, seed=0):
     for s in samplers:
         s.set_epoch(epoch, start)
     per_rank = [list(s) for s in samplers]
-    return [sum((per_rank[r][b] for r in range(world)), []) for b in range(len(per_rank[0]))]
+    return [[i for r in range(world) for i in per_rank[r][b]] for b in range(len(per_rank[0]))]
 
 
 def test_same_global_batches_for_any_world_size():

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from histokt.study import plan
-from histokt.errors import UserError
-from histokt.study.spec import load, parse
 from histokt.batch.sweep import chunks
+from histokt.errors import UserError
+from histokt.study import plan
+from histokt.study.spec import load, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,13 @@ def test_paper_study_cell_counts(paper):
     # shards 1+1+4+1+8+8+1+4+8; 9 sources x 2 inits x 3 seeds; 9 x 8 pairs x 2 inits x 2 modes x 5 LRs x 3 seeds
     # distill: 2 families x 2 source sets x 1 rule x 2 (low-rank or not) x 3 seeds merges, each tuned on 2 x 5 LRs
     assert {s: len(c) for s, c in cells.items()} == {
-        "standardize": 36, "pretrain": 54, "transfer": 4320, "merge": 24, "distill": 240, "collect": 1}
+        "standardize": 36,
+        "pretrain": 54,
+        "transfer": 4320,
+        "merge": 24,
+        "distill": 240,
+        "collect": 1,
+    }
     ids = [c.id for cs in cells.values() for c in cs]
     assert len(set(ids)) == len(ids)
     assert [c.id for c in plan.expand(paper)["transfer"]] == [c.id for c in cells["transfer"]]  # stable
@@ -48,9 +54,11 @@ def test_transfer_cells_read_their_source_and_normalize_like_histokt(paper):
 def test_distill_cells_merge_one_family_then_deep_tune(paper):
     cells = plan.expand(paper)
     merge = {c.id: c for c in cells["merge"]}["M-random-adp+bcss-kg-select-lowrank-s1"]
-    assert merge.args == {"sources": ["{run_root}/cells/pretrain/A-adp-random-s1",
-                                      "{run_root}/cells/pretrain/A-bcss-random-s1"],
-                          "rule": "kg-select", "lowrank": True}
+    assert merge.args == {
+        "sources": ["{run_root}/cells/pretrain/A-adp-random-s1", "{run_root}/cells/pretrain/A-bcss-random-s1"],
+        "rule": "kg-select",
+        "lowrank": True,
+    }
     tune = {c.id: c for c in cells["distill"]}["D-imagenet-adp+crc+os+bcss-kg-select-bach-lr2e-4-s0"]
     assert tune.args["init"] == "{run_root}/cells/merge/M-imagenet-adp+crc+os+bcss-kg-select-s0/merged.pt"
     assert tune.args["mode"] == "deep" and tune.args["norm"] == "imagenet" and tune.meta["rule"] == "kg-select"

@@ -51,16 +51,16 @@ def test_valid_spec(text):
     "edit,message",
     [
         (('name = "t"', 'name = "t"\ncolour = "red"'), r"study.colour: unknown key"),
-        (('seeds = [0, 1]', 'seeds = [0, "one"]'), r"stages.pretrain.seeds\[1\]: 'one' is not a int"),
+        (("seeds = [0, 1]", 'seeds = [0, "one"]'), r"stages.pretrain.seeds\[1\]: 'one' is not a int"),
         (('datasets = ["a"]', 'datasets = ["b"]'), r"stages.pretrain.datasets\[0\]: unknown dataset 'b'"),
         (('card = "folder"', 'card = "mnist"'), r"datasets.a.card: unknown card 'mnist'"),
-        (('time_min = 30', 'time_min = 0'), r"stages.pretrain.resources.time_min: 0 is impossible"),
-        (('gpus = 1', 'gpus = 1\nmem_gb = "lots"'), r"stages.pretrain.resources.mem_gb: 'lots' is not a float"),
-        (('epochs = 2', 'epochs = 2\nseed = 3'), r"stages.pretrain.recipe.seed: set per cell by the sweep"),
-        (('epochs = 2', 'epochs = 2\nlearning = 1'), r"stages.pretrain.recipe.learning: unknown train option"),
-        (('epochs = 2', 'epochs = "two"'), r"stages.pretrain.recipe.epochs: 'two' is not a int"),
+        (("time_min = 30", "time_min = 0"), r"stages.pretrain.resources.time_min: 0 is impossible"),
+        (("gpus = 1", 'gpus = 1\nmem_gb = "lots"'), r"stages.pretrain.resources.mem_gb: 'lots' is not a float"),
+        (("epochs = 2", "epochs = 2\nseed = 3"), r"stages.pretrain.recipe.seed: set per cell by the sweep"),
+        (("epochs = 2", "epochs = 2\nlearning = 1"), r"stages.pretrain.recipe.learning: unknown train option"),
+        (("epochs = 2", 'epochs = "two"'), r"stages.pretrain.recipe.epochs: 'two' is not a int"),
         (('inits = ["random"]', 'inits = ["random", "clip"]'), r"stages.pretrain.inits\[1\]: 'clip'"),
-        (('[stages.pretrain]', '[stages.finetune]\n[stages.pretrain]'), r"stages.finetune: unknown stage"),
+        (("[stages.pretrain]", "[stages.finetune]\n[stages.pretrain]"), r"stages.finetune: unknown stage"),
     ],
 )
 def test_mistakes_name_the_key(text, edit, message):
@@ -112,7 +112,16 @@ def test_shipped_specs_parse(tmp_path, monkeypatch):
             (tmp_path / d["raw"]).mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(tmp_path)
     assert set(load(ROOT / "jobs" / "paper.toml").datasets) == {
-        "adp", "mhist", "bach", "ajlymph", "pcam", "crc", "glas", "os", "bcss"}
+        "adp",
+        "mhist",
+        "bach",
+        "ajlymph",
+        "pcam",
+        "crc",
+        "glas",
+        "os",
+        "bcss",
+    }
     assert load(ROOT / "jobs" / "demo.toml").patch_size == 112
 
 
@@ -132,7 +141,9 @@ def test_to_toml_reads_back_equal(text):
 
     from histokt.study.spec import to_toml
 
-    for doc in (tomllib.loads(text), tomllib.loads((ROOT / "jobs" / "paper.toml").read_text()),
-                {"a": {"b": {"c": 1e-5, "d": {"quote\"d key": 'x"y\\z é\n'}}}, "f": [[1, 2], ["a"]],
-                 "t": True, "e": {}}):
+    for doc in (
+        tomllib.loads(text),
+        tomllib.loads((ROOT / "jobs" / "paper.toml").read_text()),
+        {"a": {"b": {"c": 1e-5, "d": {'quote"d key': 'x"y\\z é\n'}}}, "f": [[1, 2], ["a"]], "t": True, "e": {}},
+    ):
         assert tomllib.loads(to_toml(doc)) == doc

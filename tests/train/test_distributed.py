@@ -7,7 +7,6 @@ import subprocess
 import pytest
 
 from histokt.train.distributed import World, first_host, free_port, from_environment
-
 from tests.conftest import ROOT, histokt_cmd
 from tests.fixtures.trainstore import make_store
 
@@ -41,10 +40,37 @@ def test_two_ranks_started_like_torchrun(tmp_path):
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen(histokt_cmd("train", "--store", store, "--dataset", "toy", "--out", out,
-                                                  "--epochs", "1", "--batch-size", "4", "--workers", "0",
-                                                  "--device", "cpu", "--no-progress"), env=env))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHONPATH=str(ROOT),
+        )
+        procs.append(
+            subprocess.Popen(
+                histokt_cmd(
+                    "train",
+                    "--store",
+                    store,
+                    "--dataset",
+                    "toy",
+                    "--out",
+                    out,
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ),
+                env=env,
+            )
+        )
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert json.loads((out / "result.json").read_text())["world_size"] == 2

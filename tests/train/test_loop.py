@@ -8,11 +8,10 @@ import time
 import pytest
 import torch
 
-from histokt.train import checkpoint
 from histokt.errors import UserError
-from histokt.train.models import stand_in_imagenet
+from histokt.train import checkpoint
 from histokt.train.loop import EXIT_REQUEUE, OPERATIONAL, TrainConfig, train
-
+from histokt.train.models import stand_in_imagenet
 from tests.conftest import histokt_cmd
 from tests.fixtures.trainstore import make_store
 
@@ -147,8 +146,9 @@ def test_sigkill_and_resume_is_bitwise_identical(store, reference, tmp_path, cli
 
 def test_sigusr2_checkpoints_exits_and_resumes(store, reference, tmp_path, cli_env_module):
     out = tmp_path / "run"
-    proc = subprocess.Popen(cli_args(store, out, ckpt_every_steps=0), env=cli_env_module,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli_args(store, out, ckpt_every_steps=0), env=cli_env_module, stderr=subprocess.PIPE, text=True
+    )
     wait_for(lambda: (out / "metrics.jsonl").exists(), proc, "the first epoch ended")
     proc.send_signal(signal.SIGUSR2)
     _, err = proc.communicate(timeout=120)
@@ -218,8 +218,9 @@ def test_unwritable_run_dir(store, tmp_path):
 
 
 def test_cli_errors_exit_2(store, tmp_path, cli_env_module):
-    r = subprocess.run(cli_args(store, tmp_path / "x", optimizer="lion"), env=cli_env_module,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        cli_args(store, tmp_path / "x", optimizer="lion"), env=cli_env_module, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "unknown optimizer 'lion'" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -248,12 +249,44 @@ def test_readme_stage_b_command_line(reference, tmp_path, cli_env_module):
     from histokt.ingest.standardize import StandardizeConfig, standardize
 
     store = make_store(tmp_path / "b", per_class=4)  # target "toy"
-    standardize(StandardizeConfig(dataset="folder", raw=tmp_path / "b" / "raw", store=store, name="crc", mpp=1.0,
-                                  patch_size=64, stride=64, split_seed=1, progress=False))  # the "source"
+    standardize(
+        StandardizeConfig(
+            dataset="folder",
+            raw=tmp_path / "b" / "raw",
+            store=store,
+            name="crc",
+            mpp=1.0,
+            patch_size=64,
+            stride=64,
+            split_seed=1,
+            progress=False,
+        )
+    )  # the "source"
     out = tmp_path / "runs" / "B-crc-toy-deep-s0"
-    args = ["train", "--store", store, "--dataset", "toy", "--out", out, "--init", reference / "best.pt",
-            "--mode", "deep", "--norm", "crc", "--epochs", "1", "--batch-size", "8", "--workers", "0",
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "train",
+        "--store",
+        store,
+        "--dataset",
+        "toy",
+        "--out",
+        out,
+        "--init",
+        reference / "best.pt",
+        "--mode",
+        "deep",
+        "--norm",
+        "crc",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     r = subprocess.run(histokt_cmd(*args), env=cli_env_module, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     config = json.loads((out / "result.json").read_text())["config"]

@@ -16,10 +16,14 @@ ML_LABELS = torch.tensor([[1, 0, 0], [1, 0, 1], [1, 0, 0], [0, 0, 0]])
 
 
 def test_single_label_hand_case():
-    logits = torch.tensor([[2.0, 1.0, 0.0],   # pred 0
-                           [1.0, 1.0, 0.0],   # tie -> lowest index, pred 0
-                           [0.0, 3.0, 1.0],   # pred 1
-                           [1.0, 0.0, 0.5]])  # pred 0
+    logits = torch.tensor(
+        [
+            [2.0, 1.0, 0.0],  # pred 0
+            [1.0, 1.0, 0.0],  # tie -> lowest index, pred 0
+            [0.0, 3.0, 1.0],  # pred 1
+            [1.0, 0.0, 0.5],
+        ]
+    )  # pred 0
     labels = torch.tensor([0, 0, 0, 2])
     out = single_label(logits, labels, 3)
     assert out["n"] == 4

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from histokt.errors import UserError
-from histokt.train.models import apply_bn_mode, build_model, freeze_encoder, head_names, imagenet_cache_path, stand_in_imagenet
+from histokt.train.models import (
+    apply_bn_mode,
+    build_model,
+    freeze_encoder,
+    head_names,
+    imagenet_cache_path,
+    stand_in_imagenet,
+)
 
 
 @pytest.fixture
@@ -92,7 +99,9 @@ def test_imagenet_cache_path_follows_torch_hub(tmp_path, monkeypatch):
     assert imagenet_cache_path("resnet18") == tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     monkeypatch.delenv("TORCH_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert imagenet_cache_path("resnet18") == tmp_path / "xdg" / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert (
+        imagenet_cache_path("resnet18") == tmp_path / "xdg" / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    )
 
 
 def test_imagenet_init_loads_encoder_exactly(torch_home):
@@ -162,7 +171,9 @@ def test_imagenet_file_without_num_batches_tracked(torch_home):
 
 
 def test_imagenet_init_other_arch(torch_home):
-    sd = torch.load(stand_in_imagenet(imagenet_cache_path("mobilenet_v3_small"), "mobilenet_v3_small"), weights_only=True)
+    sd = torch.load(
+        stand_in_imagenet(imagenet_cache_path("mobilenet_v3_small"), "mobilenet_v3_small"), weights_only=True
+    )
     model = build_model("mobilenet_v3_small", num_classes=2, init="imagenet")
     assert _encoder_equal(model, sd, "classifier.3.")
     assert model.classifier[3].weight.shape == (2, 1024)

@@ -14,8 +14,9 @@ from histokt.train.optim import AdamP, build_optimizer, build_scheduler
 def _conv_bn(seed=0):
     """conv -> BN (train mode) -> linear: the conv weight is scale-invariant per output channel."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 4 * 4, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    )
 
 
 def _batches(count, seed=1):
@@ -55,7 +56,7 @@ def test_scale_invariant_weight_gets_the_projected_update():
     before = conv.detach().clone()
     rows = before.reshape(4, -1)
     grad_cos = nn.functional.cosine_similarity(conv.grad.reshape(4, -1), rows, dim=1).abs()
-    assert grad_cos.max() < 0.1 / 27 ** 0.5  # BN makes the gradient orthogonal to each channel's weight
+    assert grad_cos.max() < 0.1 / 27**0.5  # BN makes the gradient orthogonal to each channel's weight
 
     # A plain Adam step from the same gradient, for comparison: its update has a radial part.
     ref = nn.Parameter(before.clone())

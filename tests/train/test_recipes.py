@@ -48,8 +48,15 @@ def test_recipe_returns_fresh_copies():
     assert recipe("a") == STAGE_A
 
 
-@pytest.mark.parametrize("args, match", [(("C",), "unknown training stage"), (("B",), "needs a target"),
-                                         (("B", "imagenet"), "unknown target"), (("A", "ADP"), "unknown target")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("C",), "unknown training stage"),
+        (("B",), "needs a target"),
+        (("B", "imagenet"), "unknown target"),
+        (("A", "ADP"), "unknown target"),
+    ],
+)
 def test_recipe_errors(args, match):
     with pytest.raises(UserError, match=match):
         recipe(*args)
@@ -58,6 +65,7 @@ def test_recipe_errors(args, match):
 def test_recipes_build():
     """Each recipe's fields feed build_optimizer / build_scheduler as they are."""
     for r in (recipe("A"), recipe("B", "glas")):
-        opt = build_optimizer(r["optimizer"], [torch.nn.Parameter(torch.zeros(2))], r["lr"], r["weight_decay"],
-                              r["momentum"])
+        opt = build_optimizer(
+            r["optimizer"], [torch.nn.Parameter(torch.zeros(2))], r["lr"], r["weight_decay"], r["momentum"]
+        )
         build_scheduler(r["scheduler"], opt, r["step_size"], r["gamma"])

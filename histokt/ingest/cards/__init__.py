@@ -54,9 +54,7 @@ def parse_options(card: type[Card], pairs) -> dict:
             else:
                 out[key] = type(default)(value)
         except ValueError:
-            raise UserError(
-                f"card {card.name}: option {key}={value!r} is not a {type(default).__name__}"
-            ) from None
+            raise UserError(f"card {card.name}: option {key}={value!r} is not a {type(default).__name__}") from None
     return out
 
 

@@ -76,9 +76,7 @@ class ADP(Card):
         on_disk = {p.name for p in images.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
         self.match_files(images, on_disk, names, CSV_NAME)
         partitions = self._partitions(root, names)
-        sources = [
-            Source(f"{prefix}{IMAGE_DIR}/{n}", labels[n], partitions[n], source_image(n)) for n in names
-        ]
+        sources = [Source(f"{prefix}{IMAGE_DIR}/{n}", labels[n], partitions[n], source_image(n)) for n in names]
         return sorted(sources, key=lambda s: s.path)
 
     # -- layout --------------------------------------------------------------------------------------------
@@ -172,7 +170,9 @@ def load_list(card: str, path: Path) -> np.ndarray:
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise verify_download(
-                card, path, "is a pickled object array, which histokt never loads (re-save it as strings or row numbers)"
+                card,
+                path,
+                "is a pickled object array, which histokt never loads (re-save it as strings or row numbers)",
             ) from None
         raise verify_download(card, path, f"is not a readable .npy file ({exc})") from None
     except OSError as exc:

@@ -90,8 +90,9 @@ class Bach(Card):
                 )
             if out.get(hits[0], patient) != patient:
                 raise verify_download(
-                    self.name, csv_path, f"line {line}: image {image!r} is given two patients"
-                    f" ({out[hits[0]]!r} and {patient!r})"
+                    self.name,
+                    csv_path,
+                    f"line {line}: image {image!r} is given two patients ({out[hits[0]]!r} and {patient!r})",
                 )
             out[hits[0]] = patient
         return out

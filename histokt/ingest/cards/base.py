@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from histokt.ingest.decode import MAX_PIXELS, load_rgb_image
 from histokt.errors import UserError, verify_download
+from histokt.ingest.decode import MAX_PIXELS, load_rgb_image
 
 # HistoKT's default ratios where a dataset (or an official partition) has to be cut: 80/10/10.
 DEFAULT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}

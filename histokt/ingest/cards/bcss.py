@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histokt.ingest.decode import BadImage, image_size, load_labels
 from histokt.errors import UserError, verify_download
 from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, Source
+from histokt.ingest.decode import BadImage, image_size, load_labels
 
 IMAGES = "rgbs_colorNormalized"
 MASKS = "masks"

@@ -109,7 +109,8 @@ class CsvList(Card):
             bad = [r for r in rows if r["split"].lower() not in SPLITS]
             if bad:
                 raise verify_download(
-                    self.name, csv_path,
+                    self.name,
+                    csv_path,
                     f"unknown split value {bad[0]['split']!r} on line {bad[0]['line']}, expected one of {list(SPLITS)}",
                 )
 

@@ -60,9 +60,7 @@ class Osteosarcoma(Card):
         for line, name, cls in rows:
             path = self._resolve(csv_path, line, name, by_name)
             if path in used:
-                raise verify_download(
-                    self.name, csv_path, f"rows {used[path]} and {line} both name {rel(raw, path)}"
-                )
+                raise verify_download(self.name, csv_path, f"rows {used[path]} and {line} both name {rel(raw, path)}")
             used[path] = line
             label = class_index(self.classes, cls, self.name, f"{csv_path} (row {line}, {name!r})")
             sources.append(Source(rel(raw, path), label, "all", case_of(raw, path)))

@@ -22,9 +22,9 @@ import h5py
 import numpy as np
 
 from histokt.atomic import atomic_path, read_json, write_json
-from histokt.ingest.decode import BadImage
 from histokt.errors import UserError, verify_download
 from histokt.ingest.cards.base import Card, Source
+from histokt.ingest.decode import BadImage
 
 PARTITIONS = ("train", "valid", "test")
 PATCH_SHAPE = (96, 96, 3)

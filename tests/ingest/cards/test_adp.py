@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from histokt.ingest.cards import get_card
 from histokt.errors import UserError
+from histokt.ingest.cards import get_card
 from tests.fixtures import raw_adp
 from tests.fixtures.images import save, tissue
 

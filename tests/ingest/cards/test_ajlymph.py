@@ -1,10 +1,10 @@
-import numpy as np
 import shutil
 
+import numpy as np
 import pytest
 
-from histokt.ingest.cards import get_card
 from histokt.errors import UserError
+from histokt.ingest.cards import get_card
 from tests.fixtures import raw_ajlymph
 from tests.fixtures.images import save, tissue
 

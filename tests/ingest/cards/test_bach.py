@@ -1,11 +1,11 @@
-import numpy as np
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 
-from histokt.ingest.cards import get_card
 from histokt.errors import UserError
+from histokt.ingest.cards import get_card
 from tests.fixtures import raw_bach
 from tests.fixtures.images import save, tissue
 

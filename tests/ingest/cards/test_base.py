@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from histokt.ingest.cards.base import Card
 from histokt.errors import UserError
+from histokt.ingest.cards.base import Card
 
 
 class Toy(Card):

@@ -5,10 +5,10 @@ import pickle
 import numpy as np
 import pytest
 
+from histokt.errors import UserError
 from histokt.ingest.cards import get_card, parse_options
 from histokt.ingest.cards.bcss import BCSS, EVA_PLAN
 from histokt.ingest.decode import BadImage
-from histokt.errors import UserError
 from tests.fixtures import raw_bcss as fx
 
 CLASSES = (

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from histokt.ingest.cards import card_class, get_card, parse_options
 from histokt.errors import UserError
+from histokt.ingest.cards import card_class, get_card, parse_options
 from tests.fixtures import raw_crc
 
 SEVEN = ("ADI", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")

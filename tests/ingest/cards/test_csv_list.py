@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from histokt.ingest.cards import get_card
 from histokt.errors import UserError
+from histokt.ingest.cards import get_card
 from tests.fixtures import raw_csv_list
 from tests.fixtures.raw_csv_list import write_csv
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from histokt.ingest.cards import get_card
 from histokt.errors import UserError
+from histokt.ingest.cards import get_card
 from tests.fixtures.images import save, tissue
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from histokt.ingest.cards import get_card
 from histokt.errors import UserError
+from histokt.ingest.cards import get_card
 from tests.fixtures import raw_mhist
 from tests.fixtures.images import save, tissue
 

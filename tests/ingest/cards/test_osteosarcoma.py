@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
+from histokt.errors import UserError
 from histokt.ingest.cards import get_card
 from histokt.ingest.cards.osteosarcoma import Osteosarcoma, file_name
-from histokt.errors import UserError
 from tests.fixtures import raw_osteosarcoma as fx
 
 CLASSES = ("Non-Tumor", "Viable", "Non-Viable-Tumor", "viable: non-viable")

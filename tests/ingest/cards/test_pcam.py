@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
+from histokt.errors import UserError
 from histokt.ingest.cards import get_card
 from histokt.ingest.cards import pcam as pcam_module
-from histokt.errors import UserError
 from tests.fixtures import raw_pcam
 
 X = "camelyonpatch_level_2_split_{}_x.h5"
