@@ -1,6 +1,6 @@
 """The `histokt` command: a plain argparse front that dispatches to one dataclass-configured command.
 
-argparse-dataclass has no subcommands (cluster.md §7), so the top level reads the command name and
+argparse-dataclass has no subcommands (docs/cluster.md §7), so the top level reads the command name and
 hands the rest of the line to that command's own parser, built from its config dataclass.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional
 from argparse_dataclass import ArgumentParser
 
 from histokt import __version__
-from histokt.errors import UserError
+from histokt.errors import EXIT_REQUEUE, UserError
 
 
 def _standardize(argv):
@@ -54,7 +54,7 @@ def _demo(argv):
 
 
 def _train(argv):
-    from histokt.train.loop import EXIT_REQUEUE, TrainConfig, train
+    from histokt.train.loop import TrainConfig, train
 
     cfg = _parse(TrainConfig, "train", argv, "Train one cell: Stage A on a source, or Stage B transfer to a target.")
     result = train(cfg)

@@ -1,4 +1,8 @@
-"""The one exception type that means "the user gave us something wrong"."""
+"""The one exception type that means "the user gave us something wrong", and the exit codes every command shares."""
+
+# EX_TEMPFAIL: checkpointed on a signal; run the same command again to resume. The sbatch scripts in slurm/
+# requeue on it (they hold their own copy, which tests/test_slurm_scripts.py checks against this one).
+EXIT_REQUEUE = 75
 
 
 class UserError(Exception):

@@ -7,7 +7,7 @@ requeued) and ends with its done marker (a train cell's ``result.json``, else ``
 Preemption: SLURM sends USR2; the training loop checkpoints and the cell returns "interrupted". Inside a
 job the cell then leaves a marker ``RUN_ROOT/.requeue/<array job>_<task>``, and the batch script's
 teardown, on the host where ``scontrol`` exists, requeues that one task. So it also works when Python runs
-in a container without SLURM's tools (cluster.md §1.9, option b).
+in a container without SLURM's tools (docs/cluster.md §1.9, option b).
 """
 
 import os
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histokt import atomic
-from histokt.errors import UserError
+from histokt.errors import EXIT_REQUEUE, UserError
 from histokt.study import plan
-from histokt.train.config import EXIT_REQUEUE
 
 REQUEUE_DIR = ".requeue"
 
@@ -59,7 +58,7 @@ def run_cell(run_root, stage: str, index: int) -> int:
     state = atomic.read_json(directory / "state.json") or {}
     set_state(directory, status="running", attempts=state.get("attempts", 0) + 1, error=None)
     try:
-        missing = [p for p in plan.resolve(cell.inputs, run_root) if not Path(p).exists()]
+        missing = [p for p in plan.fill_run_root(cell.inputs, run_root) if not Path(p).exists()]
         if missing:
             raise UserError(f"input missing: {missing[0]} (its cell failed or has not run yet)")
         code = _execute(run_root, cell, directory)
@@ -75,7 +74,7 @@ def run_cell(run_root, stage: str, index: int) -> int:
 
 
 def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
-    args = {k: plan.resolve(v, run_root) for k, v in cell.args.items()}
+    args = {k: plan.fill_run_root(v, run_root) for k, v in cell.args.items()}
     if cell.kind == "standardize":
         from histokt.ingest.standardize import StandardizeConfig, standardize
 

@@ -1,4 +1,4 @@
-"""EVBMF and the low-rank metrics of a conv layer: knowledge gain and mapping condition (method.md §4.4).
+"""EVBMF and the low-rank metrics of a conv layer: knowledge gain and mapping condition (docs/method.md §4.4).
 
 Weight distillation ranks same-architecture models layer by layer by how much "knowledge" each conv
 weight holds. HistoKT's group measured it with Empirical Variational Bayes Matrix Factorization
@@ -174,7 +174,7 @@ def noise_objective(sigma2: float, s2: np.ndarray, L: int, M: int, xbar: float, 
 
 
 def _noise_bounds(s2: np.ndarray, L: int, M: int, xbar: float) -> tuple[float, float]:
-    """Search interval of sigma2 (method.md §4.4 step 3; 0-based e_H as the reference computes it)."""
+    """Search interval of sigma2 (docs/method.md §4.4 step 3; 0-based e_H as the reference computes it)."""
     alpha = L / M
     e = int(min(math.ceil(L / (1 + alpha)) - 1, L)) - 1
     upper = float(s2.sum() / (L * M))
@@ -209,7 +209,7 @@ def evbmf(y, sigma2: Optional[float] = None, vectors: bool = False, xatol: float
 
 
 def _shrink(s: np.ndarray, sigma2: float, L: int, M: int) -> np.ndarray:
-    """The EVB posterior singular values of the retained components (method.md §4.4 step 5)."""
+    """The EVB posterior singular values of the retained components (docs/method.md §4.4 step 5)."""
     c = 1 - (L + M) * sigma2 / s**2
     return (s / 2) * (c + np.sqrt(np.clip(c**2 - 4 * L * M * sigma2**2 / s**4, 0.0, None)))
 

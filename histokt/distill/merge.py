@@ -1,6 +1,6 @@
-"""`histokt distill`: merge N Stage-A models of one architecture into one, without training (method.md §4).
+"""`histokt distill`: merge N Stage-A models of one architecture into one, without training (docs/method.md §4).
 
-HistoKT's merge script is lost; method.md §4.2 gives the most plausible procedure (a HYPOTHESIS) and §4.3
+HistoKT's merge script is lost; docs/method.md §4.2 gives the most plausible procedure (a HYPOTHESIS) and §4.3
 the alternatives to keep pluggable. Rules, per conv layer (a ``Conv2d`` with its BatchNorm: the module
 that directly follows it in module order, when it is a BatchNorm over the conv's output channels):
 

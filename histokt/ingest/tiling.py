@@ -1,6 +1,6 @@
 """Standardization of one image: rescale to the target µm/px, mirror-pad, tile, and reject blank patches.
 
-Follows HistoKT (method.md §2) with one documented difference: the anti-aliased rescale is Pillow's
+Follows HistoKT (docs/method.md §2) with one documented difference: the anti-aliased rescale is Pillow's
 bilinear filter with a support widened by the downscale factor (area-aware), not skimage's Gaussian
 pre-blur, so results are close to but not bitwise equal with the original's.
 """

@@ -21,7 +21,7 @@ Files (top-1 as a fraction in transfer.csv, as the cells store it; in % everywhe
 - with ``compare_paper``: ``compare_<init>_deep.{csv,md}``, our deep matrix minus the published one
   (histokt.paper), over the datasets whose names equal the paper's card names.
 
-Learning-rate selection (method.md §3, "the same LR for every source"): for a target (and init, mode), each LR
+Learning-rate selection (docs/method.md §3, "the same LR for every source"): for a target (and init, mode), each LR
 of the grid gets a validation score: for every source, the mean over seeds of the best validation top-1, then
 the mean over the sources that have results at that LR (each source weighs the same whatever its seed count).
 The LR with the highest score is the target's LR, ties going to the smaller LR, and the matrix shows every
@@ -30,7 +30,7 @@ dataset), so a source never gets an LR picked for itself, and the test split nev
 without a result at the chosen LR is missing ("—"), never filled from another LR. The diagonal (Stage A) and
 each merged model of distill.csv choose among their own LRs the same way (Stage A usually has one). The "best
 single source" of distill.csv is the deep matrix's best off-diagonal cell in that target's column by test mean,
-as the paper reads its figures (method.md §5.3, §5.4).
+as the paper reads its figures (docs/method.md §5.3, §5.4).
 """
 
 import csv
@@ -433,7 +433,7 @@ def _distill_md(rows: list[dict]) -> str:
     lines = [
         "# Weight distillation: merged models deep-tuned on a target, test top-1 (%)",
         "",
-        "Each merged model at its LR chosen on validation, against ImageNet → target (the bar of method.md "
+        "Each merged model at its LR chosen on validation, against ImageNet → target (the bar of docs/method.md "
         "§5.4) and against the best single source of the same family (deep-tuned, best test mean in that "
         f"target's column). {MISSING} = no result yet.",
         "",
@@ -500,7 +500,7 @@ def _compare_md(m: Matrix, rows: list[list]) -> str:
     lines = [
         f"# {title(m)}: ours minus the paper (test top-1, points)",
         "",
-        f"Published: method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
+        f"Published: docs/method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
         "matched by name with the paper's cards (" + ", ".join(paper.CARDS) + f"). {MISSING}: no result yet.",
         "",
     ]

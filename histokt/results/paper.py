@@ -1,4 +1,4 @@
-"""The published HistoKT transfer matrices (Zhang et al., ICASSP 2022; method.md §5.1 and §5.2), as data.
+"""The published HistoKT transfer matrices (Zhang et al., ICASSP 2022; docs/method.md §5.1 and §5.2), as data.
 
 Test top-1 (%), mean and sample std over 3 trials, deep-tuned. Rows are the source, columns the target, both
 in ``CARDS`` order; the diagonal is the dataset's own Stage-A training (random init), or ImageNet → target

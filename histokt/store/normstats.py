@@ -50,7 +50,7 @@ def _cache(meta_path: Path, norm: dict) -> None:
     atomic.write_bytes(meta_path, json.dumps(meta, indent=2).encode())
 
 
-def resolve(store, dataset: str, choice: str) -> tuple[tuple, tuple]:
+def norm_constants(store, dataset: str, choice: str) -> tuple[tuple, tuple]:
     """--norm: 'dataset' (this dataset's), 'imagenet', 'none', or the name of another dataset in the store
     (e.g. the source dataset, as HistoKT normalized random-init transfers)."""
     if choice == "imagenet":

@@ -201,12 +201,12 @@ def cell_dir(run_root, cell: Cell) -> Path:
     return Path(run_root) / "cells" / cell.stage / cell.id
 
 
-def resolve(value, run_root):
+def fill_run_root(value, run_root):
     """Cell arguments may name files under the run root as '{run_root}/...'."""
     if isinstance(value, str):
         return value.replace("{run_root}", str(Path(run_root).absolute()))
     if isinstance(value, list):
-        return [resolve(v, run_root) for v in value]
+        return [fill_run_root(v, run_root) for v in value]
     return value
 
 

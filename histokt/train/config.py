@@ -4,7 +4,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpointed on a signal; run the same command again to resume
 # Options that change how a run executes, not what it computes: they may differ on a resume.
 OPERATIONAL = ("workers", "progress", "ckpt_every_steps", "ckpt_every_min", "nproc", "device")
 
@@ -84,7 +83,7 @@ class TrainConfig:
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """Fill the recipe defaults (method.md §3) so config.json records what actually ran."""
+    """Fill the recipe defaults (docs/method.md §3) so config.json records what actually ran."""
     from histokt.train.recipes import TARGET_LR
 
     values = asdict(cfg)

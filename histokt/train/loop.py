@@ -32,7 +32,7 @@ from histokt.store.augment import Augment, warp_batch
 from histokt.store.reader import PatchDataset, make_loader, open_attrs
 from histokt.store.sampler import GlobalBatchSampler, eval_shards
 from histokt.train import checkpoint, distributed
-from histokt.train.config import EXIT_REQUEUE, OPERATIONAL, TrainConfig, config_dict, resolved
+from histokt.train.config import OPERATIONAL, TrainConfig, config_dict, resolved
 
 # -- configuration ------------------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ def run(cfg: TrainConfig, world: distributed.World) -> dict:
 
 
 class StopRequested:
-    """SIGUSR2/SIGTERM only set a flag; the loop checks it at the next step boundary (cluster.md §4.2)."""
+    """SIGUSR2/SIGTERM only set a flag; the loop checks it at the next step boundary (docs/cluster.md §4.2)."""
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -215,7 +215,7 @@ class Cell:
     """Everything one rank holds while training a cell."""
 
     def __init__(self, cfg: TrainConfig, world: distributed.World, device: torch.device):
-        from histokt.store.normstats import resolve
+        from histokt.store.normstats import norm_constants
         from histokt.train.metrics import loss_fn, multilabel_pos_weights
         from histokt.train.models import apply_bn_mode, build_model, freeze_encoder
         from histokt.train.optim import build_optimizer, build_scheduler
@@ -248,7 +248,7 @@ class Cell:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.step_size, cfg.gamma)
-        mean, std = resolve(cfg.store, cfg.dataset, cfg.norm)
+        mean, std = norm_constants(cfg.store, cfg.dataset, cfg.norm)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
         augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
@@ -459,4 +459,4 @@ def drop_training_state(run_dir: Path) -> None:
             (run_dir / name).unlink(missing_ok=True)
 
 
-__all__ = ["EXIT_REQUEUE", "TrainConfig", "train"]
+__all__ = ["TrainConfig", "train"]

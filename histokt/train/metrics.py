@@ -1,4 +1,4 @@
-"""Evaluation metrics and losses (method.md §3), as pure functions of CPU tensors.
+"""Evaluation metrics and losses (docs/method.md §3), as pure functions of CPU tensors.
 
 Call them once on the predictions gathered from every rank, not per batch: balanced accuracy is not
 an average of per-batch values.

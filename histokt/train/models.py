@@ -12,7 +12,7 @@ In every case the classification head is a fresh ``nn.Linear(in_features, num_cl
 default initialisation; whatever head the weights file carried (1000 ImageNet classes, the source
 dataset's classes) is dropped. Files are always read with ``torch.load(..., weights_only=True)``.
 
-Fine-tuning (method.md §3): ``freeze_encoder`` leaves only the head trainable. With ``bn="train"`` (the
+Fine-tuning (docs/method.md §3): ``freeze_encoder`` leaves only the head trainable. With ``bn="train"`` (the
 paper's behaviour) the network stays in train mode, so the frozen encoder's BatchNorm running statistics
 still update; with ``bn="eval"`` the training loop calls ``apply_bn_mode(model)`` after every
 ``model.train()`` to keep the encoder's BatchNorm layers in eval mode.

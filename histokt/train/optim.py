@@ -1,4 +1,4 @@
-"""Optimizers and LR schedules of the HistoKT recipes (method.md §3).
+"""Optimizers and LR schedules of the HistoKT recipes (docs/method.md §3).
 
 ``AdamP`` follows Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
 Scale-invariant Weights" (ICLR 2021) and the behaviour of the reference ``adamp`` package that HistoKT
@@ -19,7 +19,7 @@ from histokt.errors import UserError
 OPTIMIZERS = ("adamp", "sgd", "adam", "adamw")
 SCHEDULERS = ("step", "none")
 
-# Paper Stage B (method.md §3): AdamP betas, eps.
+# Paper Stage B (docs/method.md §3): AdamP betas, eps.
 ADAMP_BETAS = (0.9, 0.999)
 ADAMP_EPS = 1e-8
 

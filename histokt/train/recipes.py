@@ -1,4 +1,4 @@
-"""The paper's training numbers as data (method.md §3), keyed by dataset card name.
+"""The paper's training numbers as data (docs/method.md §3), keyed by dataset card name.
 
 Stage A (source training) in the original uses Adas (SGD with per-layer LRs from knowledge gain, halved
 every 25 epochs). Here it is expressed with the optimizers of ``histokt.optim``: momentum SGD with L2 weight
@@ -37,7 +37,7 @@ STAGE_B = {
 }
 
 # Stage-B LR per target ("best_lrs"), the same for every source. BCSS uses 1e-3 although its sweep
-# favoured 5e-5 (method.md §7 quirk 9): reproduced as published.
+# favoured 5e-5 (docs/method.md §7 quirk 9): reproduced as published.
 TARGET_LR = {
     "adp": 1e-4,
     "bcss": 1e-3,

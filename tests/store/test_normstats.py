@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from histokt.store.normstats import IMAGENET, dataset_stats, resolve
+from histokt.store.normstats import IMAGENET, dataset_stats, norm_constants
 from histokt.store.reader import PatchDataset
 from tests.fixtures.trainstore import make_store
 
@@ -31,6 +31,6 @@ def test_stats_follow_histokt_formula_and_are_cached(store):
 
 
 def test_named_choices(store):
-    assert resolve(store, "toy", "imagenet") == IMAGENET
-    assert resolve(store, "toy", "none") == ((0.0,) * 3, (1.0,) * 3)
-    assert resolve(store, "toy", "toy") == resolve(store, "toy", "dataset")
+    assert norm_constants(store, "toy", "imagenet") == IMAGENET
+    assert norm_constants(store, "toy", "none") == ((0.0,) * 3, (1.0,) * 3)
+    assert norm_constants(store, "toy", "toy") == norm_constants(store, "toy", "dataset")

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from histokt.errors import UserError
+from histokt.errors import EXIT_REQUEUE, UserError
 from histokt.train import checkpoint
-from histokt.train.loop import EXIT_REQUEUE, OPERATIONAL, TrainConfig, train
+from histokt.train.loop import OPERATIONAL, TrainConfig, train
 from histokt.train.models import stand_in_imagenet
 from tests.conftest import histokt_cmd
 from tests.fixtures.trainstore import make_store

@@ -31,7 +31,7 @@ class Bach(Card):
     classes = CLASSES  # HistoKT's ImageFolder order (alphabetical)
     mpp = 0.42
     mpp_source = "HistoKT, eva bach.md and THUNDER (eva index: 0.5)"
-    # HistoKT's last (overriding) call cut 40/10/50; the published numbers fit it (method.md §1).
+    # HistoKT's last (overriding) call cut 40/10/50; the published numbers fit it (docs/method.md §1).
     split_plan = {"all": {"train": 0.4, "valid": 0.1, "test": 0.5}}
     group_rule = "source image, or patient with option patients=<csv>"
     expected_counts = {"all": 400}
