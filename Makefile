@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench mutation venv clean
 
 venv: $(STAMP)
 
@@ -17,12 +17,23 @@ $(STAMP): setup.cfg setup.py
 demo: $(STAMP)
 	$(VENV)/bin/histokt demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q -rs
+# lint and types first (seconds), then the suite with its 15 slowest tests listed
+test: lint
+	$(PY) -m pytest -q -rs --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check histokt tests benchmarks
+	$(VENV)/bin/ruff format --check histokt tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/standardize.py
 	$(PY) benchmarks/reader.py
 
+# slow, outside CI: mutants of the modules that hold the README's guarantees (pyproject.toml [tool.mutmut])
+mutation: $(STAMP)
+	$(VENV)/bin/mutmut run
+	$(PY) benchmarks/mutation.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

@@ -165,7 +165,7 @@ def generate(run_root: Path, seed: int = 0, seeds=SEEDS) -> dict:
 CHILD = """
 import sys, time
 t = time.perf_counter()
-from histokt.collect import collect
+from histokt.results.collect import collect
 s = collect(sys.argv[1], out=sys.argv[2], compare_paper=True)
 print(time.perf_counter() - t)
 """

@@ -76,8 +76,8 @@ def build_store(args) -> tuple[Path, str]:
             dataset="folder", raw=raw, store=store, name=name, mpp=1.0, workers=args.gen_procs, progress=False
         )
     )
-    if s["status"] == "written":
-        print(f"built {store}/{name} in {time.perf_counter() - t:.1f} s: {s['counts']}", file=sys.stderr)
+    if s.status == "written":
+        print(f"built {store}/{name} in {time.perf_counter() - t:.1f} s: {s.counts}", file=sys.stderr)
     return store, name
 
 

@@ -80,7 +80,7 @@ class StageTimer:
     """Wraps module functions with timers; the phase (part / finalize) labels zarr writes by where they happen."""
 
     def __init__(self):
-        self.seconds, self.calls, self.phase = {}, {}, "plan"
+        self.seconds, self.calls, self.phase = {}, {}, "worklist"
 
     def add(self, key, dt):
         self.seconds[key] = self.seconds.get(key, 0.0) + dt
@@ -108,10 +108,11 @@ class StageTimer:
         import histokt.atomic
         import histokt.ingest.cards.base
         import histokt.ingest.decode
+        import histokt.ingest.finalize as F
         import histokt.ingest.standardize as S
 
-        self.wrap(S, "make_plan", "plan: index sources + split")
-        self.wrap(S, "_prepare_staging", "plan: staging folder + plan.json")
+        self.wrap(S, "make_worklist", "worklist: index sources + split")
+        self.wrap(S, "_prepare_staging", "worklist: staging folder + worklist.json")
         self.wrap(S, "process_part", "part: total", phase="part")
         self.wrap(histokt.ingest.decode, "open_image", "part: PNG open + decode (PIL)")
         self.wrap(histokt.ingest.decode, "rgb_image", "part: RGB mode conversion")
@@ -119,16 +120,17 @@ class StageTimer:
         self.wrap(S, "mirror_pad", "part: mirror pad")
         self.wrap(S, "is_low_contrast", "part: low-contrast filter")
         self.wrap(S, "patch_array", lambda ph: f"{ph}: create zarr array(s)")
+        self.wrap(F, "patch_array", lambda ph: f"{ph}: create zarr array(s)")
         self.wrap(S, "write_chunk", "part: write chunk files")
         self.wrap(
             histokt.atomic,
             "write_json",
-            lambda ph: f"{ph}: atomic JSON write (fsync)" + (" [in staging]" if ph == "plan" else " [manifest]"),
+            lambda ph: f"{ph}: atomic JSON write (fsync)" + (" [in staging]" if ph == "worklist" else " [manifest]"),
         )
-        self.wrap(S, "_finalize_locked", "finalize: total", phase="finalize")
-        self.wrap(S, "_move_chunks", "finalize: rename chunk files")
-        self.wrap(S, "_write_meta", "finalize: labels/source_id/box arrays")
-        self.wrap(S, "_swap_in", "finalize: swap in + clean staging")
+        self.wrap(S, "finalize_locked", "finalize: total", phase="finalize")
+        self.wrap(F, "_move_chunks", "finalize: rename chunk files")
+        self.wrap(F, "_write_meta", "finalize: labels/source_id/box arrays")
+        self.wrap(F, "_swap_in", "finalize: swap in + clean staging")
 
 
 def child_standardize(spec: dict) -> dict:
@@ -165,12 +167,12 @@ def child_standardize(spec: dict) -> dict:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
         Path(spec["profile"]).write_text(out.getvalue())
-    if summary["status"] != "written":
+    if summary.status != "written" or summary.counts is None:
         raise SystemExit(f"standardize did not write the dataset: {summary}")
     result = {
-        "patches": sum(summary["counts"].values()),
-        "counts": summary["counts"],
-        "rejected": summary["rejected"],
+        "patches": sum(summary.counts.values()),
+        "counts": summary.counts,
+        "rejected": summary.rejected,
         "wall_s": wall,
         "cpu_s": cpu,
         "rss_mb": rss.result(),
@@ -351,7 +353,7 @@ def stage_rows(stages: dict):
     def row(label, seconds, calls=""):
         rows.append([label, calls, seconds, f"{100 * seconds / wall:.1f}%", f"{1e3 * seconds / n:.2f}"])
 
-    for phase, total in (("plan", None), ("part", "part: total"), ("finalize", "finalize: total")):
+    for phase, total in (("worklist", None), ("part", "part: total"), ("finalize", "finalize: total")):
         keys = sorted(k for k in st if k.startswith(phase + ": ") and k != total)
         if total in st:
             row(f"**{total}**", st[total]["s"], st[total]["calls"])
@@ -361,7 +363,12 @@ def stage_rows(stages: dict):
             row("  part: other (tiling, manifest rows, Python)", st[total]["s"] - sum(st[k]["s"] for k in keys))
     top = sum(
         st[k]["s"]
-        for k in ("plan: index sources + split", "plan: staging folder + plan.json", "part: total", "finalize: total")
+        for k in (
+            "worklist: index sources + split",
+            "worklist: staging folder + worklist.json",
+            "part: total",
+            "finalize: total",
+        )
         if k in st
     )
     row("outside the above (config, summary)", wall - top)

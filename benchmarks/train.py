@@ -75,7 +75,7 @@ def make_store(work: Path, n: int) -> Path:
 
 
 def config(args, store: Path, out: Path):
-    from histokt.train.loop import TrainConfig
+    from histokt.train.config import TrainConfig
 
     return TrainConfig(
         store=store,
@@ -106,7 +106,11 @@ def measure(args, store: Path) -> dict:
     import torch
 
     from histokt.train import distributed
-    from histokt.train.loop import Cell, StopRequested, device_for, resolved
+    from histokt.train.config import resolved
+    from histokt.train.launch import device_for
+    from histokt.train.loop import Trainer
+    from histokt.train.rundir import prepare_run_dir
+    from histokt.train.signals import StopRequested
 
     out = args.work / "run"
     if out.exists():
@@ -116,19 +120,17 @@ def measure(args, store: Path) -> dict:
     cfg = resolved(config(args, store, out))
     world = distributed.World()
     device = device_for(cfg, world)
-    from histokt.train.loop import prepare_run_dir
-
     prepare_run_dir(cfg)
-    cell = Cell(cfg, world, device)
-    cell.t0 = cell.last_save = time.time()
-    steps_per_epoch = len(cell.sampler)
+    trainer = Trainer(cfg, world, device)
+    trainer.t0 = trainer.last_save = time.time()
+    steps_per_epoch = len(trainer.sampler)
     with StopRequested() as stop:
-        cell.train_epoch(0, stop)  # warm-up: workers start, kernels autotune, compile
+        trainer.train_epoch(0, stop)  # warm-up: workers start, kernels autotune, compile
         sync(device)
         t = time.perf_counter()
         for epoch in range(1, 1 + args.epochs):
-            cell.state["batch"] = 0
-            cell.train_epoch(epoch, stop)
+            trainer.state["batch"] = 0
+            trainer.train_epoch(epoch, stop)
         sync(device)
         loop_s = time.perf_counter() - t
     loop_images = args.epochs * steps_per_epoch * args.batch_size
@@ -140,18 +142,18 @@ def measure(args, store: Path) -> dict:
     images = images.to(device).permute(0, 3, 1, 2)
     labels = torch.randint(0, 3, (args.batch_size,), generator=g).to(device)
     for _ in range(3):
-        cell.step(images, labels)
+        trainer.step(images, labels)
     sync(device)
     t = time.perf_counter()
     for _ in range(n_mem):
-        cell.step(images, labels)
+        trainer.step(images, labels)
     sync(device)
     mem_s = time.perf_counter() - t
 
     saves = []
     for _ in range(3):
         t = time.perf_counter()
-        cell.save()
+        trainer.save()
         saves.append(time.perf_counter() - t)
     size_mb = (out / "last.pt").stat().st_size / 2**20
 
@@ -172,8 +174,8 @@ def measure(args, store: Path) -> dict:
     return {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "amp_bf16": cell.amp,
-        "channels_last": cell.memory_format == torch.channels_last,
+        "amp_bf16": trainer.amp,
+        "channels_last": trainer.memory_format == torch.channels_last,
         "steps_per_epoch": steps_per_epoch,
         "full_loop": {"images": loop_images, "seconds": loop_s, "images_per_s": loop_images / loop_s},
         "in_memory": {
@@ -209,14 +211,16 @@ def child_args(args):
 def child_resume(args) -> None:
     """Resume the benchmark's run directory and print the wall clock after the first step."""
     from histokt.train import distributed
-    from histokt.train.loop import Cell, device_for, resolved
+    from histokt.train.config import resolved
+    from histokt.train.launch import device_for
+    from histokt.train.loop import Trainer
 
     store = args.work / f"store-{args.images}.zarr"
     cfg = resolved(config(args, store, args.child_resume))
     device = device_for(cfg, distributed.World())
-    cell = Cell(cfg, distributed.World(), device)
-    assert cell.state["step"] > 0, "nothing was resumed"
-    cell.step(*next(iter(cell.loader)))  # (images, labels) or (images, labels, augmentation draws)
+    trainer = Trainer(cfg, distributed.World(), device)
+    assert trainer.state["step"] > 0, "nothing was resumed"
+    trainer.step(*next(iter(trainer.loader)))  # (images, labels) or (images, labels, augmentation draws)
     sync(device)
     print(time.time())
 

@@ -22,16 +22,16 @@ def _standardize(argv):
 
     cfg = _parse(StandardizeConfig, "standardize", argv, "Standardize a raw dataset into the Zarr patch store.")
     s = standardize(cfg)
-    where = f"{cfg.store}/{s['dataset']}"
-    if s["status"] in ("written", "done"):
-        counts = ", ".join(f"{k} {v}" for k, v in s["counts"].items())
-        verb = "wrote" if s["status"] == "written" else "already complete:"
-        extra = f" ({s['rejected']} sources rejected, listed in the attrs)" if s.get("rejected") else ""
+    where = f"{cfg.store}/{s.dataset}"
+    if s.status in ("written", "done"):
+        counts = ", ".join(f"{k} {v}" for k, v in (s.counts or {}).items())
+        verb = "wrote" if s.status == "written" else "already complete:"
+        extra = f" ({s.rejected} sources rejected, listed in the attrs)" if s.rejected else ""
         print(f"{where}: {verb} {counts} patches{extra}")
-    elif s["status"] == "partial":
-        print(f"{where}: this shard is done; {s['parts_missing']} parts of other shards are still missing")
+    elif s.status == "partial":
+        print(f"{where}: this shard is done; {s.parts_missing} parts of other shards are still missing")
     else:
-        print(f"{where}: this shard is done; another process is finalizing ({s['lock']})")
+        print(f"{where}: this shard is done; another process is finalizing ({s.lock})")
     return 0
 
 
@@ -54,17 +54,17 @@ def _demo(argv):
 
 
 def _train(argv):
-    from histokt.train.loop import TrainConfig, train
+    from histokt.train.launch import TrainConfig, train
 
     cfg = _parse(TrainConfig, "train", argv, "Train one cell: Stage A on a source, or Stage B transfer to a target.")
-    result = train(cfg)
-    if result.get("status") == "interrupted":
-        print(f"{cfg.out}: {result['message']}", file=sys.stderr)
+    outcome = train(cfg)
+    if outcome.result is None:  # interrupted: checkpointed on a signal
+        print(f"{cfg.out}: {outcome.message}", file=sys.stderr)
         return EXIT_REQUEUE
-    valid, test = result["valid"], result["test"]
+    valid, test = outcome.result.valid, outcome.result.test
     print(
         f"{cfg.out}: done: test top1 {test['top1']:.4f}, balanced {test['balanced_acc']:.4f} "
-        f"(best valid top1 {valid['top1_best']:.4f} at epoch {valid['best_epoch']})"
+        f"(best valid top1 {valid.top1_best:.4f} at epoch {valid.best_epoch})"
     )
     return 0
 

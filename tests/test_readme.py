@@ -24,6 +24,7 @@ COVERAGE = [
         ],
     ),
     (r"make (test|bench)", ["test_readme.py::test_make_targets_are_the_readme_commands"]),
+    (r"make mutation", ["test_readme.py::test_make_targets_are_the_readme_commands"]),
     (r"\.ci/run", ["test_readme.py::test_ci_runs_the_cluster_script_then_make_test"]),
     (r"(sudo )?slurm/local/start\.sh", ["test_slurm_local.py::test_two_task_array_runs_both_tasks"]),
     (r"histokt demo", ["batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
@@ -186,8 +187,15 @@ def test_make_targets_are_the_readme_commands():
     for target in ("demo", "test", "bench"):
         assert "-m pip install -q -e '.[test]'" in recipe(target)  # each creates the virtualenv it needs
     assert recipe("demo").rstrip().endswith(".venv/bin/histokt demo")
-    assert ".venv/bin/python -m pytest -q -rs" in recipe("test")
+    test = recipe("test")
+    assert ".venv/bin/python -m pytest -q -rs --durations=15" in test  # CI shows what time each issue spends
+    # lint, format and types run before the suite, so CI fails on them
+    lint = [".venv/bin/ruff check histokt tests benchmarks", ".venv/bin/ruff format --check", ".venv/bin/mypy"]
+    positions = [test.find(step) for step in lint]
+    assert -1 not in positions and max(positions) < test.find("-m pytest"), test
     assert "benchmarks/standardize.py" in recipe("bench") and "benchmarks/reader.py" in recipe("bench")
+    mutation = recipe("mutation")
+    assert ".venv/bin/mutmut run" in mutation and "benchmarks/mutation.py" in mutation
 
 
 def test_ci_runs_the_cluster_script_then_make_test():

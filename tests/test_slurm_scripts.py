@@ -119,6 +119,23 @@ def test_stage_scripts_share_one_body():
         assert body == reference, f"slurm/{stage}.sbatch's body drifted from slurm/pretrain.sbatch's"
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_requeue_code_is_histokts(stage):
+    """The scripts are shell, so they hold their own copy of histokt.errors.EXIT_REQUEUE: one assignment, equal
+    to Python's, and every other code line uses the variable (a bare number would drift unseen)."""
+    from histokt.errors import EXIT_REQUEUE
+
+    lines = _script(stage).read_text().splitlines()
+    assignments = [m.group(1) for ln in lines if (m := re.match(r"EXIT_REQUEUE=(\S+)", ln.strip()))]
+    assert assignments == [str(EXIT_REQUEUE)], (
+        f"slurm/{stage}.sbatch sets EXIT_REQUEUE={assignments}; histokt/errors.py says {EXIT_REQUEUE}"
+    )
+    code = [ln for ln in lines if not ln.lstrip().startswith("#") and not ln.strip().startswith("EXIT_REQUEUE=")]
+    bare = [ln for ln in code if re.search(rf"\b{EXIT_REQUEUE}\b", ln)]
+    assert not bare, f"slurm/{stage}.sbatch spells the requeue code as a number: {bare}"
+    assert any('"$EXIT_REQUEUE"' in ln for ln in code)
+
+
 def test_readme_names_every_script():
     readme = (SLURM / "README.md").read_text()
     for stage in STAGES:

@@ -18,21 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histokt import atomic
+from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key
 from histokt.errors import EXIT_REQUEUE, UserError
 from histokt.study import plan
-
-REQUEUE_DIR = ".requeue"
-
-
-def job_key() -> str | None:
-    """`<array job id>_<task id>` (task 0 for a plain job) of the SLURM task this runs in, else None."""
-    env = os.environ
-    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
-    return None if job is None else f"{job}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 def set_state(directory: Path, **fields) -> None:
@@ -78,23 +66,23 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
     if cell.kind == "standardize":
         from histokt.ingest.standardize import StandardizeConfig, standardize
 
-        result = standardize(StandardizeConfig(**args))
-        atomic.write_json(directory / "done.json", result)
+        summary = standardize(StandardizeConfig(**args))
+        atomic.write_json(directory / "done.json", summary.to_json())
         return 0
     if cell.kind == "train":
-        from histokt.train.loop import TrainConfig, train
+        from histokt.train.launch import TrainConfig, train
 
-        result = train(TrainConfig(**{"progress": False, **args, "out": directory}))
-        if result.get("status") != "interrupted":
+        outcome = train(TrainConfig(**{"progress": False, **args, "out": directory}))
+        if not outcome.interrupted:
             return 0
         # where each preemption caught the cell: kept across attempts, for `histokt status` and post-mortems
         history = (atomic.read_json(directory / "state.json") or {}).get("interrupted_at_steps", [])
-        set_state(directory, interrupted_at_steps=[*history, result.get("step")])
+        set_state(directory, interrupted_at_steps=[*history, outcome.step])
         return EXIT_REQUEUE
     if cell.kind == "merge":
         from histokt.distill.merge import DistillConfig, distill
 
-        result = distill(
+        merged = distill(
             DistillConfig(
                 sources=[Path(p) for p in args["sources"]],
                 rule=args["rule"],
@@ -102,13 +90,13 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
                 out=directory / "merged.pt",
             )
         )
-        atomic.write_json(directory / "done.json", result)
+        atomic.write_json(directory / "done.json", merged)
         return 0
     if cell.kind == "collect":
         from histokt.results.collect import collect
 
-        result = collect(run_root)
-        atomic.write_json(directory / "done.json", result)
+        collected = collect(run_root)
+        atomic.write_json(directory / "done.json", collected)
         return 0
     raise UserError(f"unknown cell kind {cell.kind!r}")
 
@@ -140,15 +128,3 @@ class CellTask:
         """submitit's USR2 handler, outside a training loop: ask the host to requeue, let this task end."""
         self.request_requeue()
         return None
-
-
-def teardown_lines(run_root) -> list[str]:
-    """Batch-script lines run on the host after srun: requeue this task if the cell asked for it."""
-    marker = (
-        f"{Path(run_root).absolute()}/{REQUEUE_DIR}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
-    )
-    key = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"
-    task = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
-    return [
-        f'if [ -f "{marker}" ]; then rm -f "{marker}"; echo "histokt: requeue {key}"; scontrol requeue "{task}"; fi'
-    ]

@@ -5,12 +5,14 @@ and with its own stain colours (the domain shift): a CRC-like class-folder tree 
 image folder with its CSV (1.25 µm/px) and a PCam-like HDF5 pair (0.972 µm/px). Classes differ by the
 density and size of nuclei, which a ResNet18 learns. A stand-in "ImageNet" checkpoint (random weights of
 the right shapes) is staged where torchvision's cache would be, so the ImageNet family runs offline.
-Then `jobs/demo.toml`, with its paths pointed at the output folder, goes through the same code path as
+Then the demo spec (`jobs/demo.toml`, shipped inside the package as ``histokt/batch/demo.toml`` so that
+any install finds it), with its paths pointed at the output folder, goes through the same code path as
 a cluster study: standardize, pretrain (random and ImageNet init), transfer (fine and deep), distill,
 collect.
 """
 
 import csv
+import importlib.resources
 import os
 import sys
 import time
@@ -26,8 +28,9 @@ from histokt import atomic
 from histokt.errors import UserError
 from histokt.study import spec
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "jobs" / "demo.toml"
+# package data (setup.cfg [options.package_data]): an installed wheel has no jobs/ folder. jobs/demo.toml is the
+# same file for users to read and copy; tests/batch/test_demo_package.py keeps the two identical.
+TEMPLATE = importlib.resources.files("histokt.batch") / "demo.toml"
 
 # class -> (nuclei per 100x100 px, nucleus radius px); distinct enough to learn, close enough to be a task
 DEMO_CLASSES = {
@@ -285,7 +288,7 @@ def wait_for_slurm(run_root: Path, progress: bool) -> None:
     """Follow a submitted demo until its collector has run and nothing is queued (squeue, not sacct)."""
     from tqdm import tqdm
 
-    from histokt.batch.sweep import queued_cells
+    from histokt.batch.slurm import queued_cells
     from histokt.study import plan
 
     cells = plan.read(run_root)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from histokt import atomic
-from histokt.batch.sweep import cell_jobs, squeue
+from histokt.batch import slurm
 from histokt.study import plan
 
 COLUMNS = ("done", "running", "pending", "requeued", "failed")
@@ -29,7 +29,7 @@ def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict,
 def status(run_root) -> dict:
     run_root = Path(run_root)
     cells = plan.read(run_root)
-    queue, jobs = squeue(), cell_jobs(run_root)
+    queue, jobs = slurm.squeue(), slurm.cell_jobs(run_root)
     table, failures, preempted = {}, [], []
     for stage, members in cells.items():
         counts = dict.fromkeys(COLUMNS, 0)

@@ -6,10 +6,8 @@ chained with ``afterany`` (a failed cell never blocks the collector; each cell c
 arrays are cut below the cluster's MaxArraySize.
 """
 
-import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,8 +16,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from histokt import atomic
-from histokt.batch.cellrun import CellTask, teardown_lines
+from histokt.batch import slurm
+from histokt.batch.cellrun import CellTask
 from histokt.errors import UserError
 from histokt.study import plan
 from histokt.study.spec import STAGES, Resources, load
@@ -88,7 +86,7 @@ def sweep(cfg: SweepConfig) -> dict:
     if cfg.parallel < 1:
         raise UserError(f"--parallel {cfg.parallel}: must be at least 1")
     spec, run_root, cells, stages = prepare(cfg)
-    queued = queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
+    queued = slurm.queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
     work = todo(run_root, cells, stages, set(queued))
     counts = {s: {"total": len(cells[s]), "todo": len(work[s])} for s in stages}
     summary = {"run_root": str(run_root), "stages": counts, "queued": len(queued)}
@@ -109,14 +107,15 @@ def run_local(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
     import submitit
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.parallel)))
-    executor = submitit.LocalExecutor(folder=str(run_root / "submitit" / "%j"))
+    executor = submitit.LocalExecutor(folder=str(submitit_folder(run_root)))
     failed = 0
     for stage, indices in work.items():
         if not indices:
             continue
         executor.update_parameters(timeout_min=resources(spec, stage).time_min)
         bar = tqdm(total=len(indices), desc=stage, unit="cell", file=sys.stderr, disable=None if cfg.progress else True)
-        pending, running = list(indices), []
+        pending: list[int] = list(indices)
+        running: list[submitit.Job] = []
         while pending or running:
             while pending and len(running) < cfg.parallel:
                 i = pending.pop(0)
@@ -135,18 +134,6 @@ def resources(spec, stage: str) -> Resources:
 
 
 # -- slurm -----------------------------------------------------------------------------------------------------
-
-
-def max_array_size() -> int:
-    """MaxArraySize of the cluster (the highest array index is one less)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise UserError(f"cannot read the SLURM configuration ({exc}); is this a SLURM login node?") from None
-    for line in out.splitlines():
-        if line.strip().startswith("MaxArraySize"):
-            return int(line.split("=")[1])
-    return 1001
 
 
 def chunks(indices: list[int], size: int) -> list[list[int]]:
@@ -178,7 +165,7 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) ->
             f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
         ],
-        "teardown": teardown_lines(run_root),
+        "teardown": slurm.teardown_lines(run_root),
         "stderr_to_stdout": True,
     }
     if r.gpus:
@@ -193,37 +180,38 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) ->
 
 def dry_run_scripts(spec, run_root: Path, work, cfg: SweepConfig) -> dict[str, str]:
     """The sbatch script of each stage's first array, as submitit would write it (nothing is written)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     python = python_command(cfg.container or spec.container, run_root, spec.store) or shlex.quote(sys.executable)
-    scripts, previous = {}, []
+    folder = submitit_folder(run_root)
+    scripts: dict[str, str] = {}
+    previous: list[str] = []
     for stage, indices in work.items():
         if not indices:
             continue
         params = slurm_parameters(spec, stage, run_root, previous)
-        folder = run_root / "submitit" / "%j"
-        size = min(len(indices), 1000)
-        scripts[stage] = _make_sbatch_string(
-            command=f"{python} -u -m submitit.core._submit {folder}",
-            folder=folder,
-            map_count=size if len(indices) > 1 else None,
-            **params,
-        )
+        size = min(len(indices), slurm.DEFAULT_MAX_ARRAY_SIZE - 1)
+        command = slurm.submit_command(python, folder)
+        scripts[stage] = slurm.sbatch_script(command, folder, size if len(indices) > 1 else None, params)
         previous = [f"<{stage} arrays>"]
     return scripts
+
+
+def submitit_folder(run_root: Path) -> Path:
+    """Where submitit keeps each job's pickles, logs and sbatch file (``%j``: the job id)."""
+    return run_root / "submitit" / "%j"
 
 
 def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: dict) -> dict:
     import submitit
 
-    size = max(1, max_array_size() - 1)
+    size = max(1, slurm.max_array_size() - 1)
     python = python_command(cfg.container or spec.container, run_root, spec.store)
-    submitted, previous = [], sorted({job for job in queued.values()})
+    submitted: list[dict] = []
+    previous = sorted(set(queued.values()))
     for stage, indices in work.items():
         ids = sorted({queued[c.id] for c in cells[stage] if c.id in queued})
         for chunk in chunks(indices, size):
             executor = submitit.SlurmExecutor(
-                folder=str(run_root / "submitit" / "%j"), max_num_timeout=1000, python=python
+                folder=str(submitit_folder(run_root)), max_num_timeout=1000, python=python
             )
             executor.update_parameters(**slurm_parameters(spec, stage, run_root, previous))
             with executor.batch():
@@ -236,50 +224,9 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
                 "array": len(chunk) > 1,
                 "time": time.time(),
             }
-            _append(run_root / "submissions.jsonl", record)
+            slurm.record_submission(run_root, record)
             submitted.append(record)
             ids.append(array)
         if ids:
             previous = ids
     return {"status": "submitted", "arrays": [(r["stage"], r["job"], len(r["cells"])) for r in submitted]}
-
-
-def _append(path: Path, record: dict) -> None:
-    """Append one JSON line; the whole file is rewritten atomically, so a reader never sees half a line."""
-    old = path.read_text() if path.exists() else ""
-    atomic.write_bytes(path, (old + json.dumps(record) + "\n").encode())
-
-
-def squeue() -> dict[str, str] | None:
-    """{job id or array_task: state} of every queued job, or None where SLURM cannot be asked."""
-    try:
-        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0:
-        return None
-    return dict(line.split(None, 1) for line in r.stdout.splitlines() if line.strip())
-
-
-def submissions(run_root: Path) -> list[dict]:
-    path = Path(run_root) / "submissions.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def cell_jobs(run_root: Path) -> dict[str, str]:
-    """Cell id -> its latest SLURM task id (`<array>_<i>`, or the job id of a one-cell submission)."""
-    out = {}
-    for record in submissions(run_root):
-        for i, cell in enumerate(record["cells"]):
-            out[cell] = f"{record['job']}_{i}" if record["array"] else record["job"]
-    return out
-
-
-def queued_cells(run_root: Path) -> dict[str, str]:
-    """Cells whose task is still pending or running (never submitted twice): cell id -> array job id."""
-    queue = squeue()
-    if not queue:
-        return {}
-    return {cell: task.split("_")[0] for cell, task in cell_jobs(run_root).items() if task in queue}

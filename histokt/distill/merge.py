@@ -2,27 +2,28 @@
 
 HistoKT's merge script is lost; docs/method.md §4.2 gives the most plausible procedure (a HYPOTHESIS) and §4.3
 the alternatives to keep pluggable. Rules, per conv layer (a ``Conv2d`` with its BatchNorm: the module
-that directly follows it in module order, when it is a BatchNorm over the conv's output channels):
+that directly follows it in module order, when it is a BatchNorm over the conv's output channels); a
+"source model" is one of the models being merged (``--sources``), not a raw image as in ingest:
 
-* ``kg-select``   -- the conv (and its BN, running statistics included) of the source with the highest
-  layer knowledge gain G = (G_in + G_out)/2 (ties: the first source);
+* ``kg-select``   -- the conv (and its BN, running statistics included) of the source model with the
+  highest layer knowledge gain G = (G_in + G_out)/2 (ties: the first source model);
 * ``average``     -- element-wise mean ("model soup");
 * ``kg-weighted`` -- mean weighted by G, normalized per layer to sum 1 (all gains zero: uniform).
 
 Everything not attached to a conv (the head, stray parameters) is averaged; integer buffers
-(``num_batches_tracked``) take the maximum unless selected. Sources of different datasets have heads of
-different sizes: the head is irrelevant (Stage B replaces it), so then the first source's is kept.
+(``num_batches_tracked``) take the maximum unless selected. Source models of different datasets have heads
+of different sizes: the head is irrelevant (Stage B replaces it), so then the first source model's is kept.
 ``--lowrank`` ("postSVD") replaces each merged conv weight by the EVBMF reconstruction of its output-channel
 unfolding; a layer where EVBMF retains nothing keeps its merged weight (a zero conv would cut the network).
 
 Outputs: MERGED.pt = {"model": state_dict, "arch", "distill": {...}} (weights-only loadable, a valid
-``histokt train --init``) and MERGED.json with, per conv layer, every source's metrics and the choice.
+``histokt train --init``) and MERGED.json with, per conv layer, every source model's metrics and the choice.
 """
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -63,7 +64,9 @@ class DistillConfig:
 
 
 @dataclass
-class Source:
+class SourceModel:
+    """A model being merged: a Stage-A run's best.pt (not a raw image, which ingest calls a source)."""
+
     run: Path
     path: Path
     arch: str
@@ -83,22 +86,22 @@ class ConvGroup:
 
 
 def distill(cfg: DistillConfig) -> dict:
-    """Merge the sources by ``cfg.rule``; write MERGED.pt and MERGED.json; return a summary."""
+    """Merge the source models by ``cfg.rule``; write MERGED.pt and MERGED.json; return a summary."""
     start = time.monotonic()
     out, report_path = _check_config(cfg)
-    sources = [_load_source(Path(p)) for p in cfg.sources]
-    arch = _common_arch(sources)
+    source_models = [_load_model(Path(p)) for p in cfg.sources]
+    arch = _common_arch(source_models)
     model = build_model(arch, num_classes=2)  # structure only: module order and the head's name
     head = head_name(model) + "."
-    _check_compatible(sources, model, head)
+    _check_compatible(source_models, model, head)
     groups = conv_groups(model)
-    merged, layers = _merge(sources, groups, cfg.rule)
-    other = _merge_rest(sources, merged, head)
+    merged, layers = _merge(source_models, groups, cfg.rule)
+    other = _merge_rest(source_models, merged, head)
     if cfg.lowrank:
         _apply_lowrank(merged, groups, layers)
-    merged = {k: merged[k] for k in sources[0].state}  # the sources' key order
-    report = _report(cfg, arch, sources, layers, other, time.monotonic() - start)
-    meta = {"rule": cfg.rule, "lowrank": cfg.lowrank, "sources": [str(s.run) for s in sources]}
+    merged = {k: merged[k] for k in source_models[0].state}  # the source models' key order
+    report = _report(cfg, arch, source_models, layers, other, time.monotonic() - start)
+    meta = {"rule": cfg.rule, "lowrank": cfg.lowrank, "sources": [str(s.run) for s in source_models]}
     checkpoint.save_weights(out, {"model": merged, "arch": arch, "distill": meta})
     atomic.write_json(report_path, report)
     return {
@@ -107,7 +110,7 @@ def distill(cfg: DistillConfig) -> dict:
         "arch": arch,
         "rule": cfg.rule,
         "lowrank": cfg.lowrank,
-        "sources": len(sources),
+        "sources": len(source_models),
         "layers": len(layers),
         "picks": report["picks"],
         "seconds": report["seconds"],
@@ -165,7 +168,7 @@ def _check_config(cfg: DistillConfig) -> tuple[Path, Path]:
     return out, out.with_suffix(".json")
 
 
-def _load_source(run: Path) -> Source:
+def _load_model(run: Path) -> SourceModel:
     """A RUN_DIR's best.pt (a checkpoint file itself is accepted too), weights-only."""
     path = run if run.is_file() else run / BEST
     if not path.is_file():
@@ -181,29 +184,29 @@ def _load_source(run: Path) -> Source:
         raise UserError(f"{path}: not a histokt checkpoint (no 'model' state_dict)")
     if not isinstance(ckpt.get("arch"), str):
         raise UserError(f"{path}: the checkpoint does not record its 'arch'")
-    return Source(run, path, ckpt["arch"], state)
+    return SourceModel(run, path, ckpt["arch"], state)
 
 
-def _common_arch(sources: list[Source]) -> str:
-    first = sources[0]
-    for s in sources[1:]:
+def _common_arch(source_models: list[SourceModel]) -> str:
+    first = source_models[0]
+    for s in source_models[1:]:
         if s.arch != first.arch:
             raise UserError(f"different architectures: {first.path} is {first.arch}, {s.path} is {s.arch}")
     return first.arch
 
 
-def _check_compatible(sources: list[Source], model: nn.Module, head: str) -> None:
+def _check_compatible(source_models: list[SourceModel], model: nn.Module, head: str) -> None:
     """Same keys everywhere (and those of the arch); same shapes except the head's (class counts differ)."""
     expected = {k for k in model.state_dict() if not k.startswith(head)}
-    for s in sources:
+    for s in source_models:
         keys = {k for k in s.state if not k.startswith(head)}
         missing, unexpected = sorted(expected - keys), sorted(keys - expected)
         if missing:
             raise UserError(f"{s.path}: key {missing[0]} missing (not a {s.arch} state_dict?)")
         if unexpected:
             raise UserError(f"{s.path}: unexpected key {unexpected[0]} for {s.arch}")
-    ref = sources[0]
-    for s in sources[1:]:
+    ref = source_models[0]
+    for s in source_models[1:]:
         only = sorted(set(ref.state) ^ set(s.state))
         if only:
             raise UserError(f"key {only[0]} is in only one of {ref.path} and {s.path}")
@@ -235,38 +238,40 @@ def _combine(tensors: list, weights: np.ndarray) -> torch.Tensor:
     return acc.to(tensors[0].dtype)
 
 
-def _merge(sources: list[Source], groups: list[ConvGroup], rule: str) -> tuple[dict, list]:
+def _merge(
+    source_models: list[SourceModel], groups: list[ConvGroup], rule: str
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Merge every conv group by the rule; per layer, the record that goes into MERGED.json."""
     merged, layers = {}, []
     for g in groups:
-        metrics = [layer_metrics(s.state[g.conv + ".weight"]) for s in sources]
+        metrics = [layer_metrics(s.state[g.conv + ".weight"]) for s in source_models]
         weights = rule_weights(rule, [m.kg for m in metrics])
         for k in g.keys:
-            merged[k] = _combine([s.state[k] for s in sources], weights)
+            merged[k] = _combine([s.state[k] for s in source_models], weights)
         record = {
             "conv": g.conv,
             "bn": g.bn,
-            "shape": list(sources[0].state[g.conv + ".weight"].shape),
+            "shape": list(source_models[0].state[g.conv + ".weight"].shape),
             "weights": weights.tolist(),
             "sources": [m.to_dict() for m in metrics],
         }
         if rule == "kg-select":
             record["chosen"] = int(np.argmax(weights))
-            record["chosen_source"] = str(sources[record["chosen"]].run)
+            record["chosen_source"] = str(source_models[record["chosen"]].run)
         layers.append(record)
     return merged, layers
 
 
-def _merge_rest(sources: list[Source], merged: dict, head: str) -> dict:
+def _merge_rest(source_models: list[SourceModel], merged: dict, head: str) -> dict:
     """Keys outside conv groups: uniform average (integers: max); a head of differing shapes: the first's."""
-    rest = [k for k in sources[0].state if k not in merged]
-    uniform = np.full(len(sources), 1.0 / len(sources))
+    rest = [k for k in source_models[0].state if k not in merged]
+    uniform = np.full(len(source_models), 1.0 / len(source_models))
     head_note = "averaged"
     for k in rest:
-        tensors = [s.state[k] for s in sources]
+        tensors = [s.state[k] for s in source_models]
         if any(t.shape != tensors[0].shape for t in tensors):  # only the head can differ (checked)
             merged[k] = tensors[0].clone()
-            head_note = f"kept from {sources[0].run} (class counts differ)"
+            head_note = f"kept from {source_models[0].run} (class counts differ)"
         else:
             merged[k] = _combine(tensors, uniform)
     return {"averaged": [k for k in rest if not k.startswith(head)], "head": head_note}
@@ -284,18 +289,25 @@ def _apply_lowrank(merged: dict, groups: list[ConvGroup], layers: list) -> None:
         record["lowrank"] = {"rank": r.rank, "channels": int(w.shape[0]), "sigma2": r.sigma2, "replaced": kept}
 
 
-def _report(cfg, arch, sources, layers, other, seconds) -> dict:
+def _report(
+    cfg: DistillConfig,
+    arch: str,
+    source_models: list[SourceModel],
+    layers: list[dict[str, Any]],
+    other: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
     picks = {}
     if cfg.rule == "kg-select":
-        picks = {str(s.run): sum(1 for r in layers if r["chosen"] == i) for i, s in enumerate(sources)}
+        picks = {str(s.run): sum(1 for r in layers if r["chosen"] == i) for i, s in enumerate(source_models)}
     return {
         "format": "histokt-distill/1",
         "histokt_version": __version__,
         "rule": cfg.rule,
         "lowrank": cfg.lowrank,
         "arch": arch,
-        "sources": [str(s.run) for s in sources],
-        "checkpoints": [str(s.path) for s in sources],
+        "sources": [str(s.run) for s in source_models],
+        "checkpoints": [str(s.path) for s in source_models],
         "out": str(cfg.out),
         "metric": "EVBMF, p=1",
         "picks": picks,

@@ -49,16 +49,17 @@ def _shuffled(items: list, seed: int, partition: str) -> list:
     return items
 
 
-def check_plan(plan: dict[str, dict[str, float]], partitions, dataset: str) -> None:
-    missing = sorted(set(partitions) - set(plan))
+def check_split_plan(split_plan: dict[str, dict[str, float]], partitions, dataset: str) -> None:
+    """Every partition has a rule, and the ratios of each rule sum to 1."""
+    missing = sorted(set(partitions) - set(split_plan))
     if missing:
         raise UserError(f"{dataset}: partition {missing[0]!r} has no split rule; verify the download")
-    for part, ratios in plan.items():
+    for part, ratios in split_plan.items():
         if abs(sum(ratios.values()) - 1.0) > 1e-6:
             raise UserError(f"{dataset}: split ratios of partition {part!r} sum to {sum(ratios.values())}, not 1")
 
 
-def grouped_splits(sources, plan: dict[str, dict[str, float]], seed: int) -> list[str]:
+def grouped_splits(sources, split_plan: dict[str, dict[str, float]], seed: int) -> list[str]:
     """The split of every source (same order as ``sources``), whole groups at a time."""
     by_part: dict[str, list[str]] = {}
     for s in sources:
@@ -68,13 +69,13 @@ def grouped_splits(sources, plan: dict[str, dict[str, float]], seed: int) -> lis
     group_split: dict[tuple[str, str], str] = {}
     for part, groups in by_part.items():
         groups = _shuffled(sorted(set(groups)), seed, part)
-        for name, start, end in cut_points(len(groups), plan[part]):
+        for name, start, end in cut_points(len(groups), split_plan[part]):
             for g in groups[start:end]:
                 group_split[(part, g)] = name
     return [group_split[(s.partition, s.group)] for s in sources]
 
 
-def patch_splits(partitions: list[str], plan: dict[str, dict[str, float]], seed: int) -> list[str]:
+def patch_splits(partitions: list[str], split_plan: dict[str, dict[str, float]], seed: int) -> list[str]:
     """HistoKT's leaky rule: shuffle the kept PATCHES of each partition and cut; neighbours leak across splits."""
     out = [""] * len(partitions)
     members: dict[str, list[int]] = {}
@@ -82,7 +83,7 @@ def patch_splits(partitions: list[str], plan: dict[str, dict[str, float]], seed:
         members.setdefault(part, []).append(i)
     for part, idx in members.items():
         idx = _shuffled(idx, seed, part)
-        for name, start, end in cut_points(len(idx), plan[part]):
+        for name, start, end in cut_points(len(idx), split_plan[part]):
             for i in idx[start:end]:
                 out[i] = name
     return out

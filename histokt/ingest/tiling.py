@@ -35,16 +35,16 @@ def rescale(image, scale: float, labels: bool = False) -> np.ndarray:
     if isinstance(image, Image.Image):
         if scale == 1.0:
             return np.asarray(image)
-        return np.asarray(image.resize(rescaled_size(*image.size, scale), Image.BILINEAR, reducing_gap=None))
+        return np.asarray(image.resize(rescaled_size(*image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None))
     if scale == 1.0:
         return image
     h, w = image.shape[:2]
     size = rescaled_size(w, h, scale)
     if labels:
-        return np.asarray(Image.fromarray(image.astype(np.int32), mode="I").resize(size, Image.NEAREST)).astype(
-            image.dtype
-        )
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, reducing_gap=None))
+        return np.asarray(
+            Image.fromarray(image.astype(np.int32), mode="I").resize(size, Image.Resampling.NEAREST)
+        ).astype(image.dtype)
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def mirror_pad(image: np.ndarray, patch_size: int) -> np.ndarray:

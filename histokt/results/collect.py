@@ -19,7 +19,7 @@ Files (top-1 as a fraction in transfer.csv, as the cells store it; in % everywhe
   against ImageNet → target and against the best single source of that family (deep-tuned).
 - ``report.md``: complete, missing, failed (with the error of state.json), running, corrupt.
 - with ``compare_paper``: ``compare_<init>_deep.{csv,md}``, our deep matrix minus the published one
-  (histokt.paper), over the datasets whose names equal the paper's card names.
+  (histokt.results.paper), over the datasets whose names equal the paper's card names.
 
 Learning-rate selection (docs/method.md §3, "the same LR for every source"): for a target (and init, mode), each LR
 of the grid gets a validation score: for every source, the mean over seeds of the best validation top-1, then
@@ -30,20 +30,22 @@ dataset), so a source never gets an LR picked for itself, and the test split nev
 without a result at the chosen LR is missing ("—"), never filled from another LR. The diagonal (Stage A) and
 each merged model of distill.csv choose among their own LRs the same way (Stage A usually has one). The "best
 single source" of distill.csv is the deep matrix's best off-diagonal cell in that target's column by test mean,
-as the paper reads its figures (docs/method.md §5.3, §5.4).
+as the paper reads its figures (docs/method.md §5.3, §5.4), ties going to the source first in the plan.
 """
 
 import csv
 import io
-import json
 import math
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from histokt import __version__, atomic
 from histokt.errors import UserError
+from histokt.result import CellResult, MalformedResult
 from histokt.results import figures, paper
 from histokt.results.matrix import MISSING, Matrix, Stat, diag_text, title
 from histokt.study import plan
@@ -73,25 +75,65 @@ STATUSES = ("done", "running", "failed", "corrupt", "missing")
 LISTED = 100  # not-started cells listed by name in report.md; the rest are counted
 
 
-def read_result(path: Path):
+class Scores(NamedTuple):
+    """One finished cell: best validation top-1 and test top-1 (fractions)."""
+
+    valid: float
+    test: float
+
+
+class RunKey(NamedTuple):
+    """A group of seeds of one training cell (Stage A: mode "scratch" and source == target)."""
+
+    family: str
+    mode: str
+    source: str
+    target: str
+    lr: float | None
+
+
+class ModelKey(NamedTuple):
+    """A merged model deep-tuned on a target: its source models ("a+b"), merge rule and lowrank ("true"/"false")."""
+
+    family: str
+    sources: str
+    target: str
+    rule: str
+    lowrank: str
+
+
+class MergedKey(NamedTuple):
+    """A group of seeds of a merged model's cell at one LR."""
+
+    model: ModelKey
+    lr: float | None
+
+
+class MatrixKey(NamedTuple):
+    """One transfer matrix: init family and tuning mode."""
+
+    family: str
+    mode: str
+
+
+Groups = Mapping[str, Sequence[Scores]]  # group (a source, or the one merged model) -> its seeds' scores
+
+
+def read_result(path: Path) -> tuple[CellResult | None, str | None]:
     """(result, problem): the parsed result.json, or None and why it was skipped."""
     try:
-        result = json.loads(Path(path).read_bytes())
+        return CellResult.read(path), None
     except FileNotFoundError:
         return None, "missing"
+    except MalformedResult as exc:
+        return None, f"incomplete result.json ({exc})"
     except (OSError, ValueError) as exc:
         return None, f"corrupt result.json ({type(exc).__name__})"
-    if not isinstance(result, dict) or not {"valid", "test"} <= set(result):
-        return None, "incomplete result.json (no valid/test)"
-    return result, None
 
 
-def _scores(result: dict):
-    """(best valid top-1, test top-1) of a result, or None where either is absent or not a finite number."""
-    try:
-        pair = float(result["valid"]["top1_best"]), float(result["test"]["top1"])
-    except (KeyError, TypeError, ValueError):
-        return None
+def _scores(result: CellResult) -> Scores | None:
+    """(best valid top-1, test top-1) of a result, or None where either is not a finite number."""
+    pair = Scores(float(result.valid.top1_best), float(result.test["top1"]))
     return pair if all(math.isfinite(x) for x in pair) else None
 
 
@@ -99,21 +141,24 @@ def _scores(result: dict):
 class _Scan:
     """What the plan holds and what the cells report."""
 
-    runs: dict = field(default_factory=dict)  # (family, mode, source, target, lr) -> [(valid, test)]
-    merged: dict = field(default_factory=dict)  # (family, sources, target, rule, lowrank, lr) -> [(valid, test)]
-    pairs: dict = field(default_factory=dict)  # (family, mode) -> {(source, target)} planned transfers
-    stage_a: dict = field(default_factory=dict)  # family -> {dataset} planned Stage-A cells
-    models: dict = field(default_factory=dict)  # (family, sources, target, rule, lowrank) -> None, plan order
-    order: dict = field(default_factory=dict)  # dataset -> None, in order of first appearance in the plan
-    status: dict = field(default_factory=lambda: {s: [] for s in STATUSES})  # -> [{"cell", "stage", "why"}]
-    stages: dict = field(default_factory=dict)  # stage -> {status: count}
+    runs: dict[RunKey, list[Scores]] = field(default_factory=dict)
+    merged: dict[MergedKey, list[Scores]] = field(default_factory=dict)
+    pairs: dict[MatrixKey, set[tuple[str, str]]] = field(default_factory=dict)  # planned (source, target) transfers
+    stage_a: dict[str, set[str]] = field(default_factory=dict)  # family -> {dataset} planned Stage-A cells
+    models: dict[ModelKey, None] = field(default_factory=dict)  # merged models, in plan order
+    order: dict[str, None] = field(default_factory=dict)  # datasets, in order of first appearance in the plan
+    status: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {s: [] for s in STATUSES}
+    )  # -> [{"cell", "stage", "why"}]
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {status: count}
 
 
-def _lr(value):
+def _lr(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _lr_key(lr):
+def _lr_key(lr: float | None) -> tuple[bool, float]:
+    """Sort key of LRs: ascending, None (unknown) last."""
     return (lr is None, lr or 0.0)
 
 
@@ -167,8 +212,9 @@ def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | No
     if any(m.get(k) is None for k in need):
         return "corrupt", f"plan.json meta lacks {', '.join(k for k in need if m.get(k) is None)}"
     family, source, target = str(m["family"]), str(m["source"]), str(m["target"])
+    model: ModelKey | None = None
     if role == "distill":
-        model = (family, source, target, str(m["rule"]), str(m.get("lowrank")).lower())
+        model = ModelKey(family, source, target, str(m["rule"]), str(m.get("lowrank")).lower())
         scan.models.setdefault(model, None)
         scan.order.setdefault(target, None)
     else:
@@ -177,19 +223,18 @@ def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | No
         if role == "pretrain":
             scan.stage_a.setdefault(family, set()).add(target)
         else:
-            scan.pairs.setdefault((family, str(m["mode"])), set()).add((source, target))
+            scan.pairs.setdefault(MatrixKey(family, str(m["mode"])), set()).add((source, target))
     directory = plan.cell_dir(run_root, cell)
     result, problem = read_result(directory / "result.json")
     if result is not None:
         scores = _scores(result)
         if scores is None:
             return "corrupt", "incomplete result.json (no finite valid top1_best / test top1)"
-        config = result.get("config") if isinstance(result.get("config"), dict) else {}
-        lr = _lr(m["lr"] if m.get("lr") is not None else config.get("lr", cell.args.get("lr")))
-        if role == "distill":
-            scan.merged.setdefault(model + (lr,), []).append(scores)
+        lr = _lr(m["lr"] if m.get("lr") is not None else result.config.get("lr", cell.args.get("lr")))
+        if model is not None:
+            scan.merged.setdefault(MergedKey(model, lr), []).append(scores)
         else:
-            scan.runs.setdefault((family, str(m["mode"]), source, target, lr), []).append(scores)
+            scan.runs.setdefault(RunKey(family, str(m["mode"]), source, target, lr), []).append(scores)
         return "done", None
     if problem != "missing":
         return "corrupt", problem
@@ -202,11 +247,12 @@ def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | No
     return "missing", state.get("error") or ("not started" if s is None else f"state {s!r}, no result.json")
 
 
-def choose_lr(by_lr: dict):
+def choose_lr(by_lr: Mapping[float | None, Groups]) -> float | None:
     """The LR whose mean (over groups) of the per-group mean best-validation top-1 is highest.
 
     ``by_lr``: {lr: {group: [(valid, test), ...]}}; a group is a source (or the one merged model). Ties go to
-    the smaller LR. None where nothing has a result."""
+    the smaller LR (an unknown LR, None, comes after every known one), whatever the order of ``by_lr``. None
+    where nothing has a result."""
     best, chosen = None, None
     for lr in sorted(by_lr, key=_lr_key):
         means = [statistics.fmean(v for v, _ in pairs) for pairs in by_lr[lr].values() if pairs]
@@ -215,30 +261,32 @@ def choose_lr(by_lr: dict):
     return chosen
 
 
-def _stage_a(scan: _Scan, family: str, dataset: str):
-    by_lr = {}
-    for (f, mode, s, t, lr), pairs in scan.runs.items():
-        if f == family and mode == "scratch" and s == t == dataset:
-            by_lr.setdefault(lr, {})[s] = pairs
+def _stage_a(scan: _Scan, family: str, dataset: str) -> Stat | None:
+    by_lr: dict[float | None, dict[str, list[Scores]]] = {}
+    for k, pairs in scan.runs.items():
+        if k.family == family and k.mode == "scratch" and k.source == k.target == dataset:
+            by_lr.setdefault(k.lr, {})[k.source] = pairs
     lr = choose_lr(by_lr)
     return None if lr is None else Stat.of(by_lr[lr][dataset])
 
 
 def _matrix(scan: _Scan, init: str, mode: str) -> Matrix:
-    pairs = scan.pairs[(init, mode)]
+    pairs = scan.pairs[MatrixKey(init, mode)]
     sources, targets = {s for s, _ in pairs}, {t for _, t in pairs}
     rows = [d for d in scan.order if d in sources or d in targets]
     cols = [d for d in scan.order if d in targets]
-    by_target = {}
-    for (f, md, s, t, lr), results in scan.runs.items():
-        if f == init and md == mode and s != t:
-            by_target.setdefault(t, {}).setdefault(lr, {})[s] = results
+    by_target: dict[str, dict[float | None, dict[str, list[Scores]]]] = {}
+    for k, results in scan.runs.items():
+        if k.family == init and k.mode == mode and k.source != k.target:
+            by_target.setdefault(k.target, {}).setdefault(k.lr, {})[k.source] = results
     lrs = {t: choose_lr(by_target.get(t, {})) for t in cols}
-    cells = {}
-    for s, t in pairs:
-        if s != t:
-            results = scan.runs.get((init, mode, s, t, lrs[t])) if lrs[t] is not None else None
-            cells[(s, t)] = Stat.of(results) if results else None
+    cells: dict[tuple[str, str], Stat | None] = {}
+    for s in rows:  # plan order, so that every reading of the matrix is the same whatever the hash seed
+        for t in cols:
+            if s != t and (s, t) in pairs:
+                lr = lrs[t]
+                found = scan.runs.get(RunKey(init, mode, s, t, lr)) if lr is not None else None
+                cells[(s, t)] = Stat.of(found) if found else None
     diag = {t: _stage_a(scan, init, t) for t in cols if t in scan.stage_a.get(init, ())}
     return Matrix(init, mode, rows, cols, lrs, cells, diag)
 
@@ -252,14 +300,14 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     files = {}
     rows = _transfer_rows(scan)
     files["transfer.csv"] = _csv(COLUMNS, rows)
-    inits = sorted({f for f, _ in scan.pairs})
-    matrices = [_matrix(scan, init, mode) for init in inits for mode in MODES if (init, mode) in scan.pairs]
+    inits = sorted({k.family for k in scan.pairs})
+    matrices = [_matrix(scan, init, mode) for init in inits for mode in MODES if MatrixKey(init, mode) in scan.pairs]
     for m in matrices:
         files[f"{m.name}.csv"] = _matrix_csv(m)
         files[f"{m.name}.md"] = _matrix_md(m)
         files[f"{m.name}.tex"] = figures.matrix_tex(m)
-    distill = _distill_rows(scan, {(m.init, m.mode): m for m in matrices})
-    files["distill.csv"] = _csv(DISTILL_COLUMNS, [r["csv"] for r in distill])
+    distill = _distill_rows(scan, {MatrixKey(m.init, m.mode): m for m in matrices})
+    files["distill.csv"] = _csv(DISTILL_COLUMNS, [r.csv for r in distill])
     files["distill.md"] = _distill_md(distill)
     if compare_paper:
         for m in matrices:
@@ -305,9 +353,12 @@ def _csv(columns, rows) -> str:
     return buf.getvalue()
 
 
-def _transfer_rows(scan: _Scan) -> list:
+def _transfer_rows(scan: _Scan) -> list[list[Any]]:
     mode_order = {"scratch": 0, "fine": 1, "deep": 2}
-    keys = sorted(scan.runs, key=lambda k: (k[0], mode_order.get(k[1], 3), k[1], k[2], k[3], _lr_key(k[4])))
+    keys = sorted(
+        scan.runs,
+        key=lambda k: (k.family, mode_order.get(k.mode, 3), k.mode, k.source, k.target, _lr_key(k.lr)),
+    )
     out = []
     for key in keys:
         st = Stat.of(scan.runs[key])
@@ -383,26 +434,47 @@ def _matrix_md(m: Matrix) -> str:
     return "\n".join(lines)
 
 
-def _distill_rows(scan: _Scan, matrices: dict) -> list[dict]:
+@dataclass(frozen=True)
+class DistillRow:
+    """One merged model in distill.csv/.md: its results at its LR, ImageNet → target and the best single source."""
+
+    csv: list[Any]
+    model: ModelKey
+    lr: float | None
+    stat: Stat | None
+    bar: Stat | None  # ImageNet -> target
+    best_source: str | None
+    best: Stat | None
+
+
+def best_single_source(m: Matrix | None, target: str) -> tuple[str | None, Stat | None]:
+    """The off-diagonal cell of ``target``'s column with the highest test mean; ties go to the first source in
+    the matrix's row order (the plan's)."""
+    best_source, best = None, None
+    if m is None:
+        return best_source, best
+    for s in m.rows:
+        cell = m.cells.get((s, target))
+        if s != target and cell is not None and (best is None or cell.test > best.test):
+            best_source, best = s, cell
+    return best_source, best
+
+
+def _distill_rows(scan: _Scan, matrices: Mapping[MatrixKey, Matrix]) -> list[DistillRow]:
     out = []
     order = {d: i for i, d in enumerate(scan.order)}
-    for model in sorted(scan.models, key=lambda k: (order.get(k[2], 0), k[0], k[1], k[3], k[4])):
+    for model in sorted(scan.models, key=lambda k: (order.get(k.target, 0), k.family, k.sources, k.rule, k.lowrank)):
         family, sources, target, rule, lowrank = model
-        by_lr = {k[5]: {"merged": v} for k, v in scan.merged.items() if k[:5] == model}
+        by_lr = {k.lr: {"merged": v} for k, v in scan.merged.items() if k.model == model}
         lr = choose_lr(by_lr)
         st = Stat.of(by_lr[lr]["merged"]) if lr is not None else None
         bar = _stage_a(scan, "imagenet", target)
-        best_source, best = None, None
-        m = matrices.get((family, "deep"))
-        if m is not None:
-            for (s, t), cell in m.cells.items():
-                if t == target and cell is not None and (best is None or cell.test > best.test):
-                    best_source, best = s, cell
+        best_source, best = best_single_source(matrices.get(MatrixKey(family, "deep")), target)
 
-        def pct(x):
+        def pct(x: float | None) -> float | None:
             return None if x is None else 100 * x
 
-        def diff(a, b):
+        def diff(a: Stat | None, b: Stat | None) -> float | None:
             return None if a is None or b is None else 100 * (a.test - b.test)
 
         csv_row = [
@@ -413,23 +485,21 @@ def _distill_rows(scan: _Scan, matrices: dict) -> list[dict]:
             lowrank,
             lr,
             (st and st.n) or 0,
-            pct(st and st.test),
-            pct(st and st.std),
-            pct(bar and bar.test),
-            pct(bar and bar.std),
+            pct(st.test if st else None),
+            pct(st.std if st else None),
+            pct(bar.test if bar else None),
+            pct(bar.std if bar else None),
             diff(st, bar),
             best_source or "",
-            pct(best and best.test),
-            pct(best and best.std),
+            pct(best.test if best else None),
+            pct(best.std if best else None),
             diff(st, best),
         ]
-        out.append(
-            {"csv": csv_row, "model": model, "lr": lr, "stat": st, "bar": bar, "best_source": best_source, "best": best}
-        )
+        out.append(DistillRow(csv_row, model, lr, st, bar, best_source, best))
     return out
 
 
-def _distill_md(rows: list[dict]) -> str:
+def _distill_md(rows: list[DistillRow]) -> str:
     lines = [
         "# Weight distillation: merged models deep-tuned on a target, test top-1 (%)",
         "",
@@ -442,10 +512,10 @@ def _distill_md(rows: list[dict]) -> str:
         return "\n".join(lines + ["No distillation cells in this plan.", ""])
     body = []
     for r in rows:
-        family, sources, target, rule, lowrank = r["model"]
-        st, bar, best = r["stat"], r["bar"], r["best"]
+        family, sources, target, rule, lowrank = r.model
+        st, bar, best = r.stat, r.bar, r.best
         vs = lambda other, st=st: _signed(None if st is None or other is None else 100 * (st.test - other.test))
-        best_name = f"{paper.display(r['best_source'])}: {_pct(best)}" if best else MISSING
+        best_name = f"{paper.display(r.best_source or '')}: {_pct(best)}" if best else MISSING
         body.append(
             [
                 paper.display(target),
@@ -453,7 +523,7 @@ def _distill_md(rows: list[dict]) -> str:
                 "+".join(map(paper.display, sources.split("+"))),
                 rule,
                 lowrank,
-                _lr_text(r["lr"]),
+                _lr_text(r.lr),
                 _pct(st),
                 _pct(bar),
                 vs(bar),
@@ -567,7 +637,7 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
             + (f"; missing: {', '.join(gaps)}" if gaps else "")
         )
     if distill:
-        done = sum(r["stat"] is not None for r in distill)
+        done = sum(r.stat is not None for r in distill)
         lines += ["", f"Distillation: {done}/{len(distill)} merged models have results (distill.md)."]
     for kind, heading in (
         ("failed", "Failed"),

@@ -4,8 +4,8 @@ Rows are source datasets, columns are target datasets; the cell (source, target)
 on the target, and the diagonal (source == target) is the target's own Stage A of that family (random init, or
 ImageNet init, trained on the target alone). Every value is a Stat over the seeds of one cell at the target's
 chosen LR (fractions, as result.json stores them): None where the cell was planned but has no result yet
-(shown as MISSING), absent where it was never planned. The collector (histokt.collect) builds it and writes its
-text tables; histokt.figures writes its LaTeX table and heatmap.
+(shown as MISSING), absent where it was never planned. The collector (histokt.results.collect) builds it and writes its
+text tables; histokt.results.figures writes its LaTeX table and heatmap.
 """
 
 import statistics

@@ -68,7 +68,9 @@ def warp(patch: np.ndarray, angle: float, tx: int, ty: int, hflip: bool, vflip: 
     a11, a12 = fx * cos, fx * sin
     a21, a22 = -fy * sin, fy * cos
     m = (a11, a12, cx - a11 * ox - a12 * oy, a21, a22, cy - a21 * ox - a22 * oy)
-    img = Image.fromarray(patch).transform((w, h), Image.AFFINE, m, resample=Image.NEAREST, fillcolor=(0, 0, 0))
+    img = Image.fromarray(patch).transform(
+        (w, h), Image.Transform.AFFINE, m, resample=Image.Resampling.NEAREST, fillcolor=(0, 0, 0)
+    )
     return np.asarray(img)
 
 
@@ -92,7 +94,7 @@ def warp_batch(images, params):
     theta = torch.stack(
         [torch.stack([a11, a12, -(a11 * tx + a12 * ty)], 1), torch.stack([a21, a22, -(a21 * tx + a22 * ty)], 1)], 1
     )
-    grid = F.affine_grid(theta, (b, images.shape[1], h, w), align_corners=False)
+    grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 

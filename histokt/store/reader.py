@@ -10,6 +10,7 @@ the layout convolutions run fastest in on a GPU.
 
 import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class PatchDataset(Dataset):
         self.normalize = normalize
         # the warp runs on the GPU (augment.warp_batch): batches carry raw patches and the per-sample draws
         self.augment_on_device = bool(augment and augment_on_device)
-        self._labels = None
+        self._labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -130,7 +131,7 @@ def make_loader(
     drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` with batched reads; workers start by forkserver (zarr must not fork)."""
-    kw = {}
+    kw: dict[str, Any] = {}
     if workers:
         kw = {
             "multiprocessing_context": multiprocessing.get_context("forkserver"),

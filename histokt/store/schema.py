@@ -113,8 +113,8 @@ class PatchReader:
 
     def __init__(self, store, dataset: str, split: str):
         self.path = Path(store) / dataset / split
-        self._array = None
-        self._fast = None
+        self._array: zarr.Array | None = None
+        self._fast: bool | None = None
 
     def __getstate__(self):
         return {"path": self.path, "_array": None, "_fast": None}
@@ -147,8 +147,8 @@ class PatchReader:
             self._open()
         if not 0 <= index < self.shape[0]:
             raise IndexError(f"patch {index} out of range for {self.path} ({self.shape[0]} patches)")
-        if not self._fast:
-            return self._array[index]
+        if self._array is not None:  # not the fast layout: zarr reads it
+            return np.asarray(self._array[index])
         try:  # an f-string path: pathlib costs ~20 % of a read here
             data = np.fromfile(f"{self._images}/c/{index}/0/0/0", dtype=np.uint8)
         except FileNotFoundError:  # never written = the fill value, as zarr reads it
@@ -156,4 +156,4 @@ class PatchReader:
         return data.reshape(self.shape[1:])
 
     def read_meta(self, name: str) -> np.ndarray:
-        return zarr.open_array(str(self.path / name), mode="r")[...]
+        return np.asarray(zarr.open_array(str(self.path / name), mode="r")[...])

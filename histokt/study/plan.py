@@ -9,11 +9,12 @@ same ids, and a cell's directory survives re-planning.
 
 import json
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 
 from histokt import atomic
 from histokt.errors import UserError
-from histokt.study.spec import STAGES, Spec
+from histokt.study.spec import STAGES, Dataset, Spec, Stage
 
 PLAN_FORMAT = "histokt-plan/1"
 
@@ -32,107 +33,146 @@ def lr_name(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def pretrain_id(dataset: str, init: str, seed: int) -> str:
+    """The Stage-A cell that trains ``dataset`` from ``init`` with ``seed``: what transfer and distill read."""
+    return f"A-{dataset}-{init}-s{seed}"
+
+
+def pretrain_dir(dataset: str, init: str, seed: int) -> str:
+    """That cell's run directory, as a cell argument (filled in by ``fill_run_root``)."""
+    return f"{{run_root}}/cells/pretrain/{pretrain_id(dataset, init, seed)}"
+
+
 def expand(spec: Spec) -> dict[str, list[Cell]]:
     """Every cell of the spec, by stage, in stage order."""
-    from histokt.train.recipes import TARGET_LR
-
     store = str(Path(spec.store).absolute())
     out: dict[str, list[Cell]] = {}
     if "standardize" in spec.stages:
-        cells = []
-        for name, d in spec.datasets.items():
-            for i in range(d.shards):
-                args = {
-                    "dataset": d.card,
-                    "raw": str(Path(d.raw).absolute()),
-                    "store": store,
-                    "name": name,
-                    "mpp": d.mpp,
-                    "shard": f"{i}/{d.shards}",
-                    "patch_size": spec.patch_size,
-                    "target_mpp": spec.target_mpp,
-                    "option": [f"{k}={v}" for k, v in d.options.items()],
-                    "max_per_class": d.max_per_class,
-                    "progress": False,
-                }
-                cells.append(Cell("standardize", f"std-{name}-{i}of{d.shards}", "standardize", args))
-        out["standardize"] = cells
+        out["standardize"] = standardize_cells(spec, store)
     if "pretrain" in spec.stages:
-        st = spec.stages["pretrain"]
-        out["pretrain"] = [
-            Cell(
-                "pretrain",
-                f"A-{name}-{init}-s{seed}",
-                "train",
-                {
-                    **st.recipe,
-                    "store": store,
-                    "dataset": name,
-                    "init": init,
-                    "mode": "scratch",
-                    "seed": seed,
-                    "norm": "imagenet" if init == "imagenet" else "dataset",
-                },
-                meta={
-                    "family": init,
-                    "source": name,
-                    "target": name,
-                    "mode": "scratch",
-                    "lr": st.recipe.get("lr"),
-                    "seed": seed,
-                },
-            )
-            for name in st.datasets
-            for init in st.inits
-            for seed in st.seeds
-        ]
+        out["pretrain"] = pretrain_cells(spec, store)
     if "transfer" in spec.stages:
-        st = spec.stages["transfer"]
-        sources = st.sources or spec.stages["pretrain"].datasets
-        targets = st.targets or list(spec.datasets)
-        cells = []
-        for init in st.inits:
-            for source in sources:
-                for target in targets:
-                    if source == target and not st.include_diagonal:
-                        continue
-                    lrs = [TARGET_LR.get(spec.datasets[target].card, 1e-4)] if st.lrs == "per-target" else st.lrs
-                    for mode in st.modes:
-                        for lr in lrs:
-                            for seed in st.seeds:
-                                src = f"A-{source}-{init}-s{seed}"
-                                init_path = f"{{run_root}}/cells/pretrain/{src}/best.pt"
-                                cells.append(
-                                    Cell(
-                                        "transfer",
-                                        f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}",
-                                        "train",
-                                        {
-                                            **st.recipe,
-                                            "store": store,
-                                            "dataset": target,
-                                            "init": init_path,
-                                            "mode": mode,
-                                            "lr": lr,
-                                            "seed": seed,
-                                            "norm": "imagenet" if init == "imagenet" else source,
-                                        },
-                                        inputs=[init_path],
-                                        meta={
-                                            "family": init,
-                                            "source": source,
-                                            "target": target,
-                                            "mode": mode,
-                                            "lr": lr,
-                                            "seed": seed,
-                                        },
-                                    )
-                                )
-        out["transfer"] = cells
+        out["transfer"] = transfer_cells(spec, store)
     if "distill" in spec.stages:
         out["merge"], out["distill"] = distill_cells(spec, store)
     out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
     return {s: out[s] for s in STAGES if s in out}
+
+
+def target_lrs(spec: Spec, stage: Stage, target: str) -> list[float]:
+    """The LRs a stage tunes ``target`` with: its list, or the paper's LR for the target's card."""
+    from histokt.train.recipes import TARGET_LR
+
+    if isinstance(stage.lrs, str):  # "per-target": the only string spec.parse lets through
+        return [TARGET_LR.get(spec.datasets[target].card, 1e-4)]
+    return list(stage.lrs)
+
+
+def standardize_cells(spec: Spec, store: str) -> list[Cell]:
+    """One cell per shard of every dataset."""
+    return [standardize_cell(spec, store, d, i) for d in spec.datasets.values() for i in range(d.shards)]
+
+
+def standardize_cell(spec: Spec, store: str, d: Dataset, shard: int) -> Cell:
+    args = {
+        "dataset": d.card,
+        "raw": str(Path(d.raw).absolute()),
+        "store": store,
+        "name": d.name,
+        "mpp": d.mpp,
+        "shard": f"{shard}/{d.shards}",
+        "patch_size": spec.patch_size,
+        "target_mpp": spec.target_mpp,
+        "option": [f"{k}={v}" for k, v in d.options.items()],
+        "max_per_class": d.max_per_class,
+        "progress": False,
+    }
+    return Cell("standardize", f"std-{d.name}-{shard}of{d.shards}", "standardize", args)
+
+
+def pretrain_cells(spec: Spec, store: str) -> list[Cell]:
+    """Stage A: every source trained from every init with every seed."""
+    st = spec.stages["pretrain"]
+    return [pretrain_cell(st, store, *key) for key in product(st.datasets, st.inits, st.seeds)]
+
+
+def pretrain_cell(st: Stage, store: str, name: str, init: str, seed: int) -> Cell:
+    return Cell(
+        "pretrain",
+        pretrain_id(name, init, seed),
+        "train",
+        {
+            **st.recipe,
+            "store": store,
+            "dataset": name,
+            "init": init,
+            "mode": "scratch",
+            "seed": seed,
+            "norm": "imagenet" if init == "imagenet" else "dataset",
+        },
+        meta={
+            "family": init,
+            "source": name,
+            "target": name,
+            "mode": "scratch",
+            "lr": st.recipe.get("lr"),
+            "seed": seed,
+        },
+    )
+
+
+def transfer_cells(spec: Spec, store: str) -> list[Cell]:
+    """Stage B: every pretrained source tuned on every target, in every mode, LR and seed."""
+    st = spec.stages["transfer"]
+    sources = st.sources or spec.stages["pretrain"].datasets
+    targets = st.targets or list(spec.datasets)
+    pairs = [(s, t) for s, t in product(sources, targets) if s != t or st.include_diagonal]
+    return [
+        transfer_cell(st, store, init, source, target, mode, lr, seed)
+        for init in st.inits
+        for source, target in pairs
+        for mode, lr, seed in product(st.modes, target_lrs(spec, st, target), st.seeds)
+    ]
+
+
+def transfer_cell(st: Stage, store: str, init: str, source: str, target: str, mode: str, lr: float, seed: int) -> Cell:
+    init_path = f"{pretrain_dir(source, init, seed)}/best.pt"
+    return Cell(
+        "transfer",
+        f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}",
+        "train",
+        {
+            **st.recipe,
+            "store": store,
+            "dataset": target,
+            "init": init_path,
+            "mode": mode,
+            "lr": lr,
+            "seed": seed,
+            "norm": "imagenet" if init == "imagenet" else source,
+        },
+        inputs=[init_path],
+        meta={"family": init, "source": source, "target": target, "mode": mode, "lr": lr, "seed": seed},
+    )
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One merged model of weight distillation: Stage-A models of one family and seed, one rule."""
+
+    init: str
+    members: tuple[str, ...]
+    rule: str
+    lowrank: bool
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.init}-{'+'.join(self.members)}-{self.rule}{'-lowrank' if self.lowrank else ''}"
+
+    @property
+    def id(self) -> str:
+        return f"M-{self.name}-s{self.seed}"
 
 
 def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
@@ -141,60 +181,59 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
     HistoKT merged Stage-A models of one family (random or ImageNet init) and deep-tuned the result with the
     Stage-B recipe over the LR grid; normalization: the target's own statistics (random family) or ImageNet's.
     """
-    from histokt.train.recipes import TARGET_LR
-
     st = spec.stages["distill"]
-    merges, tunes = [], []
-    for init in st.inits:
-        for members in st.source_sets:
-            for rule in st.rules:
-                for lowrank in st.lowrank:
-                    for seed in st.seeds:
-                        name = f"{init}-{'+'.join(members)}-{rule}{'-lowrank' if lowrank else ''}"
-                        sources = [f"{{run_root}}/cells/pretrain/A-{m}-{init}-s{seed}" for m in members]
-                        merge = Cell(
-                            "merge",
-                            f"M-{name}-s{seed}",
-                            "merge",
-                            {"sources": sources, "rule": rule, "lowrank": lowrank},
-                            inputs=[f"{s}/best.pt" for s in sources],
-                        )
-                        merges.append(merge)
-                        merged = f"{{run_root}}/cells/merge/{merge.id}/merged.pt"
-                        for target in st.targets:
-                            lrs = (
-                                [TARGET_LR.get(spec.datasets[target].card, 1e-4)] if st.lrs == "per-target" else st.lrs
-                            )
-                            for lr in lrs:
-                                tunes.append(
-                                    Cell(
-                                        "distill",
-                                        f"D-{name}-{target}-lr{lr_name(lr)}-s{seed}",
-                                        "train",
-                                        {
-                                            **st.recipe,
-                                            "store": store,
-                                            "dataset": target,
-                                            "init": merged,
-                                            "mode": "deep",
-                                            "lr": lr,
-                                            "seed": seed,
-                                            "norm": "imagenet" if init == "imagenet" else "dataset",
-                                        },
-                                        inputs=[merged],
-                                        meta={
-                                            "family": init,
-                                            "source": "+".join(members),
-                                            "target": target,
-                                            "mode": "deep",
-                                            "lr": lr,
-                                            "seed": seed,
-                                            "rule": rule,
-                                            "lowrank": lowrank,
-                                        },
-                                    )
-                                )
-    return merges, tunes
+    merges = [
+        Merge(init, tuple(members), rule, lowrank, seed)
+        for init, members, rule, lowrank, seed in product(st.inits, st.source_sets, st.rules, st.lowrank, st.seeds)
+    ]
+    tunes = [
+        tune_cell(st, store, m, target, lr)
+        for m in merges
+        for target in st.targets
+        for lr in target_lrs(spec, st, target)
+    ]
+    return [merge_cell(m) for m in merges], tunes
+
+
+def merge_cell(m: Merge) -> Cell:
+    sources = [pretrain_dir(member, m.init, m.seed) for member in m.members]
+    return Cell(
+        "merge",
+        m.id,
+        "merge",
+        {"sources": sources, "rule": m.rule, "lowrank": m.lowrank},
+        inputs=[f"{s}/best.pt" for s in sources],
+    )
+
+
+def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float) -> Cell:
+    merged = f"{{run_root}}/cells/merge/{m.id}/merged.pt"
+    return Cell(
+        "distill",
+        f"D-{m.name}-{target}-lr{lr_name(lr)}-s{m.seed}",
+        "train",
+        {
+            **st.recipe,
+            "store": store,
+            "dataset": target,
+            "init": merged,
+            "mode": "deep",
+            "lr": lr,
+            "seed": m.seed,
+            "norm": "imagenet" if m.init == "imagenet" else "dataset",
+        },
+        inputs=[merged],
+        meta={
+            "family": m.init,
+            "source": "+".join(m.members),
+            "target": target,
+            "mode": "deep",
+            "lr": lr,
+            "seed": m.seed,
+            "rule": m.rule,
+            "lowrank": m.lowrank,
+        },
+    )
 
 
 def cell_dir(run_root, cell: Cell) -> Path:

@@ -13,6 +13,7 @@ Relative paths are relative to the directory the command runs in.
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class Stage:
     targets: list = field(default_factory=list)  # transfer
     inits: list = field(default_factory=lambda: ["random"])
     modes: list = field(default_factory=lambda: ["deep"])
-    lrs: object = "per-target"  # transfer: "per-target" or a list of floats
+    lrs: str | list[float] = "per-target"  # transfer, distill: "per-target" or a list of floats
     seeds: list = field(default_factory=lambda: [0])
     recipe: dict = field(default_factory=dict)
     include_diagonal: bool = False  # transfer: also source == target
@@ -125,8 +126,9 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
         target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
         text=text,
     )
-    if spec.patch_size < 8 or not spec.target_mpp > 0:
-        raise UserError(f"{where}: study: patch_size must be >= 8 and target_mpp > 0")
+    if spec.patch_size < 8:
+        raise UserError(f"{where}: study.patch_size: {spec.patch_size} must be at least 8")
+    _positive(spec.target_mpp, "study.target_mpp", where, "µm/px")
     for name, table in _table(doc, "datasets", where).items():
         spec.datasets[name] = parse_dataset(name, table, where)
     for name, table in _table(doc, "stages", where).items():
@@ -155,8 +157,8 @@ def parse_dataset(name: str, t, where) -> Dataset:
         _get(t, "shards", int, key, where, default=1),
         _get(t, "max_per_class", int, key, where, default=None),
     )
-    if d.mpp is not None and not d.mpp > 0:
-        raise UserError(f"{where}: {key}.mpp: {d.mpp} must be a positive µm/px")
+    if d.mpp is not None:
+        _positive(d.mpp, f"{key}.mpp", where, "µm/px")
     if d.shards < 1:
         raise UserError(f"{where}: {key}.shards: {d.shards} must be at least 1")
     if d.max_per_class is not None and d.max_per_class < 1:
@@ -211,8 +213,7 @@ def _stage(name: str, t, where) -> Stage:
         if lrs != "per-target":
             lrs = _list(t, "lrs", float, key, where)
             for i, lr in enumerate(lrs):
-                if not lr > 0:
-                    raise UserError(f"{where}: {key}.lrs[{i}]: {lr} must be positive")
+                _positive(lr, f"{key}.lrs[{i}]", where, "learning rate")
         stage.lrs = lrs
     if "recipe" in t:
         stage.recipe = _recipe(t["recipe"], f"{key}.recipe", where)
@@ -233,8 +234,9 @@ def _resources(t, key, where) -> Resources:
     for name in ("cpus", "time_min", "array_parallelism", "nodes"):
         if getattr(r, name) < 1:
             raise UserError(f"{where}: {key}.{name}: {getattr(r, name)} is impossible; must be at least 1")
-    if r.gpus < 0 or r.mem_gb <= 0:
-        raise UserError(f"{where}: {key}: gpus must be >= 0 and mem_gb > 0")
+    if r.gpus < 0:
+        raise UserError(f"{where}: {key}.gpus: {r.gpus} is impossible; must be at least 0")
+    _positive(r.mem_gb, f"{key}.mem_gb", where, "number of GB")
     return r
 
 
@@ -248,10 +250,14 @@ def _recipe(t, key, where) -> dict:
         if name not in fields:
             raise UserError(f"{where}: {key}.{name}: unknown train option; see 'histokt train --help'")
         default = fields[name].default
-        if isinstance(default, bool):
+        if name == "lr":  # default None (the recipe's): a number when set
+            _positive(_check_type(value, float, f"{key}.{name}", where), f"{key}.{name}", where, "learning rate")
+        elif isinstance(default, bool):
             _check_type(value, bool, f"{key}.{name}", where)
         elif isinstance(default, (int, float, str)):
             _check_type(value, type(default), f"{key}.{name}", where)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: {key}.{name}: {value} must be a finite number")
     return dict(t)
 
 
@@ -353,6 +359,12 @@ def _check_type(value, typ, key, where):
     if (typ is int and isinstance(value, bool)) or not isinstance(value, typ):
         raise UserError(f"{where}: {key}: {value!r} is not a {typ.__name__}")
     return value
+
+
+def _positive(value: float, key: str, where, what: str) -> None:
+    """A positive, finite number: refuses 0, negatives, nan and inf (``not x > 0`` alone lets inf through)."""
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{where}: {key}: {value} must be a positive, finite {what}")
 
 
 def _get(t, name, typ, key, where, default=_MISSING):

@@ -8,6 +8,8 @@ file that loads; a truncated or corrupt ``last.pt`` falls back to ``previous.pt`
 
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from histokt import atomic
 LAST, PREVIOUS = "last.pt", "previous.pt"
 
 
-def save(run_dir, state: dict) -> None:
+def save(run_dir: Path, state: dict[str, Any]) -> None:
     last = run_dir / LAST
     with atomic.atomic_path(last) as tmp:
         torch.save(state, tmp)
@@ -25,20 +27,20 @@ def save(run_dir, state: dict) -> None:
             os.replace(last, run_dir / PREVIOUS)
 
 
-def save_weights(path, state: dict) -> None:
+def save_weights(path: Path, state: dict[str, Any]) -> None:
     """best.pt and friends: ``{"model": state_dict, ...}``, atomically."""
     with atomic.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load(path) -> dict:
+def load(path: Path) -> dict[str, Any]:
     """Weights-only load (never full unpickling); raises on a truncated or corrupt file."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_latest(run_dir) -> tuple[dict | None, list[str]]:
+def load_latest(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
     """The newest checkpoint that loads, and a note for each one that did not."""
-    notes = []
+    notes: list[str] = []
     for name in (LAST, PREVIOUS):
         path = run_dir / name
         if not path.exists():
@@ -50,13 +52,20 @@ def load_latest(run_dir) -> tuple[dict | None, list[str]]:
     return None, notes
 
 
-def rng_state() -> dict:
-    """Every RNG the training process uses, as tensors and ints (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": _py_state_tensor(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training process uses, as tensors, ints, floats and None (weights_only-loadable).
+
+    Python's and numpy's states include the cached second value of their last Gaussian pair
+    (``random.gauss``, ``np.random.standard_normal``): without it the next draw after a resume would differ."""
+    _, keys, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = _np_state()
+    state: dict[str, Any] = {
+        "python": torch.tensor(keys, dtype=torch.int64),
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -64,14 +73,30 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    version, _, gauss = random.getstate()
-    random.setstate((version, tuple(int(x) for x in state["python"].tolist()), gauss))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"]))
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved. A checkpoint from before the Gaussian caches were saved restores as
+    it did then: Python's current cached value kept, numpy's cleared."""
+    version, _, py_gauss = random.getstate()
+    py_gauss = state.get("python_gauss", py_gauss)
+    random.setstate((version, tuple(int(x) for x in state["python"].tolist()), py_gauss))
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (
+            "MT19937",
+            keys,
+            int(state["numpy_pos"]),
+            int(state.get("numpy_has_gauss", 0)),
+            float(state.get("numpy_gauss", 0.0)),
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _py_state_tensor() -> torch.Tensor:
-    return torch.tensor(random.getstate()[1], dtype=torch.int64)
+def _np_state() -> tuple[str, np.ndarray, int, int, float]:
+    """numpy's legacy global state as its 5-tuple (get_state's default, legacy=True)."""
+    state = np.random.get_state(legacy=True)
+    if not isinstance(state, tuple):  # only a non-MT19937 bit generator gives a dict
+        raise TypeError("numpy's global RandomState does not use MT19937")
+    return state

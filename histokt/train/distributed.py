@@ -88,9 +88,9 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a CPU tensor from every rank, in rank order (evaluation outputs)."""
     if not active():
         return tensor
-    parts = [None] * dist.get_world_size()
+    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, tensor.cpu())
-    return torch.cat(parts)
+    return torch.cat([p for p in parts if p is not None])
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
@@ -119,14 +119,21 @@ class CpuSyncBatchNorm(torch.nn.BatchNorm2d):
         n = stats[-1]
         mean = stats[:c] / n
         var = stats[c : 2 * c] / n - mean * mean
+        running_mean, running_var, batches, m = self._running()
         with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-            self.num_batches_tracked.add_(1)
+            running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+            batches.add_(1)
         shape = (1, c, 1, 1)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape)
+
+    def _running(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The running statistics and momentum: convert_sync_batchnorm converts only BatchNorms that keep them."""
+        m, mean, var, batches = self.momentum, self.running_mean, self.running_var, self.num_batches_tracked
+        if m is None or mean is None or var is None or batches is None:
+            raise ValueError("CpuSyncBatchNorm needs running statistics and a momentum (not a cumulative average)")
+        return mean, var, batches, m
 
 
 def convert_sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -1,26 +1,18 @@
-"""`histokt train`: one training cell (Stage A source training or Stage B transfer), exactly resumable.
+"""The Trainer: everything one rank holds while it trains a cell, and the loop that runs its epochs.
 
-Run directory contract (later stages and users read it):
-    config.json    the TrainConfig, written first; a re-run with a different config is refused
-    metrics.jsonl  one line per finished epoch (rewritten atomically from the checkpointed history)
-    last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step", ...}: the
-                   training state a resume starts from; removed once the cell is done
-    previous.pt    the checkpoint before last.pt (a damaged last.pt falls back to it); removed when done
-    best.pt        {"model": state_dict, "epoch", "valid_top1"}: the best validation epoch so far
-    final.pt       {"model": state_dict, "epoch"}: the weights after the last epoch, written when done
-    result.json    written after final.pt, atomically: the cell is done and a re-run is a no-op
-
-All checkpoints load with ``torch.load(..., weights_only=True)``.
+Built in named steps (dataset, seeds, model, optimizer, normalization, data), then resumed from the run
+directory's newest checkpoint; ``fit`` trains to the last epoch, checkpoints on a stop signal, and writes
+best.pt, final.pt and result.json (the run directory: histokt.train.rundir; started by histokt.train.launch).
 """
 
 import json
 import math
-import os
-import signal
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -28,241 +20,151 @@ from tqdm import tqdm
 
 from histokt import __version__, atomic
 from histokt.errors import UserError
+from histokt.result import BestValid, CellResult
 from histokt.store.augment import Augment, warp_batch
 from histokt.store.reader import PatchDataset, make_loader, open_attrs
 from histokt.store.sampler import GlobalBatchSampler, eval_shards
-from histokt.train import checkpoint, distributed
-from histokt.train.config import OPERATIONAL, TrainConfig, config_dict, resolved
-
-# -- configuration ------------------------------------------------------------------------------------------
-
-
-def check_config(cfg: TrainConfig) -> None:
-    for name in ("epochs", "batch_size", "nproc", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise UserError(f"--lr {cfg.lr}: must be a positive number")
-    if cfg.workers < 0:
-        raise UserError(f"--workers {cfg.workers}: must be 0 or more")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible here")
+from histokt.train import checkpoint, distributed, rundir
+from histokt.train.config import TrainConfig, config_dict
+from histokt.train.outcome import Outcome
+from histokt.train.signals import StopRequested
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create RUN_DIR and write config.json, or check that an existing one matches."""
-    run_dir = Path(cfg.out)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--out {run_dir}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    mine = config_dict(cfg)
-    old = atomic.read_json(run_dir / "config.json")
-    if old is None:
-        atomic.write_json(run_dir / "config.json", mine)
-        return run_dir
-    differ = sorted(k for k in set(mine) | set(old) if k not in OPERATIONAL and mine.get(k) != old.get(k))
-    if differ:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in differ[:4])
-        raise UserError(f"{run_dir}: holds a run with another config ({shown}); use a new --out")
-    return run_dir
+class Best(TypedDict):
+    """The best validation epoch so far."""
+
+    top1: float
+    epoch: int
 
 
-# -- the command ------------------------------------------------------------------------------------------
+class TrainState(TypedDict):
+    """Where training stands; checkpointed with the weights, so a resume continues at the same step."""
+
+    epoch: int  # the epoch under way (== epochs when done)
+    batch: int  # batches of that epoch already trained
+    step: int  # optimizer steps in all
+    history: list[dict[str, Any]]  # one metrics.jsonl line per finished epoch
+    best: Best | None
+    seconds: float  # training wall time of earlier attempts and saves
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run or resume the cell; with --nproc K > 1, spawn K local DDP processes."""
-    check_config(cfg)
-    cfg = resolved(cfg)
-    world = distributed.from_environment()
-    if world is None and cfg.nproc > 1:
-        return _spawn(cfg)
-    return run(cfg, world or distributed.World())
+def fresh_state() -> TrainState:
+    return {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "seconds": 0.0}
 
 
-def _spawn(cfg: TrainConfig) -> dict:
-    import torch.multiprocessing as mp
-
-    prepare_run_dir(cfg)  # fail fast, before any process starts
-    port = distributed.free_port()
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank_main, args=(cfg, r, port, errors)) for r in range(cfg.nproc)]
-    with ForwardSignals(procs) as signals:
-        for p in procs:
-            p.start()
-        signals.arm()
-        for p in procs:
-            while p.is_alive():
-                p.join(timeout=1.0)
-                signals.send()
-    if not errors.empty():
-        kind, message = errors.get()
-        if kind == "user":
-            raise UserError(message)
-        if kind == "requeue":
-            return message  # rank 0's {"status": "interrupted", "step", "message"}
-        raise RuntimeError(message)
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"a training process failed (exit codes {[p.exitcode for p in procs]})")
-    return json.loads((Path(cfg.out) / "result.json").read_text())
+def state_of(ckpt: dict[str, Any]) -> TrainState:
+    """The TrainState a checkpoint holds."""
+    return {
+        "epoch": ckpt["epoch"],
+        "batch": ckpt["batch"],
+        "step": ckpt["step"],
+        "history": ckpt["history"],
+        "best": ckpt["best"],
+        "seconds": ckpt["seconds"],
+    }
 
 
-def _rank_main(cfg: TrainConfig, rank: int, port: int, errors) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        out = run(cfg, distributed.World(rank, cfg.nproc, rank))
-        if out.get("status") == "interrupted" and rank == 0:
-            errors.put(("requeue", out))
-    except UserError as exc:
-        errors.put(("user", str(exc)))
-    except BaseException as exc:
-        errors.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
-        raise
+def is_new_best(valid_top1: float, best: Best | None) -> bool:
+    """Strictly improving, as HistoKT: an epoch that only equals the best so far keeps the earlier best.pt."""
+    return best is None or valid_top1 > best["top1"]
 
 
-def device_for(cfg: TrainConfig, world: distributed.World) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    index = world.local_rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
+def _recipe(cfg: TrainConfig) -> tuple[str, float, int]:
+    """optimizer, lr and step_size, which histokt.train.config.resolved has filled."""
+    if cfg.optimizer is None or cfg.lr is None or cfg.step_size is None:
+        raise ValueError("the TrainConfig is not resolved (histokt.train.config.resolved fills the recipe)")
+    return cfg.optimizer, cfg.lr, cfg.step_size
 
 
-def run(cfg: TrainConfig, world: distributed.World) -> dict:
-    """The training loop of one rank."""
-    run_dir = Path(cfg.out)
-    if world.main:
-        prepare_run_dir(cfg)
-    done = atomic.read_json(run_dir / "result.json")
-    if done is not None:
-        if world.main:
-            drop_training_state(run_dir)  # a kill right after result.json left it behind
-        return done
-    device = device_for(cfg, world)
-    distributed.init(world, device)
-    try:
-        return Cell(cfg, world, device).fit()
-    finally:
-        distributed.shutdown()
-
-
-class StopRequested:
-    """SIGUSR2/SIGTERM only set a flag; the loop checks it at the next step boundary (docs/cluster.md §4.2)."""
-
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-    def __init__(self):
-        self.flag = False
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class ForwardSignals:
-    """The --nproc parent passes SIGUSR2/SIGTERM on to its ranks, which checkpoint and exit 75 together.
-
-    A scheduler signals the parent only (the sbatch scripts forward to histokt, not to its children), and
-    the parent would die of SIGUSR2's default action. The ranks start with the signals ignored (an ignored
-    disposition survives exec) until their own handlers are in place, and the parent sends again every
-    second while any rank runs: a signal that arrives during start-up is delayed, never lost or fatal."""
-
-    def __init__(self, procs):
-        self.procs, self.pending, self.previous = procs, set(), {}
-
-    def __enter__(self):
-        for sig in StopRequested.SIGNALS:
-            self.previous[sig] = signal.signal(sig, signal.SIG_IGN)  # inherited by the ranks started next
-        return self
-
-    def arm(self):
-        """After the ranks started: a Python handler would not survive their exec, SIG_IGN does."""
-        for sig in StopRequested.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.pending.add(signum)
-        self.send()
-
-    def send(self):
-        for p in self.procs:
-            if p.pid is not None and p.is_alive():
-                for sig in self.pending:
-                    os.kill(p.pid, sig)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class Cell:
+class Trainer:
     """Everything one rank holds while training a cell."""
 
     def __init__(self, cfg: TrainConfig, world: distributed.World, device: torch.device):
-        from histokt.store.normstats import norm_constants
-        from histokt.train.metrics import loss_fn, multilabel_pos_weights
-        from histokt.train.models import apply_bn_mode, build_model, freeze_encoder
-        from histokt.train.optim import build_optimizer, build_scheduler
-
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(cfg.out)
+        self.cuda = device.type == "cuda"
+        self.t0 = self.last_save = time.time()  # fit() restarts both clocks
+        self._read_dataset()
+        self._seed()
+        self._build_model()
+        self._build_optimizer()
+        self._build_normalization()
+        self._build_data()
+        self.state = fresh_state()
+        self._resume()
+
+    # -- building, in this order (the seeded draws of model init and data order depend on it) -------------
+    def _read_dataset(self) -> None:
+        """Class names and kind of the target; every split must hold patches."""
+        cfg = self.cfg
         attrs = open_attrs(cfg.store, cfg.dataset)
         self.classes, self.multi_label = list(attrs["classes"]), bool(attrs["multi_label"])
         for split in ("train", "valid", "test"):
             if int(attrs["counts"][split]) == 0:
                 raise UserError(f"{cfg.store}/{cfg.dataset}: the {split} split is empty; re-standardize with more data")
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+
+    def _seed(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed % 2**32)
+
+    def _build_model(self) -> None:
+        """The model (frozen encoder in fine mode, synchronized BN if asked), on the device, wrapped for DDP."""
+        from histokt.train.models import apply_bn_mode, build_model, freeze_encoder
+
+        cfg, world, device = self.cfg, self.world, self.device
         model = build_model(cfg.arch, len(self.classes), cfg.init)
         if cfg.mode == "fine":
             freeze_encoder(model, cfg.bn)
-        self.apply_bn_mode = (lambda m: apply_bn_mode(m, cfg.bn)) if cfg.mode == "fine" else (lambda m: None)
+        self.apply_bn_mode: Callable[[torch.nn.Module], object] = (
+            (lambda m: apply_bn_mode(m, cfg.bn)) if cfg.mode == "fine" else (lambda m: None)
+        )
         if cfg.sync_bn and world.size > 1:
             model = distributed.convert_sync_batchnorm(model, device)
-        cuda = device.type == "cuda"
-        self.memory_format = torch.channels_last if (cuda and cfg.channels_last) else torch.contiguous_format
-        self.model = model.to(device, memory_format=self.memory_format)
-        self.amp = cuda and cfg.precision in ("auto", "bf16")
-        self.net = self.model
+        fmt = torch.channels_last if (self.cuda and cfg.channels_last) else torch.contiguous_format
+        self.memory_format = fmt
+        # torch's stub lacks the to(device, memory_format=...) overload that Module.to accepts at run time
+        self.model: torch.nn.Module = model.to(device, memory_format=fmt)  # type: ignore[call-overload]
+        self.amp = self.cuda and cfg.precision in ("auto", "bf16")
+        net: torch.nn.Module = self.model
         if world.size > 1:
-            ids = [device.index] if cuda else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            ids = [device.index] if self.cuda else None
+            net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            net = torch.compile(net)  # type: ignore[assignment]  # torch's stub types it as a callable
+        self.net = net
+
+    def _build_optimizer(self) -> None:
+        from histokt.train.optim import build_optimizer, build_scheduler
+
+        cfg = self.cfg
+        name, lr, step_size = _recipe(cfg)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.step_size, cfg.gamma)
-        mean, std = norm_constants(cfg.store, cfg.dataset, cfg.norm)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
+        self.optimizer = build_optimizer(name, params, lr, cfg.weight_decay, cfg.momentum)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, step_size, cfg.gamma)
+
+    def _build_normalization(self) -> None:
+        """Per-channel mean and 1/std of the chosen statistics, for uint8 pixels, on the device."""
+        from histokt.store.normstats import norm_constants
+
+        mean, std = norm_constants(self.cfg.store, self.cfg.dataset, self.cfg.norm)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0)
+
+    def _build_data(self) -> None:
+        """The training set (augmented in the loader or on the device), its loss, sampler and loader."""
+        from histokt.train.metrics import loss_fn, multilabel_pos_weights
+
+        cfg, world = self.cfg, self.world
         augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
         if cfg.augment_on == "device" and cfg.crop:
             raise UserError("--crop needs --augment-on loader (the device warp has no crop)")
-        on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and cuda and not cfg.crop)
+        on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and self.cuda and not cfg.crop)
         self.train_set = PatchDataset(cfg.store, cfg.dataset, "train", augment=augment, augment_on_device=on_device)
         weights = multilabel_pos_weights(self.train_set.labels) if self.multi_label else None
-        self.loss = loss_fn(self.multi_label, weights).to(device)
+        self.loss = loss_fn(self.multi_label, weights).to(self.device)
         self.eval_loss = loss_fn(self.multi_label, weights)  # on the CPU, where gathered outputs are
         self.sampler = GlobalBatchSampler(len(self.train_set), cfg.batch_size, world.size, world.rank, cfg.seed)
-        self.loader = make_loader(self.train_set, batch_sampler=self.sampler, workers=cfg.workers, pin_memory=cuda)
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "best": None, "seconds": 0.0}
-        self._resume()
+        self.loader = make_loader(self.train_set, batch_sampler=self.sampler, workers=cfg.workers, pin_memory=self.cuda)
 
     # -- state -------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -278,8 +180,7 @@ class Cell:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         checkpoint.set_rng_state(ckpt["rng"])
-        for key in self.state:
-            self.state[key] = ckpt[key]
+        self.state = state_of(ckpt)
 
     def save(self) -> None:
         """All ranks reach this at the same step; rank 0 writes (replicated weights)."""
@@ -304,21 +205,16 @@ class Cell:
         distributed.barrier()
 
     # -- loop --------------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self) -> Outcome:
         self.t0 = self.last_save = time.time()
         with StopRequested() as stop:
             while self.state["epoch"] < self.cfg.epochs:
                 epoch = self.state["epoch"]
                 if self.train_epoch(epoch, stop):
-                    return {
-                        "status": "interrupted",
-                        "step": self.state["step"],
-                        "message": f"checkpointed at step {self.state['step']} on a signal; run the same "
-                        "command again to resume",
-                    }
+                    return Outcome.stopped(self.state["step"])
                 self.end_epoch(epoch)
                 self.last_save = time.time()
-        return self.finish()
+        return Outcome.finished(self.finish())
 
     def train_epoch(self, epoch: int, stop: StopRequested) -> bool:
         """The steps of one epoch from the checkpointed batch on; True if a signal stopped it."""
@@ -364,11 +260,13 @@ class Cell:
         x = x.to(memory_format=self.memory_format)
         return (x.float() - self.mean) * self.inv_std
 
+    def _autocast(self) -> AbstractContextManager[object]:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
     def step(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None = None) -> float:
         x = self.to_device(images, params)
         y = labels.to(self.device, non_blocking=True)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
-        with autocast:
+        with self._autocast():
             loss = self.loss(self.net(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -376,7 +274,7 @@ class Cell:
         return float(loss.detach())
 
     @torch.no_grad()
-    def evaluate(self, split: str, model: torch.nn.Module) -> dict:
+    def evaluate(self, split: str, model: torch.nn.Module) -> dict[str, Any]:
         """Metrics of ``model`` on a whole split; every rank evaluates a shard, rank 0's BN stats."""
         from histokt.train.metrics import multi_label, single_label
 
@@ -386,8 +284,7 @@ class Cell:
         outs, ys = [], []
         for batch in eval_shards(len(data), self.cfg.eval_batch_size, self.world.size, self.world.rank):
             images, labels = data.__getitems__(batch)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
-            with autocast:
+            with self._autocast():
                 outs.append(model(self.to_device(images)).float().cpu())
             ys.append(labels)
         logits = distributed.gather_cat(torch.cat(outs) if outs else torch.empty(0, len(self.classes)))
@@ -400,12 +297,11 @@ class Cell:
         self.scheduler.step()
         valid = self.evaluate("valid", self.model)
         line = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"], "valid": valid}
-        best = self.state["best"]
-        if best is None or valid["top1"] > best["top1"]:  # strictly improving, as HistoKT
+        if is_new_best(valid["top1"], self.state["best"]):
             self.state["best"] = {"top1": valid["top1"], "epoch": epoch}
             if self.world.main:
                 checkpoint.save_weights(
-                    self.run_dir / "best.pt",
+                    self.run_dir / rundir.BEST,
                     {
                         "model": self.model.state_dict(),
                         "epoch": epoch,
@@ -417,46 +313,41 @@ class Cell:
         self.state["history"].append(line)
         if self.world.main:
             text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.state["history"])
-            atomic.write_bytes(self.run_dir / "metrics.jsonl", text.encode())
+            atomic.write_bytes(self.run_dir / rundir.METRICS, text.encode())
             print(f"epoch {epoch}: valid top1 {valid['top1']:.4f} loss {valid['loss']:.4f}", file=sys.stderr)
         self.state["epoch"], self.state["batch"] = epoch + 1, 0
         self.save()
 
-    def finish(self) -> dict:
+    def finish(self) -> CellResult:
         # the last epoch's weights, before best.pt's replace them (only rank 0 writes final.pt)
         final = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.world.main else None
-        best = checkpoint.load(self.run_dir / "best.pt") if self.world.main else None
-        box = [best["model"] if best else None]
+        best_pt = checkpoint.load(self.run_dir / rundir.BEST) if self.world.main else None
+        box = [best_pt["model"] if best_pt else None]
         if distributed.active():
             torch.distributed.broadcast_object_list(box, src=0)
-        self.model.load_state_dict(box[0])
+        best_weights = box[0]
+        if best_weights is None:
+            raise RuntimeError(f"{self.run_dir / rundir.BEST} holds no weights")
+        self.model.load_state_dict(best_weights)
         test = self.evaluate("test", self.model)
         seconds = self.state["seconds"] + time.time() - self.t0
-        result = {
-            "config": config_dict(self.cfg),
-            "classes": self.classes,
-            "valid": {"top1_best": self.state["best"]["top1"], "best_epoch": self.state["best"]["epoch"]},
-            "test": test,
-            "epochs": self.state["epoch"],
-            "steps": self.state["step"],
-            "world_size": self.world.size,
-            "seconds": seconds,
-            "histokt_version": __version__,
-        }
+        best = self.state["best"]
+        if best is None:
+            raise RuntimeError("finished without a validation epoch (epochs must be at least 1)")
+        result = CellResult(
+            config=config_dict(self.cfg),
+            classes=self.classes,
+            valid=BestValid(top1_best=best["top1"], best_epoch=best["epoch"]),
+            test=test,
+            epochs=self.state["epoch"],
+            steps=self.state["step"],
+            world_size=self.world.size,
+            seconds=seconds,
+            histokt_version=__version__,
+        )
         if self.world.main:
-            checkpoint.save_weights(self.run_dir / "final.pt", {"model": final, "epoch": self.state["epoch"] - 1})
-            atomic.write_json(self.run_dir / "result.json", result)
-            drop_training_state(self.run_dir)
+            checkpoint.save_weights(self.run_dir / rundir.FINAL, {"model": final, "epoch": self.state["epoch"] - 1})
+            rundir.write_result(self.run_dir, result)
+            rundir.drop_training_state(self.run_dir)
         distributed.barrier()
         return result
-
-
-def drop_training_state(run_dir: Path) -> None:
-    """A finished cell never resumes: its optimizer state and fallback are only disk (135-270 MB a ResNet18
-    cell); final.pt keeps the last weights. Cells finished before final.pt existed keep their last.pt."""
-    if (run_dir / "final.pt").is_file():
-        for name in (checkpoint.LAST, checkpoint.PREVIOUS):
-            (run_dir / name).unlink(missing_ok=True)
-
-
-__all__ = ["TrainConfig", "train"]

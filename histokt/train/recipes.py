@@ -12,7 +12,7 @@ from histokt.errors import UserError
 
 TARGETS = ("adp", "bcss", "os", "crc", "ajlymph", "bach", "glas", "mhist", "pcam")
 
-STAGE_A = {
+STAGE_A: dict[str, str | float | int | None] = {
     "optimizer": "sgd",
     "lr": 0.03,
     "weight_decay": 5e-4,
@@ -24,7 +24,7 @@ STAGE_A = {
     "batch_size": 64,
 }
 
-STAGE_B = {
+STAGE_B: dict[str, str | float | int | None] = {
     "optimizer": "adamp",
     "lr": None,  # per target: TARGET_LR
     "weight_decay": 5e-4,
@@ -67,7 +67,7 @@ NORM_STATS = {
     "imagenet": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
 }
 
-_STAGES = {"a": STAGE_A, "b": STAGE_B}
+_STAGES: dict[str, dict[str, str | float | int | None]] = {"a": STAGE_A, "b": STAGE_B}
 
 
 def _check_target(target: str) -> str:

@@ -46,7 +46,7 @@ def wait_until(predicate, what, timeout=900):
 
 
 def queue_empty_for(run_root: Path) -> bool:
-    from histokt.batch.sweep import queued_cells
+    from histokt.batch.slurm import queued_cells
 
     return not queued_cells(run_root)
 
@@ -70,7 +70,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
 
     # preempt the crc pretraining task once it has checkpointed a step: USR2, as a preempting cluster sends
     wait_until(lambda: (crc / "last.pt").exists() and state(crc).get("status") == "running", "A-crc to train")
-    from histokt.batch.sweep import cell_jobs
+    from histokt.batch.slurm import cell_jobs
 
     task = cell_jobs(runs)["A-crc-random-s0"]
     subprocess.run(["scancel", "--signal=USR2", task], check=True)
@@ -144,11 +144,13 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
 
 def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
     import histokt.batch.sweep as sweep_module
-    from histokt.batch.sweep import SweepConfig, submissions
+    from histokt.batch import slurm
+    from histokt.batch.slurm import submissions
+    from histokt.batch.sweep import SweepConfig
 
     write_collection(tmp_path / "demo", per_class=4, seed=0)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sweep_module, "max_array_size", lambda: 3)  # a cluster allowing indices 0..2
+    monkeypatch.setattr(slurm, "max_array_size", lambda: 3)  # a cluster allowing indices 0..2
     out = sweep_module.sweep(SweepConfig(spec=SPEC, executor="slurm", progress=False))
     records = submissions(Path(out["run_root"]))
     try:
@@ -164,7 +166,7 @@ def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatc
             "collect": [1],
         }
         assert all(n <= 2 for sizes in by_stage.values() for n in sizes)
-        queue = sweep_module.squeue()
+        queue = slurm.squeue()
         deps = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
         first_pretrain = next(r["job"] for r in records if r["stage"] == "pretrain")
         std_jobs = [r["job"] for r in records if r["stage"] == "standardize"]

@@ -13,7 +13,8 @@ from histokt.distill.evbmf import layer_metrics, unfold
 from histokt.distill.merge import DistillConfig, _apply_lowrank, conv_groups, distill, rule_weights
 from histokt.errors import UserError
 from histokt.train import checkpoint
-from histokt.train.loop import TrainConfig, train
+from histokt.train.config import TrainConfig
+from histokt.train.launch import train
 from histokt.train.models import build_model
 from tests.fixtures.trainstore import make_store
 
@@ -246,7 +247,7 @@ def test_merged_checkpoint_initializes_training(merged, tmp_path):
         if not k.startswith("fc."):
             assert torch.equal(v, state[k]), k
     store = make_store(tmp_path, per_class=8)
-    result = train(
+    outcome = train(
         TrainConfig(
             store=store,
             dataset="toy",
@@ -260,7 +261,8 @@ def test_merged_checkpoint_initializes_training(merged, tmp_path):
             mode="deep",
         )
     )
-    assert result["epochs"] == 1 and np.isfinite(result["test"]["loss"])
+    assert outcome.result is not None and not outcome.interrupted
+    assert outcome.result.epochs == 1 and np.isfinite(outcome.result.test["loss"])
     assert (tmp_path / "B" / "result.json").is_file()
     assert json.loads((tmp_path / "B" / "config.json").read_text())["init"] == str(out)
 

@@ -1,7 +1,10 @@
 """Split cuts: HistoKT's cumulative integer cut, whole groups, and no empty split for few groups."""
 
+import pytest
+
+from histokt.errors import UserError
 from histokt.ingest.cards.base import Source
-from histokt.ingest.splits import cut_points, grouped_splits, patch_splits
+from histokt.ingest.splits import check_split_plan, cut_points, grouped_splits, patch_splits
 
 RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
 
@@ -45,3 +48,80 @@ def test_official_partitions_are_respected():
 def test_patch_rule_cuts_patches():
     out = patch_splits(["all"] * 50, {"all": RATIOS}, seed=0)
     assert [out.count(s) for s in ("train", "valid", "test")] == [40, 5, 5]
+
+
+def test_cut_rounds_the_cumulative_ratio_before_truncating():
+    # 0.7 + 0.2 is 0.8999999999999999 in floating point: truncated unrounded, valid would end at 89
+    assert cut_points(100, {"train": 0.7, "valid": 0.2, "test": 0.1}) == [
+        ("train", 0, 70),
+        ("valid", 70, 90),
+        ("test", 90, 100),
+    ]
+    assert cut_points(10, {"train": 0.4, "valid": 0.1, "test": 0.5}) == [
+        ("train", 0, 4),
+        ("valid", 4, 5),
+        ("test", 5, 10),
+    ]
+
+
+def test_a_zero_ratio_split_stays_empty():
+    assert cut_points(4, {"train": 0.5, "valid": 0.0, "test": 0.5}) == [
+        ("train", 0, 2),
+        ("valid", 2, 2),
+        ("test", 2, 4),
+    ]
+
+
+def test_grouped_split_is_pinned_for_a_seed():
+    # every store's split follows from this seeded shuffle: a change to the seeding changes them all
+    sources = [Source(f"img{i}.png", 0, "all", f"patient{i // 3}") for i in range(30)]
+    a = grouped_splits(sources, {"all": RATIOS}, seed=0)
+    assert {s.group: split for s, split in zip(sources, a)} == {
+        "patient0": "train", "patient1": "train", "patient2": "train", "patient3": "train",
+        "patient4": "train", "patient5": "train", "patient6": "train", "patient7": "test",
+        "patient8": "train", "patient9": "valid",
+    }  # fmt: skip
+
+
+def test_grouped_split_does_not_depend_on_the_order_of_the_sources():
+    sources = [Source(f"img{i}.png", 0, "all", f"patient{i // 3}") for i in range(30)]
+    plan = {"all": RATIOS}
+    forward = dict(zip(sources, grouped_splits(sources, plan, seed=4)))
+    backward = dict(zip(sources[::-1], grouped_splits(sources[::-1], plan, seed=4)))
+    assert forward == backward
+
+
+def test_each_partition_is_cut_by_its_own_ratios():
+    sources = [Source(f"a{i}", 0, "a", f"a{i}") for i in range(10)] + [
+        Source(f"b{i}", 0, "b", f"b{i}") for i in range(10)
+    ]
+    plan = {"a": {"train": 0.8, "valid": 0.2}, "b": {"train": 0.5, "test": 0.5}}
+    out = grouped_splits(sources, plan, seed=0)
+    assert sorted(out[:10]) == ["train"] * 8 + ["valid"] * 2
+    assert sorted(out[10:]) == ["test"] * 5 + ["train"] * 5
+
+
+def test_patch_rule_is_seeded_and_keeps_official_partitions():
+    parts = ["train"] * 10 + ["test"] * 4
+    plan = {"train": {"train": 0.8, "valid": 0.2}, "test": {"test": 1.0}}
+    out = patch_splits(parts, plan, seed=0)
+    assert out[10:] == ["test"] * 4
+    assert sorted(out[:10]) == ["train"] * 8 + ["valid"] * 2
+    assert out == patch_splits(parts, plan, seed=0)
+    assert patch_splits(["all"] * 10, {"all": RATIOS}, seed=0) == [
+        "train", "train", "train", "train", "train", "train", "train", "test", "train", "valid",
+    ]  # fmt: skip
+    assert any(
+        patch_splits(["all"] * 10, {"all": RATIOS}, seed=s) != patch_splits(["all"] * 10, {"all": RATIOS}, seed=0)
+        for s in (1, 2, 3)
+    )
+
+
+def test_check_split_plan():
+    check_split_plan({"all": {"train": 0.7, "valid": 0.2, "test": 0.1}}, {"all"}, "d")  # sums to 1 up to rounding
+    with pytest.raises(UserError, match="partition 'extra' has no split rule"):
+        check_split_plan({"all": RATIOS}, {"all", "extra"}, "d")
+    with pytest.raises(UserError, match="sum to 0.9"):
+        check_split_plan({"all": {"train": 0.8, "valid": 0.1}}, {"all"}, "d")
+    with pytest.raises(UserError, match="sum to 1.1"):
+        check_split_plan({"all": {"train": 0.8, "valid": 0.2, "test": 0.1}}, {"all"}, "d")

@@ -11,6 +11,7 @@ import pytest
 import zarr
 from PIL import Image
 
+import histokt.ingest.finalize as fin
 import histokt.ingest.standardize as st
 from histokt.errors import UserError
 from histokt.ingest.standardize import StandardizeConfig, standardize
@@ -117,7 +118,7 @@ def test_rescale_and_padding(tmp_path):
 
 def test_rerun_of_finished_dataset_is_a_noop(tmp_path, raw, reference):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
-    assert standardize(cfg(raw, reference))["status"] == "done"
+    assert standardize(cfg(raw, reference)).status == "done"
     assert {p: p.stat().st_mtime_ns for p in reference.rglob("*")} == before
 
 
@@ -125,7 +126,7 @@ def test_rerun_of_finished_dataset_is_a_noop(tmp_path, raw, reference):
 def test_store_identical_whatever_shards_and_workers(tmp_path, raw, reference, shards, workers):
     store = tmp_path / "sharded.zarr"
     results = [standardize(cfg(raw, store, shard=f"{i}/{shards}", workers=workers)) for i in range(shards)]
-    assert [r["status"] for r in results] == ["partial"] * (shards - 1) + ["written"]
+    assert [r.status for r in results] == ["partial"] * (shards - 1) + ["written"]
     assert_same_store(store, reference)
 
 
@@ -166,7 +167,7 @@ class Crash(Exception):
 @pytest.mark.parametrize("where", ["_write_meta", "_swap_in"])
 def test_crash_during_finalize_then_resume(tmp_path, raw, reference, monkeypatch, where):
     store = tmp_path / "crash.zarr"
-    real = getattr(st, where)
+    real = getattr(fin, where)
     calls = []
 
     def crashing(*args, **kw):
@@ -175,12 +176,12 @@ def test_crash_during_finalize_then_resume(tmp_path, raw, reference, monkeypatch
             raise Crash
         return real(*args, **kw)
 
-    monkeypatch.setattr(st, where, crashing)
+    monkeypatch.setattr(fin, where, crashing)
     with pytest.raises(Crash):
         standardize(cfg(raw, store))
     assert not (store / "folder").exists()
-    monkeypatch.setattr(st, where, real)
-    assert standardize(cfg(raw, store))["status"] == "written"
+    monkeypatch.setattr(fin, where, real)
+    assert standardize(cfg(raw, store)).status == "written"
     assert_same_store(store, reference)
 
 
@@ -224,7 +225,7 @@ def test_bad_images_are_skipped_and_listed(tmp_path, raw):
     assert "empty file" in reasons["a/zero.png"]
     assert "corrupt or truncated" in reasons["a/truncated.png"]
     assert "transparent" in reasons["a/transparent.png"]
-    assert out["rejected"] == 4
+    assert out.rejected == 4
 
 
 def test_strict_makes_a_bad_image_fatal_and_writes_nothing(tmp_path, raw, cli_env):
@@ -295,7 +296,7 @@ def test_store_with_other_card_is_refused_unless_overwrite(tmp_path, raw, refere
     other = folder_dataset(tmp_path / "o", per_class=2, size=300)
     with pytest.raises(UserError, match="--overwrite"):
         standardize(cfg(other, reference, option=["group=img"]))
-    assert standardize(cfg(other, reference, option=["group=img"], overwrite=True))["status"] == "written"
+    assert standardize(cfg(other, reference, option=["group=img"], overwrite=True)).status == "written"
     g = zarr.open_group(str(reference / "folder"), mode="r")
     assert g.attrs["card"]["options"] == {"group": "img", "class_regex": ""}
     assert sum(g.attrs["counts"].values()) == 6
@@ -304,12 +305,12 @@ def test_store_with_other_card_is_refused_unless_overwrite(tmp_path, raw, refere
 def test_a_card_option_added_later_keeps_fingerprints(tmp_path, raw, monkeypatch):
     from histokt.ingest.cards.folder import Folder
 
-    _, before = st.make_plan(cfg(raw, tmp_path / "s.zarr", option=["group=img"]))
-    monkeypatch.setattr(Folder, "options", {**Folder.options, "added_later": ""})
-    _, after = st.make_plan(cfg(raw, tmp_path / "s.zarr", option=["group=img"]))
-    assert after["settings"]["card"]["options"]["added_later"] == "" and after["fingerprint"] == before["fingerprint"]
-    _, other = st.make_plan(cfg(raw, tmp_path / "s.zarr", option=["group=img", "added_later=x"]))
-    assert other["fingerprint"] != before["fingerprint"]
+    _, before = st.make_worklist(cfg(raw, tmp_path / "s.zarr", option=["group=img"]))
+    monkeypatch.setattr(Folder, "OPTION_DEFAULTS", {**Folder.OPTION_DEFAULTS, "added_later": ""})
+    _, after = st.make_worklist(cfg(raw, tmp_path / "s.zarr", option=["group=img"]))
+    assert after.settings["card"]["options"]["added_later"] == "" and after.fingerprint == before.fingerprint
+    _, other = st.make_worklist(cfg(raw, tmp_path / "s.zarr", option=["group=img", "added_later=x"]))
+    assert other.fingerprint != before.fingerprint
 
 
 def test_unknown_card_option(tmp_path, raw):
@@ -325,11 +326,11 @@ def test_bad_shard_spec(tmp_path, raw):
 
 def test_unfinished_run_with_other_settings_is_refused(tmp_path, raw):
     store = tmp_path / "u.zarr"
-    assert standardize(cfg(raw, store, shard="0/2"))["status"] == "partial"
+    assert standardize(cfg(raw, store, shard="0/2")).status == "partial"
     with pytest.raises(UserError, match="unfinished run"):
         standardize(cfg(raw, store, shard="1/2", stride=100))
-    plan = json.loads((staging_dir(store, "folder") / "plan.json").read_text())
-    assert plan["settings"]["stride"] == 204
+    worklist = json.loads((staging_dir(store, "folder") / "worklist.json").read_text())
+    assert worklist["settings"]["stride"] == 204
 
 
 def test_max_per_class_is_a_seeded_subset_per_class(tmp_path, raw, reference):
@@ -370,20 +371,20 @@ def test_bad_max_per_class(tmp_path, raw):
 
 def test_finalize_lock_is_never_seen_empty_and_excludes_a_second_taker(tmp_path):
     lock = tmp_path / "finalize.lock"
-    assert st._acquire(lock)
+    assert fin._acquire(lock)
     host, pid, _ = lock.read_text().split()  # whole from the moment it exists (a hard link of a written file)
-    assert int(pid) == os.getpid() and not st._stale(lock)
-    assert not st._acquire(lock)  # held by a live process
+    assert int(pid) == os.getpid() and not fin._stale(lock)
+    assert not fin._acquire(lock)  # held by a live process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finalize.lock"]  # no temporary left behind
     lock.write_text(f"{host} 999999999 0\n")  # a dead local process's lock is taken over
-    assert st._stale(lock) and st._acquire(lock) and lock.read_text().split()[1] == str(os.getpid())
+    assert fin._stale(lock) and fin._acquire(lock) and lock.read_text().split()[1] == str(os.getpid())
 
 
 def test_a_shard_arriving_after_another_finalized_reports_done(tmp_path, raw, reference):
     store = tmp_path / "late.zarr"
     standardize(cfg(raw, store))
-    _, plan = st.make_plan(cfg(raw, store))
+    _, worklist = st.make_worklist(cfg(raw, store))
     gone = staging_dir(store, "folder")  # removed by the finalizing shard
     assert not gone.exists()
-    r = st._finalize_locked(store, "folder", gone, plan)
-    assert r["status"] == "done" and r["counts"] == zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]
+    r = fin.finalize_locked(store, "folder", gone, worklist)
+    assert r.status == "done" and r.counts == zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]

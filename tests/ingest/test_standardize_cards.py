@@ -115,9 +115,9 @@ def run(dataset: str, raw: Path, tmp_path: Path, **kw) -> Result:
     store = tmp_path / "s.zarr"
     cfg = StandardizeConfig(dataset=dataset, raw=raw, store=store, progress=False, **kw)
     summary = standardize(cfg)
-    assert summary["status"] == "written"
+    assert summary.status == "written"
     result = Result(store, dataset)
-    assert summary["counts"] == result.counts()
+    assert summary.counts == result.counts()
     return result
 
 
@@ -433,7 +433,7 @@ def test_glas_spaces_official_partitions_and_sizes(tmp_path):
         assert split == want_split[stem.split("_")[0]]
         assert boxes == (TWO_COLS if stem in big else ONE)
         assert labels == [grade[stem]] * len(boxes)
-    # Patient 4 is in testA and train: the official partitions win over patient grouping (the plan keeps
+    # Patient 4 is in testA and train: the official partitions win over patient grouping (the split plan keeps
     # each partition whole; grouping only acts inside a partition that is cut).
     assert r.attrs["split_plan"] == {"train": {"train": 1.0}, "testA": {"valid": 1.0}, "testB": {"test": 1.0}}
 

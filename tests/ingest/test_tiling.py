@@ -10,6 +10,7 @@ from histokt.ingest.tiling import (
     is_low_contrast,
     mirror_pad,
     rescale,
+    rescaled_size,
     tile_boxes,
 )
 
@@ -69,3 +70,47 @@ def test_filter_threshold_is_skimage_is_low_contrast():
     # a spread of 20 gray levels (0.078 < 0.1) is low-contrast, 30 levels (0.118) is not
     ramp = lambda levels: np.linspace(100, 100 + levels, 272 * 272).reshape(272, 272, 1).repeat(3, 2).astype(np.uint8)
     assert is_low_contrast(ramp(21), params) and not is_low_contrast(ramp(33), params)
+
+
+def test_tile_boxes_take_a_window_that_ends_exactly_on_the_edge():
+    assert tile_boxes(272, 272, 272, 204) == [(0, 0, 272, 272)]
+    # 680 = 408 + 272: the third window fits exactly; 679 leaves it out
+    assert [b[0] for b in tile_boxes(272, 680, 272, 204)] == [0, 204, 408]
+    assert [b[0] for b in tile_boxes(272, 679, 272, 204)] == [0, 204]
+    assert [b[1] for b in tile_boxes(680, 272, 272, 204)] == [0, 204, 408]
+    # the step is the stride, not the patch: 68 px steps over 408 px
+    assert [b[0] for b in tile_boxes(272, 408, 272, 68)] == [0, 68, 136]
+    assert all(x1 - x0 == 272 and y1 - y0 == 272 for x0, y0, x1, y1 in tile_boxes(700, 900, 272, 100))
+
+
+def test_rescaled_size_rounds_to_nearest_and_never_below_one():
+    assert rescaled_size(97, 10, 0.7) == (68, 7)  # 67.9 -> 68, not truncated to 67
+    assert rescaled_size(3, 2, 0.1) == (1, 1)
+    img = np.zeros((10, 97, 3), np.uint8)
+    assert rescale(img, 0.7).shape == (7, 68, 3)  # (height, width) of (width, height)
+    from PIL import Image
+
+    assert rescale(Image.fromarray(img), 0.7).shape == (7, 68, 3)
+
+
+def test_mirror_pad_only_the_short_side_and_masks():
+    tall = np.arange(300 * 5, dtype=np.int32).reshape(300, 5)
+    out = mirror_pad(tall, 8)
+    assert out.shape == (300, 8)
+    np.testing.assert_array_equal(out[:, :5], tall)
+    np.testing.assert_array_equal(out[:, 5:], tall[:, [3, 2, 1]])
+
+
+def test_low_contrast_bound_is_strict():
+    # (p99 - p5) / 2 == fraction exactly (values exact in binary): not low-contrast; just above it: low-contrast
+    gray = np.array([0.0] * 50 + [0.5] * 50, dtype=np.float32)
+    assert not exact_low_contrast(gray, FilterParams(fraction=0.25))
+    assert exact_low_contrast(gray, FilterParams(fraction=0.2500001))
+
+    # the percentiles are the 5th and the 99th: 4 dark pixels in 100, or 1 bright one, do not count; 6 or 3 do
+    def pixels(dark, bright):
+        return np.array([0.2] * dark + [0.5] * (100 - dark - bright) + [0.9] * bright, dtype=np.float32)
+
+    assert exact_low_contrast(pixels(4, 1), FilterParams())
+    assert not exact_low_contrast(pixels(6, 0), FilterParams())
+    assert not exact_low_contrast(pixels(0, 3), FilterParams())

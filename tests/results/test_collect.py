@@ -15,6 +15,7 @@ from PIL import Image
 
 from histokt import cli
 from histokt.errors import UserError
+from histokt.result import BestValid, CellResult
 from histokt.results import paper
 from histokt.results.collect import collect
 from histokt.study import plan
@@ -61,11 +62,18 @@ def _default(key):
 
 
 def _result(valid, test, lr):
-    return {
-        "config": {"lr": lr},
-        "valid": {"top1_best": valid, "best_epoch": 3},
-        "test": {"top1": test, "balanced_acc": test, "loss": 0.5},
-    }
+    """A result.json as histokt train writes it (histokt.result's schema), with the given scores."""
+    return CellResult(
+        config={"lr": lr},
+        classes=["a", "b"],
+        valid=BestValid(top1_best=valid, best_epoch=3),
+        test={"top1": test, "balanced_acc": test, "per_class_acc": [test, test], "n": 10, "loss": 0.5},
+        epochs=4,
+        steps=40,
+        world_size=1,
+        seconds=1.5,
+        histokt_version="0.1.0",
+    ).to_json()
 
 
 def make_run_root(root: Path, distill: bool = True) -> Path:

@@ -1,6 +1,6 @@
 """Global batches: identical whatever the world size, resumable at a batch, epoch-seeded."""
 
-from histokt.store.sampler import GlobalBatchSampler, eval_shards
+from histokt.store.sampler import GlobalBatchSampler, epoch_permutation, eval_shards
 
 
 def global_batches(n, batch, world, epoch=0, start=0, seed=0):
@@ -38,3 +38,27 @@ def test_tiny_split_still_fills_a_batch():
 def test_eval_shards_cover_the_split_once():
     got = [i for r in range(3) for b in eval_shards(10, 2, 3, r) for i in b]
     assert got == list(range(10))
+
+
+def sample_order(epoch, start=0, world=1, seed=0):
+    """The sample indices of an epoch in the order they are read (the keys' epoch dropped)."""
+    return [i for batch in global_batches(50, 8, world, epoch=epoch, start=start, seed=seed) for _, i in batch]
+
+
+def test_sample_order_depends_on_the_epoch():
+    e0, e1 = sample_order(0), sample_order(1)
+    assert e0 != e1  # another epoch, another order of the same samples
+    assert set(e0) == set(e1) == set(range(50))
+    assert sample_order(0) == e0 and sample_order(1) == e1  # the same epoch twice: the same order
+    assert sample_order(1, world=2) == e1  # whatever the world size
+    assert sample_order(1, start=3) == e1[3 * 8 :]  # a resume at batch 3 reads the tail of that order
+    assert sample_order(0, seed=1) != e0
+
+
+def test_epoch_permutation_is_seeded_by_seed_and_epoch():
+    a = epoch_permutation(100, seed=0, epoch=0)
+    assert sorted(a.tolist()) == list(range(100))
+    assert a.tolist() == epoch_permutation(100, seed=0, epoch=0).tolist()
+    assert a.tolist() != epoch_permutation(100, seed=0, epoch=1).tolist()
+    assert a.tolist() != epoch_permutation(100, seed=1, epoch=0).tolist()
+    assert epoch_permutation(5, seed=0, epoch=3, shuffle=False).tolist() == [0, 1, 2, 3, 4]

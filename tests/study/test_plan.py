@@ -78,3 +78,32 @@ def test_plan_round_trips_and_another_spec_is_refused(paper, tmp_path):
 def test_array_chunks_stay_below_max_array_size():
     got = chunks(list(range(2500)), 1000)
     assert [len(c) for c in got] == [1000, 1000, 500] and got[1][0] == 1000
+
+
+# Computed from the plan of jobs/paper.toml before expand() was split into one function per stage: the ids, and
+# every cell's fields (the run root's temporary path written as TMP). A change of either means re-planned studies
+# lose their cells' directories: change them only on purpose, with a note in the release.
+PAPER_IDS_SHA256 = "5925a5b3ab74738415b1ddc8348282c9b8d789b5ab5491ed74f7d2f495220f02"
+PAPER_CELLS_SHA256 = "668aef4dcef2f3a4eb1bcba575680c6c98a146263f7b686bddec04c692a3fb37"
+
+
+def test_paper_cell_ids_and_fields_are_unchanged(paper, tmp_path):
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    cells = plan.expand(paper)
+    ids = sorted(c.id for cs in cells.values() for c in cs)
+    assert hashlib.sha256("\n".join(ids).encode()).hexdigest() == PAPER_IDS_SHA256
+    doc = json.dumps({s: [asdict(c) for c in cs] for s, cs in cells.items()}, separators=(",", ":"))
+    assert hashlib.sha256(doc.replace(str(tmp_path), "TMP").encode()).hexdigest() == PAPER_CELLS_SHA256
+
+
+def test_pretrain_id_is_the_one_spelling(paper):
+    cells = plan.expand(paper)
+    pretrain = {c.id for c in cells["pretrain"]}
+    assert plan.pretrain_id("crc", "imagenet", 2) == "A-crc-imagenet-s2" in pretrain
+    for c in cells["transfer"]:  # every transfer and merge input is a pretrain cell's best.pt
+        assert c.inputs[0].split("/")[-2] in pretrain
+    for c in cells["merge"]:
+        assert {p.split("/")[-2] for p in c.inputs} <= pretrain

@@ -147,3 +147,71 @@ def test_to_toml_reads_back_equal(text):
         {"a": {"b": {"c": 1e-5, "d": {'quote"d key': 'x"y\\z é\n'}}}, "f": [[1, 2], ["a"]], "t": True, "e": {}},
     ):
         assert tomllib.loads(to_toml(doc)) == doc
+
+
+TRANSFER = '\n[stages.transfer]\nsources = ["a"]\ntargets = ["a"]\ninclude_diagonal = true\nlrs = LRS\n'
+
+
+@pytest.mark.parametrize("lr", ["0", "0.0", "-1e-3", "nan", "inf", "-inf", "+inf"])
+def test_learning_rates_must_be_positive_and_finite(text, lr):
+    import tomllib
+
+    for bad in (
+        text + TRANSFER.replace("LRS", f"[1e-3, {lr}]"),
+        text.replace("epochs = 2", f"epochs = 2\nlr = {lr}"),  # Stage A's LR is its recipe's
+    ):
+        with pytest.raises(UserError) as exc:
+            parse(tomllib.loads(bad), bad)
+        message = str(exc.value)
+        assert "\n" not in message
+        key = "stages.transfer.lrs[1]" if "[stages.transfer]" in bad else "stages.pretrain.recipe.lr"
+        assert f"{key}: " in message and "must be a positive, finite learning rate" in message, message
+
+
+def test_good_learning_rates_pass(text):
+    import tomllib
+
+    good = text.replace("epochs = 2", "epochs = 2\nlr = 1") + TRANSFER.replace("LRS", "[1e-5, 0.5, 3]")
+    spec = parse(tomllib.loads(good), good)
+    assert spec.stages["transfer"].lrs == [1e-5, 0.5, 3.0] and spec.stages["pretrain"].recipe["lr"] == 1
+    bad = text.replace("epochs = 2", 'epochs = 2\nlr = "fast"')
+    with pytest.raises(UserError, match=r"stages.pretrain.recipe.lr: 'fast' is not a float"):
+        parse(tomllib.loads(bad), bad)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (("mpp = 0.5", "mpp = 0.5\nshards = 0"), r"datasets.a.shards: 0 must be at least 1"),
+        (("mpp = 0.5", "mpp = 0.5\nshards = -2"), r"datasets.a.shards: -2 must be at least 1"),
+        (("mpp = 0.5", "mpp = 0.5\nmax_per_class = 0"), r"datasets.a.max_per_class: 0 must be at least 1"),
+        (("mpp = 0.5", "mpp = 0"), r"datasets.a.mpp: 0.0 must be a positive, finite µm/px"),
+        (("mpp = 0.5", "mpp = inf"), r"datasets.a.mpp: inf must be a positive, finite µm/px"),
+        (("mpp = 0.5", "mpp = nan"), r"datasets.a.mpp: nan must be a positive, finite µm/px"),
+        (('run_root = "runs"', 'run_root = "runs"\npatch_size = 4'), r"study.patch_size: 4 must be at least 8"),
+        (('run_root = "runs"', 'run_root = "runs"\ntarget_mpp = 0'), r"study.target_mpp: 0.0 must be a positive"),
+        (('run_root = "runs"', 'run_root = "runs"\ntarget_mpp = inf'), r"study.target_mpp: inf must be a positive"),
+        (("gpus = 1", "gpus = -1"), r"stages.pretrain.resources.gpus: -1 is impossible; must be at least 0"),
+        (("gpus = 1", "gpus = 1\ncpus = 0"), r"stages.pretrain.resources.cpus: 0 is impossible; must be at least 1"),
+        (("gpus = 1", "gpus = 1\nnodes = 0"), r"stages.pretrain.resources.nodes: 0 is impossible"),
+        (("gpus = 1", "gpus = 1\narray_parallelism = 0"), r"stages.pretrain.resources.array_parallelism: 0 is imp"),
+        (("time_min = 30", "time_min = -5"), r"stages.pretrain.resources.time_min: -5 is impossible"),
+        (("gpus = 1", "gpus = 1\nmem_gb = 0"), r"stages.pretrain.resources.mem_gb: 0.0 must be a positive, finite"),
+        (("gpus = 1", "gpus = 1\nmem_gb = -4"), r"stages.pretrain.resources.mem_gb: -4.0 must be a positive"),
+        (("gpus = 1", "gpus = 1\nmem_gb = nan"), r"stages.pretrain.resources.mem_gb: nan must be a positive"),
+        (("gpus = 1", "gpus = 1\nmem_gb = inf"), r"stages.pretrain.resources.mem_gb: inf must be a positive"),
+        (("gpus = 1", "gpus = true"), r"stages.pretrain.resources.gpus: True is not a int"),
+        (
+            ("epochs = 2", "epochs = 2\nweight_decay = nan"),
+            r"stages.pretrain.recipe.weight_decay: nan must be a finite",
+        ),
+    ],
+)
+def test_numeric_checks_name_the_key(text, edit, message):
+    import tomllib
+
+    bad = text.replace(*edit)
+    assert bad != text
+    with pytest.raises(UserError, match=message) as exc:
+        parse(tomllib.loads(bad), bad)
+    assert "\n" not in str(exc.value)

@@ -73,3 +73,103 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": Evil()}, tmp_path / "last.pt")
     loaded, notes = checkpoint.load_latest(tmp_path)
     assert loaded is None and "unreadable checkpoint" in notes[0]
+
+
+def _draws():
+    """A few values from every generator training uses, Gaussians included (their second value is cached)."""
+    import random
+
+    import numpy as np
+
+    return (
+        random.random(),
+        random.gauss(0.0, 1.0),
+        random.gauss(0.0, 1.0),
+        float(np.random.standard_normal()),
+        float(np.random.standard_normal()),
+        float(np.random.rand()),
+        torch.randn(3).tolist(),
+        torch.rand(2).tolist(),
+    )
+
+
+def test_resume_restores_every_generator_including_cached_gaussians(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    _draws()  # an odd number of Gaussians from each: the next one is a cached value inside the state
+    random.gauss(0.0, 1.0)
+    np.random.standard_normal()
+    assert random.getstate()[2] is not None and np.random.get_state()[3] == 1
+    checkpoint.save(tmp_path, {"rng": checkpoint.rng_state()})
+    expected = _draws()
+    random.seed(99)  # a fresh process: other states, another cached Gaussian
+    np.random.seed(99)
+    torch.manual_seed(99)
+    random.gauss(0.0, 1.0)
+    np.random.standard_normal()
+    assert _draws() != expected
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt")["rng"])
+    assert _draws() == expected
+
+
+def test_no_cached_gaussian_is_restored_as_none(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(1)
+    np.random.seed(1)
+    checkpoint.save(tmp_path, {"rng": checkpoint.rng_state()})  # nothing cached yet
+    expected = _draws()
+    random.gauss(0.0, 1.0)  # leaves a cached value that the restore must drop
+    np.random.standard_normal()
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt")["rng"])
+    assert random.getstate()[2] is None and np.random.get_state()[3] == 0
+    assert _draws() == expected
+
+
+def test_a_checkpoint_from_before_the_cached_gaussians_still_restores_the_streams(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(2)
+    np.random.seed(3)
+    torch.manual_seed(4)
+    old = {k: v for k, v in checkpoint.rng_state().items() if "gauss" not in k}
+    checkpoint.save(tmp_path, {"rng": old})
+    expected = (random.random(), float(np.random.rand()), torch.rand(2).tolist())
+    random.random(), np.random.rand(), torch.rand(2)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt")["rng"])
+    assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == expected
+
+
+def test_three_saves_keep_the_last_two(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, state(step))
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 3
+    assert checkpoint.load(tmp_path / "previous.pt")["step"] == 2
+    assert torch.equal(checkpoint.load_latest(tmp_path)[0]["model"]["w"], torch.full((3,), 3.0))
+
+
+def test_no_checkpoint_or_none_loadable(tmp_path):
+    assert checkpoint.load_latest(tmp_path) == (None, [])
+    checkpoint.save(tmp_path, state(1))
+    checkpoint.save(tmp_path, state(2))
+    for name in ("last.pt", "previous.pt"):
+        (tmp_path / name).write_bytes(b"garbage")
+    loaded, notes = checkpoint.load_latest(tmp_path)
+    assert loaded is None and len(notes) == 2
+    assert "last.pt" in notes[0] and "previous.pt" in notes[1]
+
+
+def test_save_weights_writes_one_file_atomically(tmp_path):
+    checkpoint.save_weights(tmp_path / "best.pt", {"model": {"w": torch.ones(2)}, "epoch": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    loaded = checkpoint.load(tmp_path / "best.pt")
+    assert loaded["epoch"] == 4 and torch.equal(loaded["model"]["w"], torch.ones(2))

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from histokt.train.distributed import World, first_host, free_port, from_environment
+from histokt.train.distributed import World, any_rank, first_host, free_port, from_environment
 from tests.conftest import ROOT, histokt_cmd
 from tests.fixtures.trainstore import make_store
 
@@ -74,3 +74,48 @@ def test_two_ranks_started_like_torchrun(tmp_path):
         )
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert json.loads((out / "result.json").read_text())["world_size"] == 2
+
+
+# ---- any_rank: the one collective a step, over two real gloo processes -----------------------------------------
+
+# (rank 0's flags, rank 1's flags) -> what both must see: an element-wise OR
+AGREEMENTS = [
+    (([False, False, False], [True, False, True]), [True, False, True]),  # only rank 1 stops / saves
+    (([False, True, False], [False, False, False]), [False, True, False]),  # only rank 0's loss is NaN
+    (([False, False, False], [False, False, False]), [False, False, False]),
+    (([True, True, True], [True, True, True]), [True, True, True]),
+]
+
+
+def _agree(rank: int, port: int, queue) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        queue.put((rank, [any_rank(flags[rank], torch.device("cpu")) for flags, _ in AGREEMENTS]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_rank_is_an_or_over_two_gloo_processes():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_agree, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    seen = dict(queue.get() for _ in procs)
+    expected = [want for _, want in AGREEMENTS]
+    assert seen[0] == expected and seen[1] == expected
+
+
+def test_any_rank_alone_returns_the_flags():
+    import torch
+
+    assert any_rank([True, False], torch.device("cpu")) == [True, False]

@@ -8,10 +8,14 @@ import time
 import pytest
 import torch
 
+from histokt import result as result_schema
 from histokt.errors import EXIT_REQUEUE, UserError
+from histokt.result import CellResult
 from histokt.train import checkpoint
-from histokt.train.loop import OPERATIONAL, TrainConfig, train
+from histokt.train.config import OPERATIONAL, TrainConfig
+from histokt.train.launch import train
 from histokt.train.models import stand_in_imagenet
+from histokt.train.outcome import Outcome
 from tests.conftest import histokt_cmd
 from tests.fixtures.trainstore import make_store
 
@@ -38,6 +42,12 @@ def cli_args(store, out, **kw):
         else:
             args += [flag, v]
     return histokt_cmd(*args)
+
+
+def finished(outcome: Outcome) -> CellResult:
+    """The result of a run that was not interrupted."""
+    assert not outcome.interrupted and outcome.result is not None, outcome
+    return outcome.result
 
 
 def weights(path):
@@ -87,7 +97,14 @@ def test_run_directory_contract(reference):
     assert final["epoch"] == 2 and set(final) == {"model", "epoch"}
     lines = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]
-    result = json.loads((reference / "result.json").read_text())
+    text = (reference / "result.json").read_text()
+    result = json.loads(text)
+    # the schema of histokt.result is exactly what the trainer writes, byte for byte once parsed and re-dumped
+    assert tuple(sorted(result)) == tuple(sorted(result_schema.KEYS))
+    parsed = CellResult.from_json(result)
+    assert parsed.to_json() == result
+    assert json.dumps(parsed.to_json(), indent=1, sort_keys=True) + "\n" == text
+    assert parsed.epochs == 3 and parsed.steps == 15 and len(parsed.classes) == 2 and parsed.world_size == 1
     assert result["world_size"] == 1 and result["seconds"] > 0
     assert {"top1", "balanced_acc", "per_class_acc", "loss"} <= set(result["test"])
     best = max(lines, key=lambda x: x["valid"]["top1"])
@@ -101,8 +118,8 @@ def test_run_directory_contract(reference):
 
 def test_finished_run_is_a_noop(store, reference):
     before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
-    result = train(cfg(store, reference, ckpt_every_steps=1))
-    assert result == json.loads((reference / "result.json").read_text())
+    result = finished(train(cfg(store, reference, ckpt_every_steps=1)))
+    assert result.to_json() == json.loads((reference / "result.json").read_text())
     assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
 
 
@@ -110,11 +127,12 @@ def test_rerun_after_a_kill_between_result_and_cleanup_drops_the_training_state(
     import shutil
 
     out = tmp_path / "killed"
-    done = train(cfg(store, out, epochs=1))
+    done = finished(train(cfg(store, out, epochs=1)))
     files = sorted(p.name for p in out.iterdir())
     for name in ("last.pt", "previous.pt"):  # as a kill right after result.json leaves them
         shutil.copy(out / "final.pt", out / name)
-    assert train(cfg(store, out, epochs=1)) == json.loads((out / "result.json").read_text()) == done
+    again = finished(train(cfg(store, out, epochs=1)))
+    assert again.to_json() == json.loads((out / "result.json").read_text()) == done.to_json()
     assert sorted(p.name for p in out.iterdir()) == files and "last.pt" not in files
 
 
@@ -165,8 +183,8 @@ def test_fine_freezes_encoder_and_deep_trains_it(store, reference, tmp_path):
     source = weights(reference / "best.pt")
     for mode in ("fine", "deep"):
         out = tmp_path / mode
-        result = train(cfg(store, out, init=str(reference / "best.pt"), mode=mode, epochs=1, lr=1e-3))
-        assert result["config"]["optimizer"] == "adamp"
+        result = finished(train(cfg(store, out, init=str(reference / "best.pt"), mode=mode, epochs=1, lr=1e-3)))
+        assert result.config["optimizer"] == "adamp"
         tuned = weights(out / "final.pt")
         encoder = [k for k in source if not k.startswith("fc.") and "running" not in k and "num_batches" not in k]
         same = [torch.equal(source[k], tuned[k]) for k in encoder]
@@ -182,11 +200,11 @@ def test_imagenet_init_from_staged_file(store, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="resnet18-f37072fd.pth"):
         train(cfg(store, tmp_path / "missing", init="imagenet", epochs=1))
     stand_in = stand_in_imagenet(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
-    result = train(cfg(store, tmp_path / "in", init="imagenet", mode="fine", epochs=1, norm="imagenet"))
+    result = finished(train(cfg(store, tmp_path / "in", init="imagenet", mode="fine", epochs=1, norm="imagenet")))
     staged = torch.load(stand_in, weights_only=True)
     tuned = weights(tmp_path / "in" / "final.pt")
     assert torch.equal(staged["layer4.1.conv2.weight"], tuned["layer4.1.conv2.weight"])
-    assert result["config"]["init"] == "imagenet"
+    assert result.config["init"] == "imagenet"
 
 
 def test_nan_loss_stops_with_clear_error(store, tmp_path):
@@ -225,9 +243,9 @@ def test_cli_errors_exit_2(store, tmp_path, cli_env_module):
 
 
 def test_ddp_two_processes_match_single_process_with_syncbn(store, tmp_path):
-    one = train(cfg(store, tmp_path / "one", epochs=1, sync_bn=True, augment=False))
-    two = train(cfg(store, tmp_path / "two", epochs=1, sync_bn=True, augment=False, nproc=2))
-    assert one["world_size"] == 1 and two["world_size"] == 2
+    one = finished(train(cfg(store, tmp_path / "one", epochs=1, sync_bn=True, augment=False)))
+    two = finished(train(cfg(store, tmp_path / "two", epochs=1, sync_bn=True, augment=False, nproc=2)))
+    assert one.world_size == 1 and two.world_size == 2
     a, b = weights(tmp_path / "one" / "final.pt"), weights(tmp_path / "two" / "final.pt")
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=k)
@@ -240,8 +258,8 @@ def test_empty_split_is_refused(tmp_path):
 
 
 def test_augmentation_on_the_device_path_trains(store, tmp_path):
-    result = train(cfg(store, tmp_path / "dev", epochs=1, augment_on="device"))
-    assert result["config"]["augment_on"] == "device" and result["steps"] == 5
+    result = finished(train(cfg(store, tmp_path / "dev", epochs=1, augment_on="device")))
+    assert result.config["augment_on"] == "device" and result.steps == 5
 
 
 def test_readme_stage_b_command_line(reference, tmp_path, cli_env_module):

@@ -94,3 +94,25 @@ def test_weighted_multilabel_loss_matches_formula():
     per_entry = -(y * logsig(ML_LOGITS) + (1 - y) * logsig(-ML_LOGITS)) * w
     expected = per_entry.mean(dim=1).mean()
     assert loss_fn(True, w)(ML_LOGITS, y).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_multi_label_class_without_negatives_counts_its_tpr_alone():
+    # column 0: all positive, TPR 1/2 (no TNR); column 1: all negative, TNR 2/2 (no TPR)
+    out = multi_label(torch.tensor([[1.0, -1.0], [-1.0, -2.0]]), torch.tensor([[1, 0], [1, 0]]))
+    assert out["per_class_acc"] == [0.5, 1.0]
+    assert out["balanced_acc"] == pytest.approx((0.5 + 1.0) / 2)
+    assert out["top1"] == pytest.approx(3 / 4) and out["n"] == 2
+
+
+def test_multi_label_truth_is_above_half():
+    # a soft label of exactly 0.5 is a negative: predicted negative (logit -1) is right
+    out = multi_label(torch.tensor([[-1.0]]), torch.tensor([[0.5]]))
+    assert out["top1"] == 1.0 and out["per_class_acc"] == [1.0]
+
+
+def test_single_label_counts_rows_not_entries_and_accepts_float_labels():
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    out = single_label(logits, torch.tensor([1.0, 1.0, 1.0]), 2)
+    assert out["top1"] == pytest.approx(2 / 3) and out["n"] == 3
+    assert out["per_class_acc"] == [None, pytest.approx(2 / 3)]
+    assert out["balanced_acc"] == pytest.approx(2 / 3)  # the mean over the one class that occurs

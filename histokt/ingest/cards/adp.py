@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from histokt.errors import UserError, verify_download
-from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, Source
+from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, CardIndex, Source
 
 RELEASE = "ADP V1.0 Release"
 IMAGE_DIR = "img_res_1um_bicubic"
@@ -57,17 +57,16 @@ class ADP(Card):
     expected_counts = {"train": 14134, "valid": 1767, "test": 1767}
     # Without official splits: the whole release, cut 80/10/10.
     ALL_COUNT = 17668
-    options = {"level": "L3"}
+    OPTION_DEFAULTS = {"level": "L3"}
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.classes = LEVELS[self.opts["level"]]
+    def check_options(self) -> None:
+        if self.option_values["level"] not in LEVELS:
+            raise UserError(
+                f"card adp: option level={self.option_values['level']!r}, expected one of {', '.join(LEVELS)}"
+            )
+        self.classes = LEVELS[self.option_values["level"]]
 
-    def check_options(self):
-        if self.opts["level"] not in LEVELS:
-            raise UserError(f"card adp: option level={self.opts['level']!r}, expected one of {', '.join(LEVELS)}")
-
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         root = self._release_dir(raw)
         prefix = root.relative_to(raw).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
@@ -75,9 +74,14 @@ class ADP(Card):
         images = self.require_dir(root / IMAGE_DIR, "the patch images folder")
         on_disk = {p.name for p in images.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
         self.match_files(images, on_disk, names, CSV_NAME)
-        partitions = self._partitions(root, names)
+        official = (root / "splits").exists()
+        partitions = self._partitions(root, names) if official else {n: "all" for n in names}
         sources = [Source(f"{prefix}{IMAGE_DIR}/{n}", labels[n], partitions[n], source_image(n)) for n in names]
-        return sorted(sources, key=lambda s: s.path)
+        sources.sort(key=lambda s: s.path)
+        if official:
+            return self.make_index(sources)
+        # without the official lists: the whole release, cut 80/10/10
+        return self.make_index(sources, split_plan={"all": DEFAULT_RATIOS}, expected_counts={"all": self.ALL_COUNT})
 
     # -- layout --------------------------------------------------------------------------------------------
     def _release_dir(self, raw: Path) -> Path:
@@ -88,13 +92,14 @@ class ADP(Card):
         self.require_dir(raw, f"the ADP release '{RELEASE}'")
         raise verify_download(self.name, raw / CSV_NAME, f"expected the label CSV of '{RELEASE}' (a file)")
 
-    def _read_csv(self, path: Path) -> tuple[list[str], dict[str, tuple]]:
+    def _read_csv(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         """Patch names in CSV order and their 0/1 label tuples in this level's class order."""
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = [h.strip() for h in next(reader, [])]
             columns = self._columns(path, header)
-            names, labels = [], {}
+            names: list[str] = []
+            labels: dict[str, tuple[int, ...]] = {}
             for line, row in enumerate(reader, start=2):
                 if not any(cell.strip() for cell in row):
                     continue
@@ -112,7 +117,7 @@ class ADP(Card):
     def _columns(self, path: Path, header: list[str]) -> list[int]:
         missing = [c for c in (NAME_COLUMN, *self.classes) if c not in header]
         if missing:
-            raise verify_download(self.name, path, f"missing columns {missing} (level {self.opts['level']})")
+            raise verify_download(self.name, path, f"missing columns {missing} (level {self.option_values['level']})")
         return [header.index(c) for c in (NAME_COLUMN, *self.classes)]
 
     def _flag(self, path: Path, line: int, row: list[str], col: int, code: str) -> int:
@@ -125,14 +130,8 @@ class ADP(Card):
 
     # -- splits --------------------------------------------------------------------------------------------
     def _partitions(self, root: Path, names: list[str]) -> dict[str, str]:
-        """Official partition per patch name; partition "all" (cut 80/10/10) when splits/ is absent."""
-        folder = root / "splits"
-        if not folder.exists():
-            self.split_plan = {"all": dict(DEFAULT_RATIOS)}
-            self.expected_counts = {"all": self.ALL_COUNT}
-            return {n: "all" for n in names}
-        self.require_dir(folder, "the official split lists")
-        self.split_plan, self.expected_counts = type(self).split_plan, type(self).expected_counts
+        """Official partition per patch name, from the lists in splits/."""
+        folder = self.require_dir(root / "splits", "the official split lists")
         out: dict[str, str] = {}
         for split in SPLIT_NAMES:
             path = self.require_file(folder / f"{split}.npy", f"the official {split} list")

@@ -12,7 +12,7 @@ No official split and no patient IDs are published, so the source image is the g
 
 from pathlib import Path
 
-from histokt.ingest.cards.base import Card, Source
+from histokt.ingest.cards.base import Card, CardIndex
 
 SUFFIXES = (".tif", ".tiff")
 
@@ -25,11 +25,11 @@ class AJLymph(Card):
     group_rule = "source image"
     expected_counts = {"all": 374}
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         self.require_dir(raw, "AJ-Lymph/ with CLL, FL, MCL class folders")
         class_dirs = {p.name: p for p in raw.iterdir() if p.is_dir() and not p.name.startswith(".")}
         self.check_classes(class_dirs, raw)
-        return sorted(self.class_folder_sources(raw, raw, SUFFIXES), key=lambda s: s.path)
+        return self.make_index(sorted(self.class_folder_sources(raw, raw, SUFFIXES), key=lambda s: s.path))
 
 
 CARD = AJLymph

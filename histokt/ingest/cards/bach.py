@@ -20,7 +20,7 @@ import csv
 from pathlib import Path
 
 from histokt.errors import UserError, verify_download
-from histokt.ingest.cards.base import Card, Source, rel
+from histokt.ingest.cards.base import Card, CardIndex, Source, rel
 
 CLASSES = ("Benign", "InSitu", "Invasive", "Normal")
 SUFFIXES = (".tif", ".tiff")
@@ -36,19 +36,19 @@ class Bach(Card):
     group_rule = "source image, or patient with option patients=<csv>"
     expected_counts = {"all": 400}
     # patients: CSV (relative to raw, or absolute) with columns image,patient; "" = group by source image.
-    options = {"patients": ""}
+    OPTION_DEFAULTS = {"patients": ""}
 
-    def check_options(self):
-        self.group_rule = "patient (option patients)" if self.opts["patients"] else "source image"
+    def check_options(self) -> None:
+        self.group_rule = "patient (option patients)" if self.option_values["patients"] else "source image"
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         photos = self._photos_dir(raw)
         class_dirs = {p.name: p for p in photos.iterdir() if p.is_dir() and not p.name.startswith(".")}
         self.check_classes(class_dirs, photos)
         sources = self.class_folder_sources(raw, photos, SUFFIXES)
-        if self.opts["patients"]:
+        if self.option_values["patients"]:
             sources = self._group_by_patient(raw, photos, sources)
-        return sorted(sources, key=lambda s: s.path)
+        return self.make_index(sorted(sources, key=lambda s: s.path))
 
     def _photos_dir(self, raw: Path) -> Path:
         """Accept the challenge root (holding Photos/) or Photos/ itself."""
@@ -61,10 +61,10 @@ class Bach(Card):
 
     # -- patient grouping ---------------------------------------------------------------------------------
     def _group_by_patient(self, raw: Path, photos: Path, sources: list[Source]) -> list[Source]:
-        csv_path = Path(self.opts["patients"])
+        csv_path = Path(self.option_values["patients"])
         csv_path = csv_path if csv_path.is_absolute() else raw / csv_path
         if not csv_path.is_file():
-            raise UserError(f"bach: option patients={self.opts['patients']!r}: {csv_path} is not a file")
+            raise UserError(f"bach: option patients={self.option_values['patients']!r}: {csv_path} is not a file")
         patient_of = self._resolve_rows(csv_path, _read_patient_rows(csv_path), raw, photos, sources)
         # Images missing from the CSV keep their own image as group (they can leak only with themselves).
         return [

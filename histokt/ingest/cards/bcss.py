@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from histokt.errors import UserError, verify_download
-from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, Source
+from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, CardIndex, Label, Source
 from histokt.ingest.decode import BadImage, image_size, load_labels
 
 IMAGES = "rgbs_colorNormalized"
@@ -60,32 +60,33 @@ class BCSS(Card):
     # its code, 0.5 by another). presence: a class is positive from this fraction of the patch on (the
     # original binarization rule is not published). split: "grouped" = 80/10/10 by institution,
     # "eva" = eva's fixed institution lists.
-    options = {"label_threshold": 0.2, "presence": 0.05, "split": "grouped"}
+    OPTION_DEFAULTS = {"label_threshold": 0.2, "presence": 0.05, "split": "grouped"}
     # Overlap 0.75 -> int(272 * 0.25) = 68, one reading of HistoKT's code; the other reading (0.5) gives 136.
     default_stride = 68
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.opts["split"] == "eva":
-            self.split_plan = EVA_PLAN
-            self.expected_counts = {}  # eva publishes no per-split ROI counts
-        self._luts = {}  # raw dir -> code -> class-number lookup, filled from gtruth_codes.tsv
+        self._luts: dict[str, np.ndarray] = {}  # raw dir -> code -> class-number lookup, filled from gtruth_codes.tsv
 
-    def check_options(self):
+    def check_options(self) -> None:
         for key in ("label_threshold", "presence"):
-            value = self.opts[key]
+            value = self.option_values[key]
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise UserError(f"card bcss: option {key}={value!r} is not a number")
-        if not 0.0 <= self.opts["label_threshold"] <= 1.0:
-            raise UserError(f"card bcss: option label_threshold={self.opts['label_threshold']} must be in [0, 1]")
+        if not 0.0 <= self.option_values["label_threshold"] <= 1.0:
+            raise UserError(
+                f"card bcss: option label_threshold={self.option_values['label_threshold']} must be in [0, 1]"
+            )
         # presence 0 would make every absent class positive (0 >= 0).
-        if not 0.0 < self.opts["presence"] <= 1.0:
-            raise UserError(f"card bcss: option presence={self.opts['presence']} must be in (0, 1]")
-        if self.opts["split"] not in SPLITS:
-            raise UserError(f"card bcss: option split={self.opts['split']!r}, expected one of {', '.join(SPLITS)}")
+        if not 0.0 < self.option_values["presence"] <= 1.0:
+            raise UserError(f"card bcss: option presence={self.option_values['presence']} must be in (0, 1]")
+        if self.option_values["split"] not in SPLITS:
+            raise UserError(
+                f"card bcss: option split={self.option_values['split']!r}, expected one of {', '.join(SPLITS)}"
+            )
 
     # -- index --------------------------------------------------------------------------------------------
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         self.require_dir(raw, "the 0_Public-data-Amgad2019_0.25MPP folder")
         self._lut(raw)  # fail fast on a bad gtruth_codes.tsv
         images = self._pngs(raw / IMAGES, "the colour-normalized ROIs")
@@ -95,7 +96,10 @@ class BCSS(Card):
         for stem in sorted(images):
             tss = self._parse(raw / IMAGES / f"{stem}.png", stem)
             sources.append(Source(f"{IMAGES}/{stem}.png", None, self._partition(tss), tss))
-        return sorted(sources, key=lambda s: s.path)
+        sources.sort(key=lambda s: s.path)
+        if self.option_values["split"] == "eva":  # eva publishes no per-split ROI counts
+            return self.make_index(sources, split_plan=EVA_PLAN, expected_counts={})
+        return self.make_index(sources)
 
     def _pngs(self, folder: Path, what: str) -> set[str]:
         self.require_dir(folder, what)
@@ -125,7 +129,7 @@ class BCSS(Card):
         return m["tss"]
 
     def _partition(self, tss: str) -> str:
-        if self.opts["split"] == "grouped":
+        if self.option_values["split"] == "grouped":
             return "all"
         return "test" if tss in EVA_TEST else "valid" if tss in EVA_VALID else "train"
 
@@ -143,7 +147,7 @@ class BCSS(Card):
             rows = list(csv.DictReader(f, delimiter="\t"))
         if not rows or not {"label", "GT_code"} <= {k.strip() for k in rows[0] if k}:
             raise verify_download(self.name, path, "expected tab-separated columns label and GT_code")
-        codes = {}
+        codes: dict[str, int] = {}
         for row in rows:
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
             label, code = row["label"], row["GT_code"]
@@ -183,7 +187,7 @@ class BCSS(Card):
             raise BadImage(f"mask codes {unknown.tolist()} are not in {CODES}")
         return lut[mask]
 
-    def mask_label(self, mask_patch: np.ndarray):
+    def mask_label(self, mask_patch: np.ndarray) -> Label:
         """Multi-hot tuple of the 10 classes from a mapped mask tile, or None to drop the patch.
 
         fraction_c = pixels of class c / pixels of the patch. Drop when the fractions sum below
@@ -195,9 +199,9 @@ class BCSS(Card):
             return None
         flat = np.asarray(mask_patch).ravel().astype(np.intp, copy=False)
         counts = np.bincount(flat, minlength=len(self.classes) + 1)[1 : len(self.classes) + 1]
-        if counts.sum() / total < self.opts["label_threshold"]:
+        if counts.sum() / total < self.option_values["label_threshold"]:
             return None
-        return tuple(int(c / total >= self.opts["presence"]) for c in counts)
+        return tuple(int(c / total >= self.option_values["presence"]) for c in counts)
 
 
 CARD = BCSS

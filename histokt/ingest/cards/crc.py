@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 
 from histokt.errors import UserError, verify_download
-from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, Source
+from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, CardIndex, Label, Source
 
 ALL_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 HISTOKT_CLASSES = ("ADI", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
@@ -35,44 +35,47 @@ SEED = 42
 
 class CRC(Card):
     name = "crc"
-    classes = HISTOKT_CLASSES
+    classes: tuple[str, ...] = HISTOKT_CLASSES
     mpp = 0.5
     mpp_source = "HistoKT, eva and THUNDER"
     split_plan = {"100k": {"train": 0.8, "valid": 0.2}, "7k": {"test": 1.0}}
     group_rule = "image (no patient IDs in the 100K; the 7K is patient-disjoint from it)"
     expected_counts = {"100k": COUNT_100K[7]}
-    options = {"variant": "NONORM", "classes": 7, "test": "7k", "per_class": 0}
+    OPTION_DEFAULTS = {"variant": "NONORM", "classes": 7, "test": "7k", "per_class": 0}
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.classes = HISTOKT_CLASSES if self.opts["classes"] == 7 else ALL_CLASSES
-        if self.opts["test"] == "holdout":
-            self.split_plan = {"100k": dict(DEFAULT_RATIOS)}
+        self.classes = HISTOKT_CLASSES if self.option_values["classes"] == 7 else ALL_CLASSES
 
-    def check_options(self):
+    def check_options(self) -> None:
         # Case-insensitive choices, stored normalized so describe() does not tell "norm" from "NORM".
-        self.opts["variant"] = str(self.opts["variant"]).upper()
-        self.opts["test"] = str(self.opts["test"]).lower()
+        self.option_values["variant"] = str(self.option_values["variant"]).upper()
+        self.option_values["test"] = str(self.option_values["test"]).lower()
         checks = (
-            ("variant", self.opts["variant"] in TRAIN_DIRS, "NONORM or NORM"),
-            ("classes", self.opts["classes"] in (7, 9), "7 or 9"),
-            ("test", self.opts["test"] in ("7k", "holdout"), "7k or holdout"),
-            ("per_class", isinstance(self.opts["per_class"], int) and self.opts["per_class"] >= 0, "an integer >= 0"),
+            ("variant", self.option_values["variant"] in TRAIN_DIRS, "NONORM or NORM"),
+            ("classes", self.option_values["classes"] in (7, 9), "7 or 9"),
+            ("test", self.option_values["test"] in ("7k", "holdout"), "7k or holdout"),
+            (
+                "per_class",
+                isinstance(self.option_values["per_class"], int) and self.option_values["per_class"] >= 0,
+                "an integer >= 0",
+            ),
         )
         for key, ok, expected in checks:
             if not ok:
-                raise UserError(f"card crc: option {key}={self.opts[key]!r}, expected {expected}")
+                raise UserError(f"card crc: option {key}={self.option_values[key]!r}, expected {expected}")
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         self.require_dir(raw, "the folder holding the unzipped NCT-CRC-HE folders")
         sources = self._subset(self._folder(raw, self._train_dir(raw), "100k"))
-        if self.opts["test"] == "7k":
+        if self.option_values["test"] == "7k":
             sources += self._folder(raw, raw / TEST_DIR, "7k")
-        self.expected_counts = self._expected()
-        return sorted(sources, key=lambda s: s.path)
+        # test=holdout: the 100K is cut 80/10/10 (HistoKT), the 7K is not used
+        plan = self.split_plan if self.option_values["test"] == "7k" else {"100k": DEFAULT_RATIOS}
+        return self.make_index(sorted(sources, key=lambda s: s.path), split_plan=plan, expected_counts=self._expected())
 
     def _train_dir(self, raw: Path) -> Path:
-        variant = self.opts["variant"]
+        variant = self.option_values["variant"]
         folder = raw / TRAIN_DIRS[variant]
         if not folder.is_dir():
             other = next(v for v in TRAIN_DIRS if v != variant)
@@ -97,16 +100,16 @@ class CRC(Card):
 
     def _subset(self, sources: list[Source]) -> list[Source]:
         """HistoKT's per-class archive: one seeded shuffle of the sorted list, then the first k per class."""
-        k = self.opts["per_class"]
+        k = self.option_values["per_class"]
         if not k:
             return sources
         shuffled = sorted(sources, key=lambda s: s.path)
         random.Random(SEED).shuffle(shuffled)
-        kept: dict[int, list[Source]] = {i: [] for i in range(len(self.classes))}
+        kept: dict[Label, list[Source]] = {i: [] for i in range(len(self.classes))}
         for s in shuffled:
             if len(kept[s.label]) < k:
                 kept[s.label].append(s)
-        for label, chosen in kept.items():
+        for label, chosen in enumerate(kept.values()):
             if len(chosen) < k:
                 raise UserError(
                     f"card crc: option per_class={k}, but class {self.classes[label]} has only {len(chosen)} images"
@@ -115,8 +118,8 @@ class CRC(Card):
 
     def _expected(self) -> dict[str, int]:
         n = len(self.classes)
-        out = {"100k": self.opts["per_class"] * n if self.opts["per_class"] else COUNT_100K[n]}
-        if self.opts["test"] == "7k" and n in COUNT_7K:
+        out = {"100k": self.option_values["per_class"] * n if self.option_values["per_class"] else COUNT_100K[n]}
+        if self.option_values["test"] == "7k" and n in COUNT_7K:
             out["7k"] = COUNT_7K[n]
         return out
 

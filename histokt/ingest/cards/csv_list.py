@@ -17,7 +17,7 @@ import posixpath
 from pathlib import Path
 
 from histokt.errors import UserError, verify_download
-from histokt.ingest.cards.base import DEFAULT_RATIOS, SPLITS, Card, Source
+from histokt.ingest.cards.base import DEFAULT_RATIOS, SPLITS, Card, CardIndex, Source
 
 # Delimiters that cannot be typed as one character on a command line.
 DELIMITER_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "space": " ", "pipe": "|"}
@@ -29,7 +29,7 @@ class CsvList(Card):
     mpp = None
     mpp_source = "user (--mpp)"
     group_rule = "source image (or option group_column)"
-    options = {
+    OPTION_DEFAULTS = {
         "csv": "labels.csv",  # relative to raw, or absolute
         "path_column": "path",  # image path relative to raw
         "label_column": "label",
@@ -38,43 +38,45 @@ class CsvList(Card):
         "delimiter": ",",  # one character, or tab/\t/semicolon/...
     }
 
-    def check_options(self):
-        delim = DELIMITER_NAMES.get(self.opts["delimiter"], self.opts["delimiter"])
+    def check_options(self) -> None:
+        delim = DELIMITER_NAMES.get(self.option_values["delimiter"], self.option_values["delimiter"])
         if len(delim) != 1:
             raise UserError(
-                f"card csv: option delimiter={self.opts['delimiter']!r} must be one character"
+                f"card csv: option delimiter={self.option_values['delimiter']!r} must be one character"
                 f" (or one of {', '.join(DELIMITER_NAMES)})"
             )
         self.delimiter = delim
         for key in ("path_column", "label_column"):
-            if not self.opts[key].strip():
+            if not self.option_values[key].strip():
                 raise UserError(f"card csv: option {key} must name a column")
-        if self.opts["group_column"]:
-            self.group_rule = f"column {self.opts['group_column']!r}"
+        if self.option_values["group_column"]:
+            self.group_rule = f"column {self.option_values['group_column']!r}"
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         self.require_dir(raw, "the folder the CSV's image paths are relative to")
-        csv_path = Path(self.opts["csv"]).expanduser()
+        csv_path = Path(self.option_values["csv"]).expanduser()
         csv_path = csv_path if csv_path.is_absolute() else raw / csv_path
         self.require_file(csv_path, "a CSV of image paths and labels (option csv)")
         rows = self._read_rows(csv_path)
         paths = self._check_paths(raw, csv_path, rows)
-        self.classes = _sorted_labels({r["label"] for r in rows})
-        parts = [r["split"].lower() if self.opts["split_column"] else "all" for r in rows]
-        self.split_plan = (
-            {p: {p: 1.0} for p in SPLITS if p in parts} if self.opts["split_column"] else {"all": DEFAULT_RATIOS}
+        classes = _sorted_labels({r["label"] for r in rows})
+        parts = [r["split"].lower() if self.option_values["split_column"] else "all" for r in rows]
+        plan = (
+            {p: {p: 1.0} for p in SPLITS if p in parts}
+            if self.option_values["split_column"]
+            else {"all": DEFAULT_RATIOS}
         )
         sources = [
-            Source(path, self.classes.index(r["label"]), part, r.get("group") or path)
+            Source(path, classes.index(r["label"]), part, r.get("group") or path)
             for path, r, part in zip(paths, rows, parts)
         ]
-        return sorted(sources, key=lambda s: s.path)
+        return self.make_index(sorted(sources, key=lambda s: s.path), classes=classes, split_plan=plan)
 
     # -- reading the CSV ----------------------------------------------------------------------------------
     def _columns(self) -> dict[str, str]:
         """Role -> column name for each configured column."""
         roles = {"path": "path_column", "label": "label_column", "split": "split_column", "group": "group_column"}
-        return {role: self.opts[opt].strip() for role, opt in roles.items() if self.opts[opt].strip()}
+        return {role: self.option_values[opt].strip() for role, opt in roles.items() if self.option_values[opt].strip()}
 
     def _read_rows(self, csv_path: Path) -> list[dict]:
         """One dict per data row with the roles as keys, values stripped; ``line`` is the CSV line number."""

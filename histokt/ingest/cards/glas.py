@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from histokt.errors import verify_download
-from histokt.ingest.cards.base import Card, Source, class_index
+from histokt.ingest.cards.base import Card, CardIndex, Source, class_index
 
 RELEASE = "Warwick QU Dataset (Released 2016_07_08)"
 ZIP_FOLDER = "warwick_qu_dataset_released_2016_07_08"
@@ -34,7 +34,7 @@ class GlaS(Card):
     group_rule = "patient ID (Grade.csv)"
     expected_counts = {"train": 85, "testA": 60, "testB": 20}
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         root = self._release_dir(raw)
         prefix = root.relative_to(raw).as_posix()
         prefix = "" if prefix == "." else prefix + "/"
@@ -46,11 +46,12 @@ class GlaS(Card):
             if p.is_file() and p.suffix.lower() == ".bmp" and not p.stem.endswith("_anno")
         }
         self.match_files(root, files, sorted(rows), CSV_NAME, suffix=".bmp")
+        # the partition is the name's prefix (train, testA, testB), checked by NAME_RE in _read_csv
         sources = [
-            Source(prefix + files[name], label, NAME_RE.match(name).group(1), patient)
+            Source(prefix + files[name], label, name.split("_", 1)[0], patient)
             for name, (label, patient) in rows.items()
         ]
-        return sorted(sources, key=lambda s: s.path)
+        return self.make_index(sorted(sources, key=lambda s: s.path))
 
     def _release_dir(self, raw: Path) -> Path:
         """The release folder: the raw dir itself or one or two levels below (as the zip unpacks)."""

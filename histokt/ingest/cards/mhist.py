@@ -12,7 +12,7 @@ The CSV and the images must match one-to-one. No patient IDs are published: the 
 from pathlib import Path
 
 from histokt.errors import verify_download
-from histokt.ingest.cards.base import Card, Source, class_index
+from histokt.ingest.cards.base import Card, CardIndex, Source, class_index
 
 CSV_NAME = "annotations.csv"
 NAME, LABEL, PARTITION = "Image Name", "Majority Vote Label", "Partition"
@@ -29,7 +29,7 @@ class MHIST(Card):
     group_rule = "image (no patient IDs published)"
     expected_counts = {"train": 2175, "test": 977}
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         csv_path = self.require_file(raw / CSV_NAME, f"the MHIST label file {CSV_NAME}")
         images = raw / "images"
         if not images.is_dir() and (raw / "images.zip").is_file():
@@ -38,9 +38,11 @@ class MHIST(Card):
         rows = self._read_csv(csv_path)
         on_disk = {p.name for p in images.iterdir() if p.is_file() and p.suffix.lower() == ".png"}
         self.match_files(images, on_disk, sorted(rows), CSV_NAME)
-        return sorted(
-            (Source(f"images/{n}", label, part, f"images/{n}") for n, (label, part) in rows.items()),
-            key=lambda s: s.path,
+        return self.make_index(
+            sorted(
+                (Source(f"images/{n}", label, part, f"images/{n}") for n, (label, part) in rows.items()),
+                key=lambda s: s.path,
+            )
         )
 
     def _read_csv(self, path: Path) -> dict[str, tuple[int, str]]:

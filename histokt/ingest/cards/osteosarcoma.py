@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from histokt.errors import verify_download
-from histokt.ingest.cards.base import Card, Source, class_index, image_files, rel
+from histokt.ingest.cards.base import Card, CardIndex, Source, class_index, image_files, rel
 
 CSV_NAME = "ML_Features_1144.csv"
 NAME_COLUMN = "image.name"
@@ -51,12 +51,13 @@ class Osteosarcoma(Card):
     group_rule = "case (Case-<n> or P<n> file-name prefix; else the file)"
     expected_counts = {"all": 1144}
 
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         self.require_dir(raw, "the Osteosarcoma-UT folder")
         csv_path = self.require_file(raw / CSV_NAME, "the label table")
         by_name = self._files_by_name(raw)
         rows = self._read_rows(csv_path)
-        sources, used = [], {}
+        sources: list[Source] = []
+        used: dict[Path, int] = {}
         for line, name, cls in rows:
             path = self._resolve(csv_path, line, name, by_name)
             if path in used:
@@ -65,7 +66,7 @@ class Osteosarcoma(Card):
             label = class_index(self.classes, cls, self.name, f"{csv_path} (row {line}, {name!r})")
             sources.append(Source(rel(raw, path), label, "all", case_of(raw, path)))
         self._check_all_labelled(raw, csv_path, by_name, used)
-        return sorted(sources, key=lambda s: s.path)
+        return self.make_index(sorted(sources, key=lambda s: s.path))
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _files_by_name(self, raw: Path) -> dict[str, list[Path]]:

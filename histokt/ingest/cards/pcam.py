@@ -23,7 +23,7 @@ import numpy as np
 
 from histokt.atomic import atomic_path, read_json, write_json
 from histokt.errors import UserError, verify_download
-from histokt.ingest.cards.base import Card, Source
+from histokt.ingest.cards.base import Card, CardIndex, Source
 from histokt.ingest.decode import BadImage
 
 PARTITIONS = ("train", "valid", "test")
@@ -48,7 +48,7 @@ class PCam(Card):
     # per_class: 0 = every row; k = HistoKT's balanced archive: first k per class after a seed-42 shuffle
     #   of the train rows, round(k/5) per class of valid (1000 -> 1000/200), test whole.
     # cache: folder for decompressed .h5.gz files; "" = $HISTOKT_CACHE/pcam or ~/.cache/histokt/pcam.
-    options = {"per_class": 0, "cache": ""}
+    OPTION_DEFAULTS = {"per_class": 0, "cache": ""}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -64,16 +64,20 @@ class PCam(Card):
         self._handles = {}
         self._pid = os.getpid()
 
-    def check_options(self):
-        k = self.opts["per_class"]
+    def check_options(self) -> None:
+        k = self.option_values["per_class"]
         if not isinstance(k, int) or k < 0:
             raise UserError(f"card pcam: option per_class={k!r} must be an integer >= 0 (0 = all rows)")
-        if k:
-            # A balanced subset is the intended count, not a partial download.
-            self.expected_counts = {"train": 2 * k, "valid": 2 * round(k / 5), "test": 32768}
+
+    def _expected(self) -> dict[str, int]:
+        k = self.option_values["per_class"]
+        if not k:
+            return self.expected_counts
+        # A balanced subset is the intended count, not a partial download.
+        return {"train": 2 * k, "valid": 2 * round(k / 5), "test": 32768}
 
     # -- index --------------------------------------------------------------------------------------------
-    def index(self, raw: Path) -> list[Source]:
+    def index(self, raw: Path) -> CardIndex:
         self.require_dir(raw, "the folder holding camelyonpatch_level_2_split_*_{x,y}.h5[.gz]")
         sources = []
         for part in PARTITIONS:
@@ -87,7 +91,7 @@ class PCam(Card):
             for row in self._rows(labels, part):
                 path = f"{x_path.name}[{row}]"
                 sources.append(Source(path, int(labels[row]), part, path))
-        return sorted(sources, key=lambda s: s.path)
+        return self.make_index(sorted(sources, key=lambda s: s.path), expected_counts=self._expected())
 
     def _shipped(self, raw: Path, part: str, kind: str) -> Path:
         """The .h5 file if present (no decompression needed), else the shipped .h5.gz."""
@@ -135,7 +139,7 @@ class PCam(Card):
 
     def _rows(self, labels: np.ndarray, part: str) -> list[int]:
         """Every row, or HistoKT's balanced archive: the first k per class after a seed-42 shuffle."""
-        k = self.opts["per_class"]
+        k = self.option_values["per_class"]
         if not k or part == "test":
             return list(range(len(labels)))
         k = k if part == "train" else round(k / 5)
@@ -151,8 +155,8 @@ class PCam(Card):
 
     # -- gzip cache ---------------------------------------------------------------------------------------
     def cache_dir(self) -> Path:
-        if self.opts["cache"]:
-            return Path(self.opts["cache"]).expanduser()
+        if self.option_values["cache"]:
+            return Path(self.option_values["cache"]).expanduser()
         root = os.environ.get("HISTOKT_CACHE")
         return (Path(root).expanduser() if root else Path.home() / ".cache" / "histokt") / "pcam"
 

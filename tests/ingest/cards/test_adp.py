@@ -16,9 +16,10 @@ def labels_of(codes, classes):
 def test_index_l3_official_splits(tmp_path):
     raw = raw_adp.make(tmp_path)
     card = get_card("adp")
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
 
-    assert card.classes == raw_adp.L3 and len(card.classes) == 33
+    assert found.classes == raw_adp.L3 and len(found.classes) == 33
     assert card.multi_label and card.mpp == 1.0
     assert [s.path for s in sources] == sorted(f"img_res_1um_bicubic/{p[0]}" for p in raw_adp.PATCHES)
     by_name = {s.path.split("/")[-1]: s for s in sources}
@@ -28,15 +29,16 @@ def test_index_l3_official_splits(tmp_path):
         assert s.partition == split
     assert by_name["001.png_crop_16.png"].group == "001.png"
     assert by_name["002.png_crop_2.png"].group == "002.png"
-    assert card.split_plan == {"train": {"train": 1.0}, "valid": {"valid": 1.0}, "test": {"test": 1.0}}
-    assert card.expected_counts == {"train": 14134, "valid": 1767, "test": 1767}
+    assert found.split_plan == {"train": {"train": 1.0}, "valid": {"valid": 1.0}, "test": {"test": 1.0}}
+    assert found.expected_counts == {"train": 14134, "valid": 1767, "test": 1767}
 
 
 def test_level_l1(tmp_path):
     raw = raw_adp.make(tmp_path)
     card = get_card("adp", {"level": "L1"})
-    sources = card.index(raw)
-    assert card.classes == raw_adp.L1
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == raw_adp.L1
     label = next(s.label for s in sources if s.path.endswith("001.png_crop_16.png"))
     assert label == (1, 0, 0, 0, 0, 0, 0, 0, 1)  # E and T
 
@@ -54,17 +56,18 @@ def test_split_lists_of_names_match_row_numbers(tmp_path):
 
 def test_raw_may_be_parent_of_release(tmp_path):
     raw = raw_adp.make(tmp_path, nested=True)
-    sources = get_card("adp").index(raw)
+    sources = get_card("adp").index(raw).sources
     assert sources[0].path.startswith("ADP V1.0 Release/img_res_1um_bicubic/")
 
 
 def test_no_splits_folder_cuts_all(tmp_path):
     raw = raw_adp.make(tmp_path, splits=None)
     card = get_card("adp")
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
     assert {s.partition for s in sources} == {"all"}
-    assert card.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
-    assert card.expected_counts == {"all": 17668}
+    assert found.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
+    assert found.expected_counts == {"all": 17668}
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def test_missing_class_column(tmp_path):
     with pytest.raises(UserError, match=r"missing columns \['N.G.M'\].*verify the download"):
         get_card("adp").index(raw)
     # L1 does not need the L3 column.
-    assert len(get_card("adp", {"level": "L1"}).index(raw)) == len(raw_adp.PATCHES)
+    assert len(get_card("adp", {"level": "L1"}).index(raw).sources) == len(raw_adp.PATCHES)
 
 
 def test_row_names_missing_image(tmp_path):

@@ -17,8 +17,9 @@ def raw(tmp_path):
 def test_index_lists_images_by_class_folder(raw):
     (raw / "CLL" / "notes.txt").write_text("not an image")
     card = get_card("ajlymph")
-    sources = card.index(raw)
-    assert card.classes == ("CLL", "FL", "MCL")
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == ("CLL", "FL", "MCL")
     assert [(s.path, s.label) for s in sources] == [
         ("CLL/sj-03-2810_001.tif", 0), ("CLL/sj-03-2810_002.tif", 0),
         ("FL/sj-05-1881-R1_001.tif", 1), ("FL/sj-05-1881-R1_002.tif", 1),

@@ -19,8 +19,9 @@ def raw(tmp_path):
 
 def test_index_lists_photos_by_class_folder(raw):
     card = get_card("bach")
-    sources = card.index(raw)
-    assert card.classes == CLASSES
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == CLASSES
     assert [s.path for s in sources] == sorted(s.path for s in sources)
     assert [(s.path, s.label) for s in sources] == [
         ("Photos/Benign/b001.tif", 0), ("Photos/Benign/b002.tif", 0),
@@ -40,13 +41,13 @@ def test_card_constants():
 
 
 def test_raw_may_point_at_photos(raw):
-    sources = get_card("bach").index(raw / "Photos")
+    sources = get_card("bach").index(raw / "Photos").sources
     assert sources[0].path == "Benign/b001.tif" and len(sources) == 8
 
 
 def test_read_decodes_a_photo(raw):
     card = get_card("bach")
-    src = card.index(raw)[0]
+    src = card.index(raw).sources[0]
     img = np.asarray(pickle.loads(pickle.dumps(card)).read(raw, src))
     assert img.shape == (48, 64, 3) and img.dtype == "uint8"
 
@@ -84,7 +85,7 @@ def test_patients_csv_groups_images(raw, tmp_path):
             ("iv001.tif", "P3"), ("iv002.tif", "P4"), ("n001.tif", "P4")]  # fmt: skip
     raw_bach.write_patients(raw / "patients.csv", rows)
     card = get_card("bach", {"patients": "patients.csv"})
-    groups = {s.path.split("/")[-1]: s.group for s in card.index(raw)}
+    groups = {s.path.split("/")[-1]: s.group for s in card.index(raw).sources}
     assert groups == {
         "b001.tif": "patient:P1", "b002.tif": "patient:P1", "is001.tif": "patient:P2", "is002.tif": "patient:P2",
         "iv001.tif": "patient:P3", "iv002.tif": "patient:P4", "n001.tif": "patient:P4",
@@ -93,7 +94,7 @@ def test_patients_csv_groups_images(raw, tmp_path):
     assert card.group_rule.startswith("patient")
     # An absolute path works too, with spaces around headers and values.
     ext = raw_bach.write_patients(tmp_path / "p.csv", [(" b001.tif ", " P9 ")], header=" Image , Patient ")
-    src = get_card("bach", {"patients": str(ext)}).index(raw)
+    src = get_card("bach", {"patients": str(ext)}).index(raw).sources
     assert src[0].group == "patient:P9"
 
 
@@ -124,6 +125,6 @@ def test_patients_csv_ambiguous_name_needs_the_path(raw):
     with pytest.raises(UserError, match=r"image 'b001.tif' is ambiguous"):
         get_card("bach", {"patients": "p.csv"}).index(raw)
     raw_bach.write_patients(raw / "p.csv", [("Normal/b001.tif", "P1")])
-    src = {s.path: s.group for s in get_card("bach", {"patients": "p.csv"}).index(raw)}
+    src = {s.path: s.group for s in get_card("bach", {"patients": "p.csv"}).index(raw).sources}
     assert src["Photos/Normal/b001.tif"] == "patient:P1"
     assert src["Photos/Benign/b001.tif"] == "Photos/Benign/b001.tif"

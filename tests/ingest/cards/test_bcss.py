@@ -40,13 +40,13 @@ def test_card_attributes():
     assert card.classes == CLASSES
     assert card.multi_label and card.mpp == 0.25
     assert card.default_stride == 68
-    assert card.opts == {"label_threshold": 0.2, "presence": 0.05, "split": "grouped"}
+    assert card.option_values == {"label_threshold": 0.2, "presence": 0.05, "split": "grouped"}
     assert card.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
     assert card.expected_counts == {"all": 151}
 
 
 def test_index_grouped(raw):
-    sources = BCSS().index(raw)
+    sources = BCSS().index(raw).sources
     assert [s.path for s in sources] == sorted(img(stem) for stem in fx.STEMS)
     assert all(s.label is None and s.partition == "all" for s in sources)
     groups = {s.path: s.group for s in sources}
@@ -57,15 +57,17 @@ def test_index_grouped(raw):
 
 def test_index_eva_split(raw):
     card = BCSS(split="eva")
-    assert card.split_plan == EVA_PLAN
-    assert card.expected_counts == {}
-    parts = {s.group: s.partition for s in card.index(raw)}
+    found = card.index(raw)
+    assert found.split_plan == EVA_PLAN
+    assert found.expected_counts == {}
+    parts = {s.group: s.partition for s in found.sources}
     assert parts == {
         "A1": "valid", "BH": "valid",
         "OL": "test", "EW": "test",
         "A2": "train", "AR": "train", "D8": "train", "GI": "train",
     }  # fmt: skip
     assert BCSS.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}  # class default untouched
+    assert BCSS().index(raw).split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
 
 
 def test_options_parse_and_validate():
@@ -83,7 +85,7 @@ def test_options_parse_and_validate():
 
 def test_read_and_read_mask(raw):
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     assert np.asarray(card.read(raw, source)).shape == (fx.HEIGHT, fx.WIDTH, 3)
     mask = card.read_mask(raw, source)
     assert mask.shape == (fx.HEIGHT, fx.WIDTH)
@@ -103,7 +105,7 @@ def test_codes_mapped_by_name(raw):
     codes = [("tumor", 2) if n == "tumor" else ("stroma", 1) if n == "stroma" else (n, c) for n, c in fx.CODES]
     fx.write_codes(raw, codes)
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     mask = card.read_mask(raw, source)
     assert mask[10, 8] == 2 and mask[10, 24] == 1
 
@@ -115,7 +117,7 @@ def test_excluded_codes_count_as_none(raw):
     mask[0, :10] = 13  # normal_acinus_or_duct: not one of the 10
     fx.save(raw / "masks" / f"{stem}.png", mask)
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     assert source.path == img(stem)
     assert not card.read_mask(raw, source).any()
 
@@ -123,7 +125,7 @@ def test_excluded_codes_count_as_none(raw):
 def test_read_mask_lazy_without_index(raw):
     """A card rebuilt in a worker (no index call) still maps codes."""
     indexed = BCSS()
-    source = indexed.index(raw)[0]
+    source = indexed.index(raw).sources[0]
     fresh = pickle.loads(pickle.dumps(BCSS()))
     assert np.array_equal(fresh.read_mask(raw, source), indexed.read_mask(raw, source))
     pickle.dumps(indexed)  # the cached lookup pickles too
@@ -133,7 +135,7 @@ def test_mask_size_mismatch(raw):
     stem = fx.STEMS[0]
     fx.save(raw / "masks" / f"{stem}.png", np.zeros((fx.HEIGHT, fx.WIDTH + 1), dtype=np.uint8))
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     with pytest.raises(BadImage, match=r"33x24, the image 32x24"):
         card.read_mask(raw, source)
 
@@ -144,7 +146,7 @@ def test_mask_unknown_code(raw):
     mask[0, 0] = 30
     fx.save(raw / "masks" / f"{stem}.png", mask)
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     with pytest.raises(BadImage, match="outside the code table"):
         card.read_mask(raw, source)
 
@@ -156,7 +158,7 @@ def test_mask_code_missing_from_table(raw):
     mask[0, 0] = 7
     fx.save(raw / "masks" / f"{stem}.png", mask)
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     with pytest.raises(BadImage, match=r"mask codes \[7\] are not in"):
         card.read_mask(raw, source)
 
@@ -165,7 +167,7 @@ def test_rgb_mask_is_bad_image(raw):
     stem = fx.STEMS[0]
     fx.save(raw / "masks" / f"{stem}.png", fx.tissue(fx.HEIGHT, fx.WIDTH))
     card = BCSS()
-    source = card.index(raw)[0]
+    source = card.index(raw).sources[0]
     with pytest.raises(BadImage, match="single-channel"):
         card.read_mask(raw, source)
 

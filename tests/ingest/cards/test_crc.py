@@ -19,14 +19,15 @@ def folder_class(source_or_path):
 def test_default_histokt_classes_and_7k_test(tmp_path):
     raw = raw_crc.make(tmp_path)
     card = get_card("crc")
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
 
-    assert card.classes == SEVEN
+    assert found.classes == SEVEN
     assert card.mpp == 0.5
-    assert card.split_plan == {"100k": {"train": 0.8, "valid": 0.2}, "7k": {"test": 1.0}}
+    assert found.split_plan == {"100k": {"train": 0.8, "valid": 0.2}, "7k": {"test": 1.0}}
     assert [s.path for s in sources] == sorted(s.path for s in sources)
     assert {folder_class(s) for s in sources} == set(SEVEN)  # BACK and DEB skipped
-    assert all(card.classes[s.label] == folder_class(s) for s in sources)
+    assert all(found.classes[s.label] == folder_class(s) for s in sources)
     assert all(s.group == s.path for s in sources)
     train = [s for s in sources if s.partition == "100k"]
     test = [s for s in sources if s.partition == "7k"]
@@ -34,17 +35,18 @@ def test_default_histokt_classes_and_7k_test(tmp_path):
     assert all(s.path.startswith("NCT-CRC-HE-100K-NONORM/") for s in train)
     assert all(s.path.startswith("CRC-VAL-HE-7K/") for s in test)
     # The 7K per-class counts are not known for 7 classes: no 7K count to warn about.
-    assert card.expected_counts == {"100k": 77922}
+    assert found.expected_counts == {"100k": 77922}
 
 
 def test_nine_classes(tmp_path):
     raw = raw_crc.make(tmp_path)
     card = get_card("crc", {"classes": 9})
-    sources = card.index(raw)
-    assert card.classes == NINE
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == NINE
     assert sum(s.partition == "100k" for s in sources) == 9 * 3
-    assert all(card.classes[s.label] == folder_class(s) for s in sources)
-    assert card.expected_counts == {"100k": 100000, "7k": 7180}
+    assert all(found.classes[s.label] == folder_class(s) for s in sources)
+    assert found.expected_counts == {"100k": 100000, "7k": 7180}
 
 
 def test_options_parse_from_strings():
@@ -53,12 +55,12 @@ def test_options_parse_from_strings():
         "per_class": 5,
         "variant": "norm",
     }
-    assert get_card("crc", {"variant": "norm"}).opts["variant"] == "NORM"
+    assert get_card("crc", {"variant": "norm"}).option_values["variant"] == "NORM"
 
 
 def test_norm_variant(tmp_path):
     raw = raw_crc.make(tmp_path, variant="NORM")
-    sources = get_card("crc", {"variant": "NORM"}).index(raw)
+    sources = get_card("crc", {"variant": "NORM"}).index(raw).sources
     assert all(s.path.startswith(("NCT-CRC-HE-100K/", "CRC-VAL-HE-7K/")) for s in sources)
     with pytest.raises(UserError, match="NCT-CRC-HE-100K-NONORM: .*found NCT-CRC-HE-100K: pass variant=NORM"):
         get_card("crc").index(raw)
@@ -67,27 +69,29 @@ def test_norm_variant(tmp_path):
 def test_holdout_ignores_7k(tmp_path):
     raw = raw_crc.make(tmp_path, test_per_class=0)
     card = get_card("crc", {"test": "holdout"})
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
     assert {s.partition for s in sources} == {"100k"}
-    assert card.split_plan == {"100k": {"train": 0.8, "valid": 0.1, "test": 0.1}}
-    assert card.expected_counts == {"100k": 77922}
+    assert found.split_plan == {"100k": {"train": 0.8, "valid": 0.1, "test": 0.1}}
+    assert found.expected_counts == {"100k": 77922}
 
 
 def test_per_class_subset(tmp_path):
     raw = raw_crc.make(tmp_path, per_class=5)
     card = get_card("crc", {"per_class": 2})
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
     train = [s for s in sources if s.partition == "100k"]
     assert sorted(folder_class(s) for s in train) == sorted(SEVEN * 2)
     assert sum(s.partition == "7k" for s in sources) == 7 * 2  # the 7K is never subset
-    assert card.expected_counts == {"100k": 14}
+    assert found.expected_counts == {"100k": 14}
 
     # HistoKT's archive rule: seeded shuffle of the sorted list, then the first k of each class.
-    everything = sorted(s.path for s in get_card("crc").index(raw) if s.partition == "100k")
+    everything = sorted(s.path for s in get_card("crc").index(raw).sources if s.partition == "100k")
     random.Random(42).shuffle(everything)
     want = [p for cls in SEVEN for p in [q for q in everything if folder_class(q) == cls][:2]]
     assert sorted(s.path for s in train) == sorted(want)
-    assert get_card("crc", {"per_class": 2}).index(raw) == sources  # deterministic
+    assert get_card("crc", {"per_class": 2}).index(raw).sources == sources  # deterministic
 
 
 def test_per_class_too_large(tmp_path):
@@ -121,7 +125,7 @@ def test_missing_class_folder(tmp_path):
 
 def test_skipped_class_folders_may_be_absent_with_7_classes(tmp_path):
     raw = raw_crc.make(tmp_path, classes=SEVEN)
-    assert len(get_card("crc").index(raw)) == 7 * 5
+    assert len(get_card("crc").index(raw).sources) == 7 * 5
     with pytest.raises(UserError, match="NCT-CRC-HE-100K-NONORM/BACK: missing class folder"):
         get_card("crc", {"classes": 9}).index(raw)
 

@@ -14,9 +14,10 @@ def raw(tmp_path):
 
 def test_index_default_columns(raw):
     card = get_card("csv")
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
     assert card.mpp is None
-    assert card.classes == ("normal", "stroma", "tumor")
+    assert found.classes == ("normal", "stroma", "tumor")
     assert [(s.path, s.label, s.partition, s.group) for s in sources] == [
         ("e.png", 2, "all", "e.png"),
         ("slides/p1/a.png", 2, "all", "slides/p1/a.png"),
@@ -24,13 +25,14 @@ def test_index_default_columns(raw):
         ("slides/p2/c.png", 0, "all", "slides/p2/c.png"),
         ("slides/p3/d.png", 1, "all", "slides/p3/d.png"),
     ]
-    assert card.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
+    assert found.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
     assert np.asarray(card.read(raw, sources[0])).shape == (24, 24, 3)
 
 
 def test_split_and_group_columns(raw):
     card = get_card("csv", {"split_column": "split", "group_column": "patient"})
-    sources = {s.path: s for s in card.index(raw)}
+    found = card.index(raw)
+    sources = {s.path: s for s in found.sources}
     assert {p: (s.partition, s.group) for p, s in sources.items()} == {
         "e.png": ("test", "p4"),
         "slides/p1/a.png": ("train", "p1"),
@@ -38,21 +40,22 @@ def test_split_and_group_columns(raw):
         "slides/p2/c.png": ("valid", "p2"),
         "slides/p3/d.png": ("test", "p3"),
     }
-    assert card.split_plan == {"train": {"train": 1.0}, "valid": {"valid": 1.0}, "test": {"test": 1.0}}
-    assert card.group_rule == "column 'patient'"
+    assert found.split_plan == {"train": {"train": 1.0}, "valid": {"valid": 1.0}, "test": {"test": 1.0}}
+    assert card.group_rule == found.group_rule == "column 'patient'"
 
 
 def test_other_names_delimiters_and_quirks(tmp_path):
     raw = raw_csv_list.make(tmp_path, name="meta/list.tsv", delimiter="\t")
     card = get_card("csv", {"csv": "meta/list.tsv", "delimiter": "tab", "split_column": "split"})
-    assert len(card.index(raw)) == 5
+    assert len(card.index(raw).sources) == 5
     # Absolute csv path, custom column names, BOM, spaces around headers and values, "./" and upper case.
     ext = tmp_path / "ext.csv"
     ext.write_text("\ufeff File ; Class ; Set \n ./e.png ; 10 ; Train \nslides/p1/a.png;2;TEST\n\n")
     opts = {"csv": str(ext), "path_column": "File", "label_column": "Class", "split_column": "Set", "delimiter": ";"}
     card = get_card("csv", opts)
-    sources = card.index(raw)
-    assert card.classes == ("2", "10")  # integer labels sort numerically
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == ("2", "10")  # integer labels sort numerically
     assert [(s.path, s.label, s.partition) for s in sources] == [("e.png", 1, "train"), ("slides/p1/a.png", 0, "test")]
 
 
@@ -114,7 +117,7 @@ def test_path_outside_raw(raw, tmp_path):
     with pytest.raises(UserError, match=r"is outside the raw folder"):
         get_card("csv").index(raw)
     write_csv(raw, f"path,label\n{raw / 'e.png'},a\n")  # absolute but inside raw: fine
-    assert get_card("csv").index(raw)[0].path == "e.png"
+    assert get_card("csv").index(raw).sources[0].path == "e.png"
 
 
 def test_no_rows(raw):

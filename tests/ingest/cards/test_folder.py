@@ -18,8 +18,9 @@ def test_class_from_the_file_name_prefix(tmp_path):
     raw = flat(tmp_path / "nct", ["TUM-AACHEHDV.tif", "ADI-AAQEFMRI.tif", "TUM-B.tif", "STR-AACRYYNQ.tif"])
     (raw / "notes.txt").write_text("not an image")
     card = get_card("folder", {"class_regex": "^([A-Z]+)-"})
-    sources = card.index(raw)
-    assert card.classes == ("ADI", "STR", "TUM")
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == ("ADI", "STR", "TUM")
     assert [(s.path, s.label, s.partition, s.group) for s in sources] == [
         ("ADI-AAQEFMRI.tif", 0, "all", "ADI-AAQEFMRI.tif"),
         ("STR-AACRYYNQ.tif", 1, "all", "STR-AACRYYNQ.tif"),
@@ -31,8 +32,9 @@ def test_class_from_the_file_name_prefix(tmp_path):
 def test_whole_match_without_a_group_and_the_group_option(tmp_path):
     raw = flat(tmp_path / "raw", ["pt1_benign.png", "pt1_tumor.png", "pt2_tumor.png"])
     card = get_card("folder", {"class_regex": "benign|tumor", "group": r"^(pt\d+)_"})
-    sources = card.index(raw)
-    assert card.classes == ("benign", "tumor")
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == ("benign", "tumor")
     assert [(s.label, s.group) for s in sources] == [(0, "pt1"), (1, "pt1"), (1, "pt2")]
 
 

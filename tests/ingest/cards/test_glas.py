@@ -9,12 +9,13 @@ from tests.fixtures.images import save, tissue
 def test_index(tmp_path):
     raw = raw_glas.make(tmp_path)
     card = get_card("glas")
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
 
-    assert card.classes == ("benign", "malignant")
+    assert found.classes == ("benign", "malignant")
     assert card.mpp == 0.62005
-    assert card.split_plan == {"train": {"train": 1.0}, "testA": {"valid": 1.0}, "testB": {"test": 1.0}}
-    assert card.expected_counts == {"train": 85, "testA": 60, "testB": 20}
+    assert found.split_plan == {"train": {"train": 1.0}, "testA": {"valid": 1.0}, "testB": {"test": 1.0}}
+    assert found.expected_counts == {"train": 85, "testA": 60, "testB": 20}
     # Masks are not sources; labels and patient IDs are stripped of their leading spaces.
     assert [(s.path, s.label, s.partition, s.group) for s in sources] == [
         ("testA_1.bmp", 1, "testA", "4"),
@@ -29,7 +30,7 @@ def test_index(tmp_path):
 @pytest.mark.parametrize("nesting", [1, 2])
 def test_raw_may_hold_the_release_folder(tmp_path, nesting):
     raw = raw_glas.make(tmp_path, nesting=nesting)
-    sources = get_card("glas").index(raw)
+    sources = get_card("glas").index(raw).sources
     assert sources[0].path.endswith("Warwick QU Dataset (Released 2016_07_08)/testA_1.bmp")
     assert len(sources) == len(raw_glas.ROWS)
 

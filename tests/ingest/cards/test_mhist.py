@@ -9,12 +9,13 @@ from tests.fixtures.images import save, tissue
 def test_index(tmp_path):
     raw = raw_mhist.make(tmp_path)
     card = get_card("mhist")
-    sources = card.index(raw)
+    found = card.index(raw)
+    sources = found.sources
 
-    assert card.classes == ("HP", "SSA")
+    assert found.classes == ("HP", "SSA")
     assert card.mpp == 1.25 and "2.0" in card.mpp_source
-    assert card.split_plan == {"train": {"train": 0.8, "valid": 0.2}, "test": {"test": 1.0}}
-    assert card.expected_counts == {"train": 2175, "test": 977}
+    assert found.split_plan == {"train": {"train": 0.8, "valid": 0.2}, "test": {"test": 1.0}}
+    assert found.expected_counts == {"train": 2175, "test": 977}
     assert [(s.path, s.label, s.partition) for s in sources] == [
         ("images/MHIST_aaa.png", 1, "train"),
         ("images/MHIST_aab.png", 0, "train"),
@@ -28,7 +29,7 @@ def test_index(tmp_path):
 def test_values_with_spaces_are_stripped(tmp_path):
     raw = raw_mhist.make(tmp_path)
     raw_mhist.write_csv(raw / "annotations.csv", [(f" {n}", f" {lab} ", v, f" {p}") for n, lab, v, p in raw_mhist.ROWS])
-    assert len(get_card("mhist").index(raw)) == len(raw_mhist.ROWS)
+    assert len(get_card("mhist").index(raw).sources) == len(raw_mhist.ROWS)
 
 
 def test_missing_csv(tmp_path):

@@ -18,7 +18,7 @@ def raw(tmp_path):
 
 
 def index(raw):
-    return Osteosarcoma().index(raw)
+    return Osteosarcoma().index(raw).sources
 
 
 def test_card_attributes():
@@ -86,9 +86,9 @@ def test_depth_varies(raw):
 
 
 def test_count_warning(raw):
-    card = Osteosarcoma()
+    found = Osteosarcoma().index(raw)
     with pytest.warns(UserWarning, match="1144"):
-        msgs = card.count_warnings(card.index(raw))
+        msgs = found.count_warnings()
     assert msgs == ["os: all has 10 sources, a complete download has 1144"]
 
 

@@ -27,8 +27,9 @@ def card_for(tmp_path, **opts):
 
 def test_index_one_source_per_row(raw, tmp_path):
     card = card_for(tmp_path)
-    sources = card.index(raw)
-    assert card.classes == ("non_tumor", "tumor")
+    found = card.index(raw)
+    sources = found.sources
+    assert found.classes == ("non_tumor", "tumor")
     assert [s.path for s in sources] == sorted(s.path for s in sources)
     assert {p: sum(s.partition == p for s in sources) for p in ("train", "valid", "test")} == raw_pcam.SIZES
     by_path = {s.path: s for s in sources}
@@ -50,7 +51,7 @@ def test_card_constants():
 
 def test_read_returns_the_row_and_card_pickles_with_open_handles(raw, tmp_path):
     card = card_for(tmp_path)
-    sources = {s.path: s for s in card.index(raw)}
+    sources = {s.path: s for s in card.index(raw).sources}
     src = sources[f"{X.format('valid')}[3]"]
     img = card.read(raw, src)
     assert img.shape == (96, 96, 3) and img.dtype == np.uint8 and img[0, 0, 0] == 3
@@ -65,7 +66,7 @@ def test_read_returns_the_row_and_card_pickles_with_open_handles(raw, tmp_path):
 def test_gz_only_is_decompressed_once_into_the_cache(tmp_path, monkeypatch):
     raw = raw_pcam.make(tmp_path, gz=True)
     card = card_for(tmp_path)
-    sources = card.index(raw)
+    sources = card.index(raw).sources
     assert sources[0].path == f"{X.format('test')}.gz[0]"
     cached = tmp_path / "cache" / X.format("train")
     assert cached.is_file() and (tmp_path / "cache" / f"{X.format('train')}.source.json").is_file()
@@ -77,7 +78,7 @@ def test_gz_only_is_decompressed_once_into_the_cache(tmp_path, monkeypatch):
     calls = []
     real_open = pcam_module.gzip.open
     monkeypatch.setattr(pcam_module.gzip, "open", lambda path, *a: calls.append(path.name) or real_open(path, *a))
-    assert card_for(tmp_path).index(raw) == sources
+    assert card_for(tmp_path).index(raw).sources == sources
     assert calls == []
     # A changed .gz (size/mtime) invalidates its record: that file alone is decompressed again.
     gz = raw / f"{X.format('train')}.gz"
@@ -90,7 +91,7 @@ def test_gz_only_is_decompressed_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_h5_preferred_over_gz_when_both_exist(raw, tmp_path):
     raw_pcam.gzip_file(raw / X.format("train"), keep=True)
-    sources = card_for(tmp_path).index(raw)
+    sources = card_for(tmp_path).index(raw).sources
     assert f"{X.format('train')}[0]" in {s.path for s in sources}
     assert not (tmp_path / "cache").exists()
 
@@ -106,8 +107,9 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def test_per_class_balanced_subset(tmp_path):
     raw = raw_pcam.make(tmp_path, sizes={"train": 20, "valid": 10, "test": 4})
     card = card_for(tmp_path, per_class=3)
-    sources = card.index(raw)
-    assert card.expected_counts == {"train": 6, "valid": 2, "test": 32768}
+    found = card.index(raw)
+    sources = found.sources
+    assert found.expected_counts == {"train": 6, "valid": 2, "test": 32768}
     train = sorted(int(s.path.split("[")[1][:-1]) for s in sources if s.partition == "train")
     y = raw_pcam.labels(20, 0)
     order = list(range(20))

@@ -1,0 +1,131 @@
+"""Everything the batch side asks SLURM or reads from it, in one torch-free place.
+
+    the queue and the configuration   ``squeue``, ``scontrol show config`` (MaxArraySize)
+    the submission ledger             ``RUN_ROOT/submissions.jsonl``: which task runs which cell
+    the environment of a task         ``SLURM_ARRAY_JOB_ID``, ``SLURM_JOB_ID``, ``SLURM_ARRAY_TASK_ID``, ranks
+    the batch script                  submitit's sbatch text (its private ``_make_sbatch_string``, called by
+                                      ``sbatch_script`` only) and the teardown lines that requeue a task
+
+Never ``sacct``: accounting is often absent on small clusters, and the queue says what we need.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from histokt import atomic
+from histokt.errors import UserError
+
+REQUEUE_DIR = ".requeue"  # RUN_ROOT/.requeue/<array job>_<task>: a cell asks the host to requeue its task
+DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's own default
+
+# -- the queue and the configuration -----------------------------------------------------------------------------
+
+
+def squeue() -> dict[str, str] | None:
+    """{job id or array_task: state} of every queued job, or None where SLURM cannot be asked."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    return dict(_two_fields(line) for line in r.stdout.splitlines() if line.strip())
+
+
+def _two_fields(line: str) -> tuple[str, str]:
+    task, state = line.split(None, 1)
+    return task, state
+
+
+def max_array_size() -> int:
+    """MaxArraySize of the cluster (the highest array index is one less)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"cannot read the SLURM configuration ({exc}); is this a SLURM login node?") from None
+    for line in out.splitlines():
+        if line.strip().startswith("MaxArraySize"):
+            return int(line.split("=")[1])
+    return DEFAULT_MAX_ARRAY_SIZE
+
+
+# -- the submission ledger ---------------------------------------------------------------------------------------
+
+
+def submissions(run_root) -> list[dict]:
+    """Every record of ``RUN_ROOT/submissions.jsonl``, oldest first."""
+    path = Path(run_root) / "submissions.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_submission(run_root, record: dict) -> None:
+    """Append one JSON line; the whole file is rewritten atomically, so a reader never sees half a line."""
+    path = Path(run_root) / "submissions.jsonl"
+    old = path.read_text() if path.exists() else ""
+    atomic.write_bytes(path, (old + json.dumps(record) + "\n").encode())
+
+
+def cell_jobs(run_root) -> dict[str, str]:
+    """Cell id -> its latest SLURM task id (`<array>_<i>`, or the job id of a one-cell submission)."""
+    out = {}
+    for record in submissions(run_root):
+        for i, cell in enumerate(record["cells"]):
+            out[cell] = f"{record['job']}_{i}" if record["array"] else record["job"]
+    return out
+
+
+def queued_cells(run_root) -> dict[str, str]:
+    """Cells whose task is still pending or running (never submitted twice): cell id -> array job id."""
+    queue = squeue()
+    if not queue:
+        return {}
+    return {cell: task.split("_")[0] for cell, task in cell_jobs(run_root).items() if task in queue}
+
+
+# -- the environment of a task -----------------------------------------------------------------------------------
+
+
+def job_key() -> str | None:
+    """`<array job id>_<task id>` (task 0 for a plain job) of the SLURM task this runs in, else None."""
+    env = os.environ
+    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    return None if job is None else f"{job}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+# -- the batch script --------------------------------------------------------------------------------------------
+
+
+def submit_command(python: str, folder) -> str:
+    """The command of each task, as ``SlurmExecutor._submitit_command_str`` spells it (``python`` already
+    quoted: the host's interpreter or the container's ``apptainer exec ... python``)."""
+    import shlex
+
+    return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def sbatch_script(command: str, folder, map_count: int | None, params: dict) -> str:
+    """The sbatch file submitit writes for these executor parameters: the only call of submitit's private
+    ``_make_sbatch_string`` (pinned submitit==1.5.4; tests/batch/test_submitit.py re-checks it)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=command, folder=folder, map_count=map_count, **params)
+
+
+def teardown_lines(run_root) -> list[str]:
+    """Batch-script lines run on the host after srun: requeue this task if the cell asked for it."""
+    marker = (
+        f"{Path(run_root).absolute()}/{REQUEUE_DIR}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
+    )
+    key = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"
+    task = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
+    return [
+        f'if [ -f "{marker}" ]; then rm -f "{marker}"; echo "histokt: requeue {key}"; scontrol requeue "{task}"; fi'
+    ]

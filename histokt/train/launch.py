@@ -1,0 +1,117 @@
+"""`histokt train`: one training cell (Stage A source training or Stage B transfer), exactly resumable.
+
+``train`` checks the config, fills the recipe defaults and runs the cell in this process, in the process
+group a launcher (torchrun, srun) set up, or in ``--nproc K`` local processes it spawns. Each rank runs
+``run``: the run directory (histokt.train.rundir) and a Trainer (histokt.train.loop).
+"""
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from histokt.errors import UserError
+from histokt.train import distributed, rundir
+from histokt.train.config import TrainConfig, resolved
+from histokt.train.loop import Trainer
+from histokt.train.outcome import Outcome
+from histokt.train.signals import ForwardSignals
+
+
+def check_config(cfg: TrainConfig) -> None:
+    for name in ("epochs", "batch_size", "nproc", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr {cfg.lr}: must be a positive number")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers}: must be 0 or more")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible here")
+
+
+def train(cfg: TrainConfig) -> Outcome:
+    """Run or resume the cell; with --nproc K > 1, spawn K local DDP processes."""
+    check_config(cfg)
+    cfg = resolved(cfg)
+    world = distributed.from_environment()
+    if world is None and cfg.nproc > 1:
+        return _spawn(cfg)
+    return run(cfg, world or distributed.World())
+
+
+def _spawn(cfg: TrainConfig) -> Outcome:
+    import torch.multiprocessing as mp
+
+    rundir.prepare_run_dir(cfg)  # fail fast, before any process starts
+    port = distributed.free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank_main, args=(cfg, r, port, errors)) for r in range(cfg.nproc)]
+    with ForwardSignals(procs) as signals:
+        for p in procs:
+            p.start()
+        signals.arm()
+        for p in procs:
+            while p.is_alive():
+                p.join(timeout=1.0)
+                signals.send()
+    if not errors.empty():
+        kind, message = errors.get()
+        if kind == "user":
+            raise UserError(message)
+        if kind == "requeue":
+            return message  # rank 0's interrupted Outcome
+        raise RuntimeError(message)
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"a training process failed (exit codes {[p.exitcode for p in procs]})")
+    done = rundir.read_result(Path(cfg.out))
+    if done is None:
+        raise RuntimeError(f"the training processes ended without writing {Path(cfg.out) / rundir.RESULT}")
+    return Outcome.finished(done)
+
+
+def _rank_main(cfg: TrainConfig, rank: int, port: int, errors: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        out = run(cfg, distributed.World(rank, cfg.nproc, rank))
+        if out.interrupted and rank == 0:
+            errors.put(("requeue", out))
+    except UserError as exc:
+        errors.put(("user", str(exc)))
+    except BaseException as exc:
+        errors.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+        raise
+
+
+def device_for(cfg: TrainConfig, world: distributed.World) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    index = world.local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def run(cfg: TrainConfig, world: distributed.World) -> Outcome:
+    """The training of one rank: a finished cell is a no-op, else a Trainer fits (or resumes) it."""
+    run_dir = Path(cfg.out)
+    if world.main:
+        rundir.prepare_run_dir(cfg)
+    done = rundir.read_result(run_dir)
+    if done is not None:
+        if world.main:
+            rundir.drop_training_state(run_dir)  # a kill right after result.json left it behind
+        return Outcome.finished(done)
+    device = device_for(cfg, world)
+    distributed.init(world, device)
+    try:
+        return Trainer(cfg, world, device).fit()
+    finally:
+        distributed.shutdown()
+
+
+__all__ = ["Outcome", "TrainConfig", "train"]

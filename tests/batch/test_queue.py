@@ -1,0 +1,153 @@
+"""The queue, unit-tested with a faked squeue: a re-run sweep skips exactly the cells still queued (and the done
+ones), and `histokt status` puts every cell in the right column."""
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from histokt.batch import slurm, status, sweep
+from histokt.study import plan
+from tests.batch import fake_sbatch
+from tests.conftest import ROOT
+
+SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    for d in tomllib.loads(SPEC.read_text())["datasets"].values():  # the spec checks the raw folders exist
+        (tmp_path / d["raw"]).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def finish(run_root, cell):
+    """Leave the cell's done marker, as its last step does."""
+    path = plan.marker(run_root, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+
+
+def test_a_second_sweep_skips_exactly_the_queued_and_the_done_cells(study, monkeypatch):
+    fake = fake_sbatch.install(monkeypatch)
+    monkeypatch.setattr(slurm, "squeue", lambda: {})
+    first = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    run_root = Path(first["run_root"])
+    cells = plan.read(run_root)
+    jobs = slurm.cell_jobs(run_root)  # cell id -> its task: <array>_<i>, or the job id of a one-cell submission
+    assert len(jobs) == sum(len(c) for c in cells.values()) == 10
+    ids = {stage: [c.id for c in cs] for stage, cs in cells.items()}
+
+    running, pending = ids["standardize"][0], ids["pretrain"][1]
+    single = ids["merge"][0]  # submitted alone: its task is the plain job id
+    assert "_" not in jobs[single]
+    queue = {jobs[running]: "RUNNING", jobs[pending]: "PENDING", jobs[single]: "PENDING", "99999_0": "RUNNING"}
+    done = [ids["standardize"][2], ids["transfer"][0]]
+    done_and_still_listed = ids["standardize"][1]  # finished, its task not yet gone from squeue (COMPLETING)
+    queue[jobs[done_and_still_listed]] = "COMPLETING"
+    for c in (c for cs in cells.values() for c in cs if c.id in [*done, done_and_still_listed]):
+        finish(run_root, c)
+    monkeypatch.setattr(slurm, "squeue", lambda: queue)
+    before = len(slurm.submissions(run_root))
+
+    second = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+
+    new = slurm.submissions(run_root)[before:]
+    resubmitted = {r["stage"]: r["cells"] for r in new}
+    skipped = {running, pending, single, *done, done_and_still_listed}
+    expected = {s: [i for i in members if i not in skipped] for s, members in ids.items()}
+    assert resubmitted == {s: m for s, m in expected.items() if m}
+    assert second["queued"] == 4  # the three queued cells and the one whose task is completing
+    assert {s: c["todo"] for s, c in second["stages"].items()} == {s: len(m) for s, m in expected.items()}
+    # each stage waits (afterany) for the arrays of the stage before: those still queued and the new ones
+    scripts = dict(fake.scripts)
+    by_stage = {r["stage"]: r["job"] for r in new}
+    assert new[0]["stage"] == "pretrain"  # standardize has nothing left to submit, but its array is still queued
+    assert "#SBATCH --dependency=afterany:4242\n" in scripts[by_stage["pretrain"]]
+    pretrain_arrays = f"{jobs[pending].split('_')[0]}:{by_stage['pretrain']}"
+    assert f"#SBATCH --dependency=afterany:{pretrain_arrays}\n" in scripts[by_stage["transfer"]]
+
+
+def test_a_done_cell_is_never_resubmitted_even_with_an_empty_queue(study, monkeypatch):
+    fake_sbatch.install(monkeypatch)
+    monkeypatch.setattr(slurm, "squeue", lambda: None)  # no scheduler to ask: nothing counts as queued
+    first = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    run_root = Path(first["run_root"])
+    cells = plan.read(run_root)
+    for stage, cs in cells.items():
+        if stage != "collect":
+            for c in cs:
+                finish(run_root, c)
+    before = len(slurm.submissions(run_root))
+    second = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    assert [r["stage"] for r in slurm.submissions(run_root)[before:]] == ["collect"]  # it re-reads every time
+    assert second["queued"] == 0
+
+
+# -- histokt status: one test per branch of cell_status ---------------------------------------------------------
+
+CELL = plan.Cell("pretrain", "A-x-random-s0", "train")
+TASK = "7_3"
+
+
+@pytest.mark.parametrize(
+    "done,queue,state,expected",
+    [
+        (True, {TASK: "RUNNING"}, {"status": "running"}, ("done", None)),  # the marker wins over everything
+        (True, None, {"status": "failed", "error": "old"}, ("done", None)),
+        (False, {TASK: "RUNNING"}, {"status": "failed", "error": "x"}, ("running", None)),  # requeued, running again
+        (False, {TASK: "RUNNING"}, {}, ("running", None)),
+        (False, {}, {"status": "failed", "error": "input missing: a"}, ("failed", "input missing: a")),
+        (False, None, {"status": "failed", "error": "boom"}, ("failed", "boom")),
+        (False, {"8_0": "RUNNING"}, {"status": "failed", "error": "boom"}, ("failed", "boom")),  # another task runs
+        (False, {TASK: "PENDING"}, {"status": "failed", "error": "x"}, ("pending", None)),  # failed, queued again
+        (False, {TASK: "PENDING"}, {"status": "interrupted"}, ("requeued", None)),
+        (False, {}, {"status": "interrupted"}, ("requeued", None)),
+        (False, None, {"status": "interrupted"}, ("requeued", None)),
+        (False, None, {"status": "running"}, ("running", None)),  # no scheduler: the cell's own word
+        (False, {}, {"status": "running"}, ("pending", None)),  # the scheduler does not list it: not running
+        (False, {TASK: "PENDING"}, {"status": "running"}, ("pending", None)),
+        (False, {TASK: "PENDING"}, {}, ("pending", None)),
+        (False, None, {}, ("pending", None)),
+        (False, {TASK: "COMPLETING"}, {"status": "failed", "error": "x"}, ("pending", None)),
+    ],
+)
+def test_cell_status(tmp_path, done, queue, state, expected):
+    if done:
+        finish(tmp_path, CELL)
+    assert status.cell_status(tmp_path, CELL, queue, {CELL.id: TASK}, state) == expected
+
+
+def test_cell_status_of_a_cell_never_submitted(tmp_path):
+    assert status.cell_status(tmp_path, CELL, {TASK: "RUNNING"}, {}, {"status": "failed", "error": "e"}) == (
+        "failed",
+        "e",
+    )
+    assert status.cell_status(tmp_path, CELL, {TASK: "RUNNING"}, {}, {}) == ("pending", None)
+
+
+def test_status_counts_each_column(study, monkeypatch):
+    fake_sbatch.install(monkeypatch)
+    monkeypatch.setattr(slurm, "squeue", lambda: {})
+    run_root = Path(sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))["run_root"])
+    cells = plan.read(run_root)
+    jobs = slurm.cell_jobs(run_root)
+    std = cells["standardize"]
+    finish(run_root, std[0])
+    for cell, st in (
+        (std[1], {"status": "interrupted", "interrupted_at_steps": [4]}),
+        (std[2], {"status": "failed", "error": "bad"}),
+    ):
+        plan.cell_dir(run_root, cell).mkdir(parents=True, exist_ok=True)
+        (plan.cell_dir(run_root, cell) / "state.json").write_text(json.dumps(st))
+    pre = cells["pretrain"]
+    monkeypatch.setattr(slurm, "squeue", lambda: {jobs[pre[0].id]: "RUNNING", jobs[pre[1].id]: "PENDING"})
+    report = status.status(run_root)
+    assert report["stages"]["standardize"] == {"done": 1, "running": 0, "pending": 0, "requeued": 1, "failed": 1}
+    assert report["stages"]["pretrain"] == {"done": 0, "running": 1, "pending": 1, "requeued": 0, "failed": 0}
+    assert report["failures"] == [("standardize", std[2].id, "bad")]
+    assert report["preempted"] == {"cells": 1, "times": 1} and report["scheduler"] is True
+    text = status.render(report)
+    assert f"failed standardize/{std[2].id}: bad" in text and "1/10 cells done" in text

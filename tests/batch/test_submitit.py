@@ -1,0 +1,70 @@
+"""submitit, on which the SLURM side rests: the pinned version (we call its private `_make_sbatch_string`), and the
+dry run's sbatch scripts equal to what `submitit.SlurmExecutor` really submits for the same stages.
+
+How the real submission is captured: tests/batch/fake_sbatch.py keeps submitit's whole submission path (executor
+parameters, the array copy of the executor, the file it writes) and replaces only the `sbatch FILE` command, reading
+FILE as it is about to be submitted. That compares what would reach the cluster, without a cluster and without
+cancelling anything.
+"""
+
+import importlib.metadata
+import re
+import tomllib
+
+import pytest
+
+from histokt.batch import sweep
+from tests.batch import fake_sbatch
+from tests.conftest import ROOT
+
+PINNED = "1.5.4"
+SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
+RECHECK = (
+    "histokt.batch.slurm.sbatch_script calls submitit's private _make_sbatch_string(command, folder, map_count, "
+    "**params), and histokt.batch.slurm.submit_command copies SlurmExecutor._submitit_command_str. Re-check both "
+    "in submitit/slurm/slurm.py (and how SlurmExecutor._internal_process_submissions copies the executor for an "
+    "array), run tests/batch/test_submitit.py, then move the pin in setup.cfg and PINNED here."
+)
+
+
+def test_submitit_is_the_pinned_version():
+    pin = re.search(r"^\s*submitit==(\S+)\s*$", (ROOT / "setup.cfg").read_text(), re.M)
+    assert pin is not None and pin.group(1) == PINNED, f"setup.cfg no longer pins submitit=={PINNED}. {RECHECK}"
+    installed = importlib.metadata.version("submitit")
+    assert installed == PINNED, f"submitit {installed} is installed, but histokt is checked against {PINNED}. {RECHECK}"
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    for d in tomllib.loads(SPEC.read_text())["datasets"].values():  # the spec checks the raw folders exist
+        (tmp_path / d["raw"]).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+DEPENDENCY = re.compile(r"^#SBATCH --dependency=.*\n", re.M)
+
+
+def test_dry_run_scripts_are_what_submitit_submits(study, monkeypatch):
+    dry = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", dry_run=True))["scripts"]
+    fake = fake_sbatch.install(monkeypatch)
+    out = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    assert out["status"] == "submitted"
+    arrays = out["arrays"]  # (stage, job, cells): one submission per stage here, in stage order
+    assert (
+        [stage for stage, _, _ in arrays]
+        == list(dry)
+        == ["standardize", "pretrain", "transfer", "merge", "distill", "collect"]
+    )
+    real = dict(fake.scripts)
+    previous, prev_stage = None, None
+    for stage, job, n in arrays:
+        submitted = real[job]
+        assert ("#SBATCH --array=" in submitted) == (n > 1)
+        if previous is None:
+            assert submitted == dry[stage]  # byte for byte
+        else:  # the dry run cannot know job ids: it names the stage it waits for
+            assert f"#SBATCH --dependency=afterany:{previous}\n" in submitted
+            assert f"#SBATCH --dependency='afterany:<{prev_stage} arrays>'\n" in dry[stage]
+            assert DEPENDENCY.sub("", submitted) == DEPENDENCY.sub("", dry[stage]), stage
+        previous, prev_stage = job, stage
