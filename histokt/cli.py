@@ -14,7 +14,7 @@ from typing import Optional
 from argparse_dataclass import ArgumentParser
 
 from histokt import __version__
-from histokt.errors import EXIT_REQUEUE, UserError
+from histokt.errors import EXIT_BUSY, EXIT_REQUEUE, UserError, full_disk
 
 
 def _standardize(argv):
@@ -29,10 +29,25 @@ def _standardize(argv):
         extra = f" ({s.rejected} sources rejected, listed in the attrs)" if s.rejected else ""
         print(f"{where}: {verb} {counts} patches{extra}")
     elif s.status == "partial":
-        print(f"{where}: this shard is done; {s.parts_missing} parts of other shards are still missing")
-    else:
+        others = "other shards or processes" if s.parts_held else "other shards"
+        print(f"{where}: this shard is done; {s.parts_missing} parts of {others} are still missing")
+    elif s.status == "finalizing elsewhere":
         print(f"{where}: this shard is done; another process is finalizing ({s.lock})")
-    return 0
+    if s.parts_held:
+        # a second run of the same command (an array resubmitted, a rerun by hand): the parts another live
+        # process is writing are skipped, not waited for; that process finishes them and, last, publishes
+        holders = s.held_by or ["another process"]
+        by = holders[0] + (f" and {len(holders) - 1} more" if len(holders) > 1 else "")
+        then = (
+            "nothing else was left to do here: run the same command again after it ends if the dataset is still missing"
+            if s.status == "busy"
+            else "it finishes them, and the last process to finish publishes the dataset"
+        )
+        print(
+            f"histokt standardize: {where}: {s.parts_held} parts are being written by {by}; {then}",
+            file=sys.stderr,
+        )
+    return EXIT_BUSY if s.status == "busy" else 0
 
 
 def _demo(argv):
@@ -207,6 +222,12 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"histokt {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk or an exceeded quota is the user's to fix, then resume
+        error = full_disk(exc)
+        if error is None:
+            raise
+        print(f"histokt {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"histokt {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

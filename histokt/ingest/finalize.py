@@ -1,21 +1,22 @@
 """Publishing a standardized dataset: the finished parts become one dataset in the store.
 
 One process publishes a dataset: every shard that finds all parts done may try, and two publishing at
-once would rename the same chunk files. A lock file decides. It appears whole, by a hard link of a file
-already holding its owner ("host pid time"), so no process ever reads an empty lock and mistakes it for
-a stale one. A stale lock is taken over: that of a dead process of this host, or, since the processes of
-another host cannot be checked, one of another host older than LOCK_STALE_S.
+once would rename the same chunk files. A lease (histokt.lease: ``staging/finalize.lock``) decides, with a
+heartbeat while it publishes; a stale one is taken over: that of a dead process of this host, or, since the
+processes of another host cannot be checked, one of another host whose heartbeat is older than LOCK_STALE_S.
 
 Publishing resumes after a kill: chunk folders are renamed (not copied) into the split arrays, and the
-dataset appears in the store by one final rename.
+dataset appears in the store by one final rename. A staged patch found neither at its place in the part
+nor already moved (a part damaged by a writer that died, or by two writers of an older version) is not a
+dead end: where the caller passes ``redo`` (standardize does), its part is reset (manifest removed) and
+redone at once under the lock, then publishing goes on; without it, DamagedParts names the part to redo.
 """
 
 import contextlib
 import json
 import os
 import shutil
-import socket
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ from histokt import __version__, atomic
 from histokt.errors import UserError
 from histokt.ingest.records import PartManifest, PatchRow, StandardizeResult, Worklist
 from histokt.ingest.splits import patch_splits
+from histokt.lease import Lease
 from histokt.store.schema import FORMAT, SPLITS, chunk_dir, patch_array, small_array, string_array
 
 LOCK_STALE_S = 600  # a finalize lock of another host untouched this long belongs to a dead process
@@ -61,19 +63,48 @@ def remove_staging(staging: Path) -> None:
 # -- the lock -----------------------------------------------------------------------------------------------
 
 
-def finalize_locked(store: Path, name: str, staging: Path, worklist: Worklist) -> StandardizeResult:
-    """Publish the dataset if this process gets the lock; else report who has it (or that it is done)."""
+class DamagedParts(UserError):
+    """Staged patches of finished parts are gone (neither staged nor moved): those parts must be redone."""
+
+    def __init__(self, message: str, parts: list[int], first: Path):
+        super().__init__(message)
+        self.parts = parts
+        self.first = first  # the first staged patch found missing
+
+
+def finalize_locked(
+    store: Path, name: str, staging: Path, worklist: Worklist, redo: Callable[[list[int]], None] | None = None
+) -> StandardizeResult:
+    """Publish the dataset if this process gets the lock; else report who has it (or that it is done).
+
+    ``redo(parts)`` redoes reset parts (writes their manifests again); it is called, under the lock, where
+    staged patches are found missing, and publishing then resumes. Without it, DamagedParts is raised."""
     lock = staging / "finalize.lock"
     try:
-        acquired = _acquire(lock)
+        lease = Lease.acquire(lock, stale_after=LOCK_STALE_S)
     except FileNotFoundError:  # another shard finalized and removed the staging folder meanwhile
-        acquired = False
-    if not acquired:
+        lease = None
+    if lease is None:
         return _finalized_elsewhere(store, name, lock, worklist.fingerprint)
     try:
-        return _finalize(store, name, staging, worklist)
+        with lease.beating():
+            try:
+                return _finalize(store, name, staging, worklist)
+            except DamagedParts as exc:
+                if redo is None:
+                    raise
+                for k in exc.parts:  # reset: without its manifest the part counts as not done
+                    part_dir(staging, k).with_suffix(".json").unlink(missing_ok=True)
+                redo(exc.parts)
+            try:
+                return _finalize(store, name, staging, worklist)
+            except DamagedParts as exc:
+                raise UserError(
+                    f"{exc.first}: staged patch is missing; it was redone once and is missing again: another "
+                    f"process is changing {staging} (an older histokt?); stop it, then run the same command again"
+                ) from None
     finally:
-        lock.unlink(missing_ok=True)
+        lease.release()
 
 
 def _finalized_elsewhere(store: Path, name: str, lock: Path, fingerprint: str) -> StandardizeResult:
@@ -87,70 +118,43 @@ def _finalized_elsewhere(store: Path, name: str, lock: Path, fingerprint: str) -
     return StandardizeResult(name, "finalizing elsewhere", lock=holder)
 
 
-def _acquire(lock: Path) -> bool:
-    """An exclusive finalize lock; a stale one (see the module docstring) is taken over."""
-    me = f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"
-    mine = lock.with_name(f"{lock.name}.{socket.gethostname()}.{os.getpid()}")
-    mine.write_text(me + "\n")
-    try:
-        for _ in range(2):
-            try:
-                os.link(mine, lock)
-            except FileExistsError:
-                if _stale(lock):
-                    lock.unlink(missing_ok=True)
-                    continue
-                return False
-            return True
-        return False
-    finally:
-        mine.unlink(missing_ok=True)
-
-
-def _stale(lock: Path) -> bool:
-    try:
-        host, pid, _ = lock.read_text().split()
-        age = time.time() - lock.stat().st_mtime
-    except (FileNotFoundError, ValueError):
-        return True
-    if host == socket.gethostname():
-        return not _alive(int(pid))
-    return age > LOCK_STALE_S
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 # -- publishing ---------------------------------------------------------------------------------------------
 
 
 def _finalize(store: Path, name: str, staging: Path, worklist: Worklist) -> StandardizeResult:
-    manifests = [_manifest(staging, k) for k in range(len(worklist.parts))]
+    docs = [atomic.read_json(part_dir(staging, k).with_suffix(".json")) for k in range(len(worklist.parts))]
+    if any(d is None for d in docs):  # a damaged part was reset by another process and is being redone
+        return StandardizeResult(name, "partial", parts_missing=sum(d is None for d in docs))
+    manifests = [PartManifest.from_json(d) for d in docs]
     staged = [Staged(k, j, row) for k, m in enumerate(manifests) for j, row in enumerate(m.patches)]
     splits = _splits(staged, worklist.settings)
     out = staging / "final"
     _layout(out, staging / "final.ready", splits, worklist.settings["patch_size"])
     counts = {}
+    missing: list[Path] = []
     for split in SPLITS:
         mine = [s for s, sp in zip(staged, splits) if sp == split]
         counts[split] = len(mine)
-        _move_chunks(staging, out / split / "images", mine)
+        missing += _move_chunks(staging, out / split / "images", mine)
         _write_meta(zarr.open_group(str(out / split), mode="a"), mine, worklist.multi_label, len(worklist.classes))
+    if missing:
+        raise _damaged(staging, missing)
     rejected = [r for m in manifests for r in m.rejected]
     _write_root(out, worklist, counts, rejected)
     _swap_in(store, name, out, staging)
     return StandardizeResult(name, "written", counts=counts, rejected=len(rejected))
 
 
-def _manifest(staging: Path, k: int) -> PartManifest:
-    return PartManifest.from_json(atomic.read_json(part_dir(staging, k).with_suffix(".json")))
+def _damaged(staging: Path, missing: list[Path]) -> DamagedParts:
+    """The error naming the parts whose staged patches are ``missing`` (…/parts/pNNNNNN/c/<slot>)."""
+    parts = sorted({int(p.parent.parent.name[1:]) for p in missing})
+    manifest = part_dir(staging, parts[0]).with_suffix(".json")
+    return DamagedParts(
+        f"{missing[0]}: staged patch is missing; delete {manifest} and run again "
+        f"(histokt standardize does this by itself; {len(parts)} parts to redo)",
+        parts,
+        missing[0],
+    )
 
 
 def _splits(staged: list[Staged], settings: dict) -> list[str | None]:
@@ -174,17 +178,22 @@ def _layout(out: Path, ready: Path, splits: list[str | None], patch_size: int) -
     atomic.write_bytes(ready, b"")
 
 
-def _move_chunks(staging: Path, images: Path, staged: list[Staged]) -> None:
+def _move_chunks(staging: Path, images: Path, staged: list[Staged]) -> list[Path]:
     """Rename each patch's chunk folder into place: one rename per patch, no copy. Idempotent, so an
-    interrupted finalize resumes: a folder already moved is found at its destination."""
+    interrupted finalize resumes: a folder already moved is found at its destination (and a copy staged
+    again by a redone part is then left behind). Returns the staged folders found nowhere."""
     (images / "c").mkdir(exist_ok=True)
+    missing = []
     for index, s in enumerate(staged):
         src = chunk_dir(part_dir(staging, s.part), s.slot)
         dst = chunk_dir(images, index)
-        if src.exists():
+        if dst.exists():
+            continue
+        try:
             os.rename(src, dst)
-        elif not dst.exists():
-            raise UserError(f"{src}: staged patch is missing; delete {staging} and run again")
+        except FileNotFoundError:
+            missing.append(src)
+    return missing
 
 
 def _write_meta(group: zarr.Group, staged: list[Staged], multi_label: bool, n_classes: int) -> None:

@@ -11,7 +11,8 @@ from typing import Any, Literal, NamedTuple
 
 from histokt.ingest.cards.base import Label
 
-Status = Literal["written", "done", "partial", "finalizing elsewhere"]
+# busy: this process could do nothing, every part left to it is being written by other live processes
+Status = Literal["written", "done", "partial", "busy", "finalizing elsewhere"]
 
 
 def label_to_json(label: Label) -> int | list[int] | None:
@@ -121,7 +122,9 @@ class StandardizeResult:
     status: Status
     counts: dict[str, int] | None = None  # written, done: patches per split
     rejected: int | None = None  # written: sources rejected as bad images
-    parts_missing: int | None = None  # partial: parts other shards still have to do
+    parts_missing: int | None = None  # partial, busy: parts other shards (or processes) still have to do
+    parts_held: int | None = None  # partial, busy: parts of this shard that other live processes are writing
+    held_by: list[str] | None = None  # partial, busy: their holders ("host h, pid p, job j, 12 s ago")
     lock: str | None = None  # finalizing elsewhere: the lock's holder, or "released"
 
     def to_json(self) -> dict[str, Any]:

@@ -20,10 +20,13 @@ def cut_points(n: int, ratios: dict[str, float]) -> list[tuple[str, int, int]]:
     such splits, the largest ratios get one each. With many items the cut is exactly HistoKT's.
     """
     names = list(ratios)
+    # the last split with a positive ratio takes the remainder: ratios that sum to 1 only within the
+    # tolerance of check_split_plan never hand an item to a zero-ratio split after it
+    last = max((k for k, name in enumerate(names) if ratios[name] > 0), default=len(names) - 1)
     sizes, cum, start = [], 0.0, 0
     for k, name in enumerate(names):
         cum += ratios[name]
-        end = n if k == len(names) - 1 else int(round(cum, 9) * n)
+        end = n if k >= last else int(round(cum, 9) * n)
         sizes.append(end - start)
         start = end
     wanted = [k for k in range(len(names)) if ratios[names[k]] > 0]

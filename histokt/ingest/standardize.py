@@ -10,12 +10,20 @@ the finished dataset into the store in one step.
 
 A part is the unit of resume: a part without a manifest is redone from scratch, so a run killed at any
 moment and started again produces the same store, byte for byte.
+
+A part is also the unit of ownership: a process works on a part only while it holds the part's lease
+(``parts/pNNNNNN.lease``, histokt.lease, heart-beating while it works), so the same command started
+twice (an array resubmitted, a rerun by hand while a job still runs) never has two writers on one part.
+A part held by a live other process is skipped, not waited for: the holder finishes it and, if it is the
+last to finish, publishes the dataset; waiting would only burn this job's allocation. A part whose lease
+is stale (its writer died) or absent, and which has no manifest, is redone from scratch.
 """
 
 import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -27,8 +35,8 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from histokt import atomic
-from histokt.errors import UserError
+from histokt import atomic, lease
+from histokt.errors import UserError, on_full_disk
 from histokt.ingest.cards import CARD_NAMES, card_class, get_card, parse_options
 from histokt.ingest.cards.base import Card, CardIndex, Label, Source
 from histokt.ingest.decode import MAX_PIXELS, BadImage
@@ -36,8 +44,10 @@ from histokt.ingest.finalize import dataset_attrs, finalize_locked, part_dir, re
 from histokt.ingest.records import PartManifest, PatchRow, SourceRow, StandardizeResult, Worklist
 from histokt.ingest.splits import SPLIT_RULES, check_split_plan, grouped_splits
 from histokt.ingest.tiling import FilterParams, is_low_contrast, mirror_pad, rescale, tile_boxes
-from histokt.store.schema import SPLITS, patch_array, staging_dir, write_chunk
+from histokt.store.schema import SPLITS, chunk_file, patch_array, staging_dir, write_chunk
 
+# a part lease of another host whose heartbeat (every tenth of this) is this old belongs to a dead writer
+PART_STALE_S = lease.DEFAULT_STALE_S
 DEFAULT_STRIDE = 204  # int(272 * (1 - 0.25)): HistoKT's 25 % overlap
 # The root group's metadata, as zarr writes it; written atomically here because shards start concurrently.
 ROOT_METADATA = json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()
@@ -132,6 +142,15 @@ def check_config(cfg: StandardizeConfig) -> None:
     name = cfg.name or cfg.dataset
     if not name or name.startswith(".") or "/" in name or name in SPLITS:
         raise UserError(f"--name {name!r}: use a plain name without '/' or a leading '.'")
+    store = Path(cfg.store)
+    for where in (store, *store.absolute().parents):  # the store, or its nearest existing folder
+        if where.exists() or where.is_symlink():
+            if not where.is_dir():
+                raise UserError(
+                    f"--store {cfg.store}: {where} is a file, not a folder; "
+                    f"give the path of a zarr store folder (new or existing)"
+                )
+            break
 
 
 def part_size(n_sources: int) -> int:
@@ -244,8 +263,35 @@ class PartTask:
     sources: list[SourceRow]  # the worklist rows of this part
 
 
-def process_part(task: PartTask) -> dict[str, int]:
-    """Standardize one part into its staging array, then write its manifest (the part's done marker)."""
+def process_part(task: PartTask) -> dict[str, Any]:
+    """Standardize one part into its staging array, then write its manifest (the part's done marker), while
+    holding the part's lease. Returns its counts; ``held``: another live process is writing it (skipped);
+    ``skipped``: the part was done meanwhile, or the staging folder is gone (published)."""
+    path = task.directory.with_suffix(".lease")
+    for _ in range(2):  # a lease released between our try and our read of its holder: try once more
+        try:
+            mine = lease.Lease.acquire(path, stale_after=PART_STALE_S)
+        except FileNotFoundError:  # the staging folder is gone: another process published the dataset
+            return {"patches": 0, "sources": 0, "skipped": True}
+        if mine is not None:
+            break
+        holder = lease.read(path)
+        if holder is not None:
+            return {"patches": 0, "sources": 0, "held": True}
+    else:  # taken and released twice in a row by others: theirs to finish (reported as missing)
+        return {"patches": 0, "sources": 0, "skipped": True}
+    try:
+        if task.directory.with_suffix(".json").is_file():  # finished by another process meanwhile
+            return {"patches": 0, "sources": 0, "skipped": True}
+        with mine.beating():
+            if task.directory.exists():  # a dead writer's leftovers: redone from scratch
+                shutil.rmtree(task.directory)
+            return _write_part(task)
+    finally:
+        mine.release()
+
+
+def _write_part(task: PartTask) -> dict[str, Any]:
     patch_array(task.directory, 1 << 40, task.params.patch_size)  # metadata only; chunks written below
     patches: list[PatchRow] = []
     rejected: list[dict[str, str]] = []
@@ -288,7 +334,14 @@ def _tiles(task: PartTask, source: Source) -> Iterator[tuple[tuple[int, int, int
 
 
 def standardize(cfg: StandardizeConfig) -> StandardizeResult:
-    """Run (or resume) this shard's parts and finalize when every part is done; returns what happened."""
+    """Run (or resume) this shard's parts and finalize when every part is done; returns what happened.
+
+    A full disk or an exceeded quota anywhere ends in one UserError naming the path; the same call resumes."""
+    with on_full_disk(cfg.store):
+        return _standardize(cfg)
+
+
+def _standardize(cfg: StandardizeConfig) -> StandardizeResult:
     shard, nshards = parse_shard(cfg.shard)
     card, worklist = make_worklist(cfg)
     name = cfg.name or cfg.dataset
@@ -296,11 +349,16 @@ def standardize(cfg: StandardizeConfig) -> StandardizeResult:
     final = store / name
     existing = dataset_attrs(final)
     if existing is not None:
-        if existing.get("fingerprint") == worklist.fingerprint:
+        same = existing.get("fingerprint") == worklist.fingerprint
+        if same and not (cfg.overwrite and _damaged(final, existing)):
             # a kill between the final rename and the clean-up leaves the staging folder behind
             remove_staging(staging_dir(store, name))
             return StandardizeResult(name, "done", counts=existing["counts"])
-        if not cfg.overwrite:
+        if same:  # --overwrite of a damaged dataset (a chunk file missing or truncated): rebuilt
+            leftover = staging_dir(store, name)
+            if (leftover / "final.ready").is_file() and not (leftover / "final").exists():
+                remove_staging(leftover)  # the published run's leftovers: its parts were moved out
+        elif not cfg.overwrite:
             raise UserError(
                 f"{final}: already holds dataset {name!r} made with {_describe(existing)}; "
                 f"pass --overwrite to replace it, or --name to store this one beside it"
@@ -315,25 +373,66 @@ def standardize(cfg: StandardizeConfig) -> StandardizeResult:
         max_pixels=cfg.max_pixels,
     )
     raw = Path(cfg.raw).resolve()
-    todo = [
-        PartTask(raw, card, params, part_dir(staging, k), a, worklist.sources[a:b])
-        for k, (a, b) in enumerate(worklist.parts)
-        if k % nshards == shard and not _part_done(staging, k)
-    ]
+
+    def task(k: int) -> PartTask:
+        a, b = worklist.parts[k]
+        return PartTask(raw, card, params, part_dir(staging, k), a, worklist.sources[a:b])
+
+    todo = [task(k) for k in range(len(worklist.parts)) if k % nshards == shard and not _part_done(staging, k)]
     try:
-        _run_parts(todo, cfg.workers, cfg.progress, f"{name} shard {shard}/{nshards}")
+        written = _run_parts(todo, cfg.workers, cfg.progress, f"{name} shard {shard}/{nshards}")
     except UserError:
         if nshards == 1:  # nothing half-written stays behind a fatal --strict error
             remove_staging(staging)
         raise
     missing = [k for k in range(len(worklist.parts)) if not _part_done(staging, k)]
     if missing:
-        return StandardizeResult(name, "partial", parts_missing=len(missing))
-    return finalize_locked(store, name, staging, worklist)
+        done = dataset_attrs(final)
+        if done is not None and done.get("fingerprint") == worklist.fingerprint:  # published by another
+            return StandardizeResult(name, "done", counts=done["counts"])
+        # parts of ours that other live processes are writing now: they finish them, the last publishes
+        held = [h for k in missing if k % nshards == shard and (h := _live_holder(staging, k)) is not None]
+        if not held:
+            return StandardizeResult(name, "partial", parts_missing=len(missing))
+        holders = {h.who(): h.describe() for h in sorted(held, key=lambda h: h.heartbeat)}
+        return StandardizeResult(
+            name,
+            "busy" if written == 0 else "partial",
+            parts_missing=len(missing),
+            parts_held=len(held),
+            held_by=sorted(holders.values()),
+        )
+
+    def redo(parts: list[int]) -> None:  # parts found damaged while publishing: redone under the lock
+        _run_parts([task(k) for k in parts], cfg.workers, False, f"{name} redo")
+
+    return finalize_locked(store, name, staging, worklist, redo=redo)
 
 
 def _part_done(staging: Path, k: int) -> bool:
     return part_dir(staging, k).with_suffix(".json").is_file()
+
+
+def _live_holder(staging: Path, k: int) -> lease.Holder | None:
+    """Who holds part k's lease, where it is held and not stale."""
+    path = part_dir(staging, k).with_suffix(".lease")
+    holder = lease.read(path)
+    return None if holder is None or lease.is_stale(path, PART_STALE_S) else holder
+
+
+def _damaged(final: Path, attrs: dict) -> bool:
+    """Whether a finished dataset lacks a patch chunk file or has one of the wrong size (a damaged store)."""
+    counts, size = attrs.get("counts"), attrs.get("patch_size")
+    if not isinstance(counts, dict) or not isinstance(size, int):
+        return False
+    for split, n in counts.items():
+        for index in range(n):
+            try:
+                if os.stat(chunk_file(final / split / "images", index)).st_size != size * size * 3:
+                    return True
+            except FileNotFoundError:
+                return True
+    return False
 
 
 def _describe(attrs: dict) -> str:
@@ -364,21 +463,26 @@ def _prepare_staging(store: Path, name: str, worklist: Worklist, overwrite: bool
     return staging
 
 
-def _run_parts(todo: list[PartTask], workers: int, progress: bool, desc: str) -> None:
+def _run_parts(todo: list[PartTask], workers: int, progress: bool, desc: str) -> int:
+    """Do the parts that no other live process holds; returns how many this process wrote."""
     # disable=None: a bar on a terminal, silence in batch logs
     bar = tqdm(total=len(todo), desc=desc, unit="part", disable=None if progress and todo else True, file=sys.stderr)
-    patches = 0
+    patches, written = 0, 0
+
+    def count(r: dict[str, Any]) -> None:
+        nonlocal patches, written
+        written += not (r.get("held") or r.get("skipped"))
+        patches += r["patches"]
+        bar.set_postfix(patches=patches)
+        bar.update()
+
     if workers == 1 or len(todo) <= 1:
-        results = map(process_part, todo)
-        for r in results:
-            patches += r["patches"]
-            bar.set_postfix(patches=patches)
-            bar.update()
+        for r in map(process_part, todo):
+            count(r)
     else:
         ctx = multiprocessing.get_context("spawn")  # zarr's IO thread must not be forked
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
             for r in pool.map(process_part, todo):
-                patches += r["patches"]
-                bar.set_postfix(patches=patches)
-                bar.update()
+                count(r)
     bar.close()
+    return written

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from histokt.errors import UserError
+
 FORMAT = "histokt-patches/1"
 SPLITS = ("train", "valid", "test")
 
@@ -104,6 +106,12 @@ def list_datasets(store) -> list[str]:
     )
 
 
+class StoreDamaged(UserError):
+    """A patch chunk file of a finished dataset is missing or of the wrong size. Every kept patch is
+    written before a dataset appears, so this is always damage (a deleted or truncated file), never an
+    unwritten patch: the dataset must be standardized again."""
+
+
 class PatchReader:
     """Random access to one split's patches, opened lazily (safe to pickle into DataLoader workers).
 
@@ -133,6 +141,7 @@ class PatchReader:
             and enc.get("name") == "default"
             and enc.get("configuration", {}).get("separator", "/") == "/"
         )
+        self._patch_bytes = int(np.prod(self.shape[1:]))
         if not self._fast:
             self._array = zarr.open_array(str(self.path / "images"), mode="r")
 
@@ -149,11 +158,23 @@ class PatchReader:
             raise IndexError(f"patch {index} out of range for {self.path} ({self.shape[0]} patches)")
         if self._array is not None:  # not the fast layout: zarr reads it
             return np.asarray(self._array[index])
-        try:  # an f-string path: pathlib costs ~20 % of a read here
-            data = np.fromfile(f"{self._images}/c/{index}/0/0/0", dtype=np.uint8)
-        except FileNotFoundError:  # never written = the fill value, as zarr reads it
-            return np.zeros(self.shape[1:], dtype=np.uint8)
+        path = f"{self._images}/c/{index}/0/0/0"  # an f-string path: pathlib costs ~20 % of a read here
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except FileNotFoundError:  # never a patch left unwritten (each kept patch is written): damage
+            raise self._damaged(index, path, "is missing") from None
+        if data.size != self._patch_bytes:
+            raise self._damaged(index, path, f"is truncated ({data.size} of {self._patch_bytes} bytes)")
         return data.reshape(self.shape[1:])
+
+    def _damaged(self, index: int, path: str, what: str) -> StoreDamaged:
+        store, dataset, split = self.path.parent.parent, self.path.parent.name, self.path.name
+        card = (dataset_attrs(store, dataset) or {}).get("card", {}).get("card", "CARD")
+        return StoreDamaged(
+            f"dataset {dataset!r}, split {split}, patch {index}: {path} {what}; the store is damaged: "
+            f"standardize the dataset again with --overwrite (histokt standardize --dataset {card} --raw RAW "
+            f"--store {store} --name {dataset} --overwrite, with its original options)"
+        )
 
     def read_meta(self, name: str) -> np.ndarray:
         return np.asarray(zarr.open_array(str(self.path / name), mode="r")[...])

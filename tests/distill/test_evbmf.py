@@ -40,7 +40,7 @@ def test_minimizer_known_functions(f, lo, hi, expected, tol):
 
 
 def test_minimizer_tolerance_iterations_and_bad_bounds():
-    quartic = lambda x: (x - 0.123456789) ** 4  # noqa: E731: flat bottom, no help from parabolas
+    quartic = lambda x: (x - 0.123456789) ** 4  # flat bottom, no help from parabolas
     coarse, fine = minimize_bounded(quartic, -1, 1), minimize_bounded(quartic, -1, 1, xatol=1e-10)
     assert abs(fine.x - 0.123456789) < 1e-3 and fine.nfev > coarse.nfev
     capped = minimize_bounded(quartic, -1, 1, maxiter=3)

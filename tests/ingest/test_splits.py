@@ -125,3 +125,26 @@ def test_check_split_plan():
         check_split_plan({"all": {"train": 0.8, "valid": 0.1}}, {"all"}, "d")
     with pytest.raises(UserError, match="sum to 1.1"):
         check_split_plan({"all": {"train": 0.8, "valid": 0.2, "test": 0.1}}, {"all"}, "d")
+
+
+def test_the_last_split_takes_every_remaining_item():
+    # check_split_plan accepts ratios summing to 1 within 1e-6: the last split still ends at n, no item is lost
+    assert cut_points(100, {"train": 0.5, "test": 0.4999999}) == [("train", 0, 50), ("test", 50, 100)]
+    assert cut_points(7, {"train": 0.3, "valid": 0.3, "test": 0.3999999}) == [
+        ("train", 0, 2),
+        ("valid", 2, 4),
+        ("test", 4, 7),
+    ]
+
+
+def test_cut_points_round_the_cumulative_ratio_to_nine_decimals():
+    # noise below the 9th decimal does not move a cut: 0.4999999996 of 10 cuts at 5, not 4
+    assert cut_points(10, {"train": 0.4999999996, "test": 0.5000000004}) == [("train", 0, 5), ("test", 5, 10)]
+
+
+def test_a_zero_ratio_split_gets_nothing_when_ratios_sum_to_one_only_within_tolerance():
+    ratios = {"train": 0.5, "valid": 0.4999999, "test": 0.0}  # accepted: |sum - 1| <= 1e-6
+    check_split_plan({"all": ratios}, {"all"}, "toy")
+    for n in (2, 3, 10, 1000):
+        cuts = {name: end - start for name, start, end in cut_points(n, ratios)}
+        assert cuts["test"] == 0 and cuts["train"] + cuts["valid"] == n, (n, cuts)

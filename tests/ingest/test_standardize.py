@@ -13,8 +13,10 @@ from PIL import Image
 
 import histokt.ingest.finalize as fin
 import histokt.ingest.standardize as st
+from histokt import lease
 from histokt.errors import UserError
 from histokt.ingest.standardize import StandardizeConfig, standardize
+from histokt.lease import Lease
 from histokt.store.schema import staging_dir
 from tests.conftest import histokt_cmd
 from tests.fixtures.images import save, tissue
@@ -371,13 +373,13 @@ def test_bad_max_per_class(tmp_path, raw):
 
 def test_finalize_lock_is_never_seen_empty_and_excludes_a_second_taker(tmp_path):
     lock = tmp_path / "finalize.lock"
-    assert fin._acquire(lock)
-    host, pid, _ = lock.read_text().split()  # whole from the moment it exists (a hard link of a written file)
-    assert int(pid) == os.getpid() and not fin._stale(lock)
-    assert not fin._acquire(lock)  # held by a live process
+    assert Lease.acquire(lock, stale_after=fin.LOCK_STALE_S)
+    host, pid, _ = lock.read_text().split()[:3]  # whole from the moment it exists (a hard link of a written file)
+    assert int(pid) == os.getpid() and not lease.is_stale(lock)
+    assert not Lease.acquire(lock)  # held by a live process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finalize.lock"]  # no temporary left behind
     lock.write_text(f"{host} 999999999 0\n")  # a dead local process's lock is taken over
-    assert fin._stale(lock) and fin._acquire(lock) and lock.read_text().split()[1] == str(os.getpid())
+    assert lease.is_stale(lock) and Lease.acquire(lock) and lock.read_text().split()[1] == str(os.getpid())
 
 
 def test_a_shard_arriving_after_another_finalized_reports_done(tmp_path, raw, reference):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import histokt.ingest.tiling as tiling
 from histokt.ingest.tiling import (
     _LUMA,
     FilterParams,
@@ -114,3 +115,85 @@ def test_low_contrast_bound_is_strict():
     assert exact_low_contrast(pixels(4, 1), FilterParams())
     assert not exact_low_contrast(pixels(6, 0), FilterParams())
     assert not exact_low_contrast(pixels(0, 3), FilterParams())
+
+
+def test_rescale_is_bilinear_without_overshoot_for_arrays_and_pillow_images():
+    from PIL import Image
+
+    step = np.array([[50] * 4 + [200] * 4] * 2, np.uint8)
+    for image in (step, Image.fromarray(step)):
+        row = rescale(image, 4.0)[0].tolist()
+        assert len(row) == 32 and min(row) == 50 and max(row) == 200  # bicubic would ring below 50 / above 200
+        assert row == sorted(row) and 50 < row[15] < 200  # a monotone ramp across the edge
+    assert rescale(Image.fromarray(step), 2.0).shape == (4, 16)
+    np.testing.assert_array_equal(rescale(Image.fromarray(step), 1.0), step)
+
+
+def test_rescale_of_labels_is_nearest_and_keeps_the_dtype():
+    mask = np.array([[0] * 3 + [100] * 3] * 2, np.uint8)
+    up = rescale(mask, 2.5, labels=True)
+    assert up.dtype == np.uint8 and up.shape == (5, 15)
+    assert up[0].tolist() == [0] * 8 + [100] * 7  # no interpolated (or negative) codes
+
+
+def gray_patch(levels) -> np.ndarray:
+    """A 1-row RGB patch of gray pixels with these 0..255 levels."""
+    c = np.asarray(levels, np.uint8)
+    return np.stack([c, c, c], axis=-1)[None]
+
+
+def no_full_percentile(monkeypatch):
+    def refuse(gray, params):
+        raise AssertionError("the full percentile was computed")
+
+    monkeypatch.setattr(tiling, "exact_low_contrast", refuse)
+
+
+@pytest.mark.parametrize("n", [21, 100])
+def test_fast_filter_proves_texture_from_exactly_the_needed_counts(monkeypatch, n):
+    # dark 100, middle 120, bright 138 (spread 0.149: textured). The 1-in-17 subsample sees dark and bright,
+    # and exactly floor(h_lo) + 2 pixels are dark and n - floor(h_hi) bright: enough to decide without the
+    # full percentile (3 and 2 of 21; 6 and 2 of 100)
+    levels = [120] * n
+    dark, bright = ([0, 18, 1], [17, 2]) if n == 21 else ([0, 17, 1, 2, 3, 4], [34, 51])
+    for i in dark:
+        levels[i] = 100
+    for i in bright:
+        levels[i] = 138
+    no_full_percentile(monkeypatch)
+    assert not is_low_contrast(gray_patch(levels), FilterParams())
+
+
+def check_decision(patch, expected: bool) -> None:
+    gray = patch.reshape(-1, 3).astype(np.float32) @ _LUMA
+    assert exact_low_contrast(gray, FilterParams()) == expected
+    assert is_low_contrast(patch, FilterParams()) == expected
+
+
+def test_fast_filter_never_calls_a_flat_patch_textured_from_one_side():
+    # 100 pixels, all at 125 but two dark (100) and two bright (138) ones: (p99 - p5) / 2 = 0.025, low-contrast.
+    # The subsample (every 17th) sees dark and bright; the bright count alone is enough, the dark one is not.
+    levels = [125] * 100
+    levels[0] = levels[17] = 100
+    levels[34] = levels[51] = 138
+    check_decision(gray_patch(levels), True)
+    # mirrored: six dark pixels (enough) but only one bright one
+    levels = [118] * 100
+    for i in (0, 17, 1, 2, 3, 4):
+        levels[i] = 100
+    levels[34] = 160
+    check_decision(gray_patch(levels), True)
+
+
+def test_fast_filter_needs_floor_h_plus_two_dark_pixels_on_a_full_size_patch():
+    # 272 x 272: 3700 dark pixels (<= 100), one short of floor(0.05 * 73983) + 2 = 3701. p5 interpolates
+    # between 100 and 129 (104.35), p99 is 129: (p99 - p5) / 2 = 0.048 < 0.05, low-contrast, although the
+    # subsample (p5 90, p99 139) puts the counting window right between 100 and 129
+    n = 272 * 272
+    flat = np.full(n, 129, np.uint8)
+    flat[0 : 17 * 219 : 17] = 90
+    flat[17 * 219 : 17 * 264 : 17] = 139
+    rest = np.arange(17 * 264, n)
+    flat[rest[rest % 17 != 0][:3481]] = 100
+    assert np.count_nonzero(flat <= 100) == 3700
+    check_decision(np.repeat(flat.reshape(272, 272, 1), 3, axis=2), True)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from histokt.result import KEYS, BestValid, CellResult, MalformedResult
-from histokt.results.collect import Scores, best_single_source, choose_lr, read_result
+from histokt.results.collect import Scores, _lr, _scores, best_single_source, choose_lr, read_result
 from histokt.results.matrix import Matrix, Stat
 
 
@@ -56,6 +56,27 @@ def test_an_unknown_lr_comes_last_and_nothing_gives_none():
     assert choose_lr({}) is None
     assert choose_lr({1e-3: {"a": []}, 1e-4: {}}) is None
     assert choose_lr({1e-3: {"a": [], "b": seeds(0.6)}, 1e-4: {"a": seeds(0.5)}}) == 1e-3  # empty groups ignored
+
+
+def test_lrs_from_plan_meta_or_config_become_floats_and_unknown_stays_none():
+    assert _lr("0.001") == 0.001 and isinstance(_lr(1), float) and _lr(None) is None
+
+
+@pytest.mark.parametrize(
+    ("valid", "top1", "expected"),
+    [
+        (0.875, 0.8, Scores(0.875, 0.8)),
+        (1, 0, Scores(1.0, 0.0)),
+        (float("nan"), 0.8, None),
+        (0.875, float("inf"), None),
+        (float("-inf"), float("nan"), None),
+    ],
+)
+def test_a_cell_scores_only_with_finite_valid_and_test_top1(valid, top1, expected):
+    result = CellResult.from_json(full(valid={"top1_best": valid, "best_epoch": 2}, test={"top1": top1}))
+    scores = _scores(result)
+    assert scores == expected
+    assert scores is None or all(type(x) is float for x in scores)
 
 
 # ---- the best single source of distill.csv ---------------------------------------------------------------

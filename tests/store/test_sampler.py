@@ -1,5 +1,8 @@
 """Global batches: identical whatever the world size, resumable at a batch, epoch-seeded."""
 
+import pytest
+
+from histokt.errors import UserError
 from histokt.store.sampler import GlobalBatchSampler, epoch_permutation, eval_shards
 
 
@@ -62,3 +65,40 @@ def test_epoch_permutation_is_seeded_by_seed_and_epoch():
     assert a.tolist() != epoch_permutation(100, seed=0, epoch=1).tolist()
     assert a.tolist() != epoch_permutation(100, seed=1, epoch=0).tolist()
     assert epoch_permutation(5, seed=0, epoch=3, shuffle=False).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_epoch_permutation_is_pinned():
+    # checkpoints resume at a batch of this order: a change to the seeding would resume on other samples
+    assert epoch_permutation(10, seed=0, epoch=0).tolist() == [2, 9, 7, 0, 4, 8, 6, 5, 3, 1]
+    assert epoch_permutation(10, seed=7, epoch=2).tolist() == [0, 3, 5, 1, 4, 2, 8, 7, 9, 6]
+
+
+def test_a_fresh_sampler_is_one_rank_at_epoch_zero_from_the_first_batch():
+    s = GlobalBatchSampler(10, 4)
+    got = list(s)
+    assert got == list(GlobalBatchSampler(10, 4, world=1, rank=0, seed=0))
+    perm = epoch_permutation(10, seed=0, epoch=0).tolist()
+    assert got == [[(0, i) for i in (perm + perm)[b * 4 : b * 4 + 4]] for b in range(3)]
+    s.set_epoch(2, 1)
+    s.set_epoch(2)  # a new epoch starts at its first batch
+    batches = list(s)
+    assert len(batches) == 3 and batches[0][0][0] == 2
+
+
+def test_unshuffled_batches_read_in_order_and_wrap():
+    batches = list(GlobalBatchSampler(10, 4, shuffle=False))
+    assert batches == [
+        [(0, 0), (0, 1), (0, 2), (0, 3)],
+        [(0, 4), (0, 5), (0, 6), (0, 7)],
+        [(0, 8), (0, 9), (0, 0), (0, 1)],
+    ]
+    rank1 = list(GlobalBatchSampler(10, 4, world=2, rank=1, shuffle=False))
+    assert rank1 == [[(0, 2), (0, 3)], [(0, 6), (0, 7)], [(0, 0), (0, 1)]]
+
+
+def test_a_single_sample_is_enough_and_none_is_an_error():
+    assert list(GlobalBatchSampler(1, 2)) == [[(0, 0), (0, 0)]]
+    with pytest.raises(UserError, match="^the split to train on is empty$"):
+        GlobalBatchSampler(0, 2)
+    with pytest.raises(UserError, match="^--batch-size 6 must be a multiple of the world size 4$"):
+        GlobalBatchSampler(10, 6, world=4)

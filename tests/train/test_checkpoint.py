@@ -173,3 +173,119 @@ def test_save_weights_writes_one_file_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
     loaded = checkpoint.load(tmp_path / "best.pt")
     assert loaded["epoch"] == 4 and torch.equal(loaded["model"]["w"], torch.ones(2))
+
+
+PICKLE_CALLS = []
+
+
+def _record_unpickling(tag):
+    PICKLE_CALLS.append(tag)
+    return tag
+
+
+def test_weights_only_even_when_the_environment_turns_torchs_default_off(tmp_path, monkeypatch):
+    class Payload:
+        def __reduce__(self):
+            return (_record_unpickling, ("ran",))
+
+    torch.save({"model": Payload()}, tmp_path / "last.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # flips torch.load's default, not an explicit True
+    PICKLE_CALLS.clear()
+    loaded, notes = checkpoint.load_latest(tmp_path)
+    assert loaded is None and PICKLE_CALLS == [] and "unreadable checkpoint" in notes[0]
+
+
+def test_a_checkpoint_written_on_a_gpu_loads_onto_the_cpu(tmp_path, monkeypatch):
+    import torch.serialization
+
+    with monkeypatch.context() as m:  # record the tensor's location as cuda:0, as a GPU rank would
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        checkpoint.save(tmp_path, state(3))
+    loaded, notes = checkpoint.load_latest(tmp_path)
+    assert notes == [] and loaded["model"]["w"].device.type == "cpu"
+    assert torch.equal(loaded["model"]["w"], torch.full((3,), 3.0))
+
+
+def test_a_kill_between_the_two_renames_leaves_previous_pt_which_loads(tmp_path):
+    checkpoint.save(tmp_path, state(1))
+    checkpoint.save(tmp_path, state(2))
+    (tmp_path / "last.pt").unlink()  # save moved last.pt to previous.pt, then died before the temp file's rename
+    loaded, notes = checkpoint.load_latest(tmp_path)
+    assert loaded["step"] == 1 and notes == []
+
+
+def test_the_note_names_the_error_and_keeps_its_message_short(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, state(1))
+    message = "0123456789" * 20
+
+    def broken(path):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(checkpoint, "load", broken)
+    loaded, notes = checkpoint.load_latest(tmp_path)
+    assert loaded is None
+    assert notes == [f"{tmp_path / 'last.pt'}: unreadable checkpoint (RuntimeError: {message[:120]}); skipped"]
+
+
+def test_cuda_generators_are_saved_and_restored_when_a_gpu_is_present(monkeypatch):
+    cuda_states = [torch.arange(4, dtype=torch.uint8), torch.arange(4, 8, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    saved = checkpoint.rng_state()
+    assert saved["cuda"] is cuda_states
+    checkpoint.set_rng_state(saved)
+    assert restored == [cuda_states]
+    restored.clear()
+    checkpoint.set_rng_state({k: v for k, v in saved.items() if k != "cuda"})  # written on a CPU-only machine
+    assert restored == []
+
+
+def test_cuda_state_is_left_alone_without_a_gpu(monkeypatch):
+    def no_gpu(*args):
+        raise AssertionError("CUDA touched on a machine without a GPU")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_gpu)
+    saved = checkpoint.rng_state()
+    assert "cuda" not in saved
+    checkpoint.set_rng_state({**saved, "cuda": [torch.zeros(4, dtype=torch.uint8)]})  # written on a GPU machine
+
+
+def test_an_old_checkpoint_keeps_pythons_cached_gaussian_and_clears_numpys(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(8)
+    np.random.seed(9)
+    old = {k: v for k, v in checkpoint.rng_state().items() if "gauss" not in k}
+    saved_numpy = np.random.get_state()
+    checkpoint.save(tmp_path, {"rng": old})
+    expected_normal = float(np.random.standard_normal())  # a fresh pair: its second value is now cached
+    random.gauss(0.0, 1.0)
+    cached = random.getstate()[2]
+    assert cached is not None and np.random.get_state()[3] == 1
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt")["rng"])
+    assert random.getstate()[2] == cached
+    restored_numpy = np.random.get_state()
+    assert restored_numpy[0] == saved_numpy[0] and np.array_equal(restored_numpy[1], saved_numpy[1])
+    assert restored_numpy[2:] == saved_numpy[2:] == (saved_numpy[2], 0, 0.0)
+    assert float(np.random.standard_normal()) == expected_normal
+
+
+def test_a_global_numpy_generator_other_than_mt19937_is_refused():
+    import numpy as np
+
+    original = np.random.get_bit_generator()
+    np.random.set_bit_generator(np.random.PCG64(0))
+    try:
+        with (
+            pytest.warns(RuntimeWarning),
+            pytest.raises(TypeError, match=r"^numpy's global RandomState does not use MT19937$"),
+        ):
+            checkpoint.rng_state()
+    finally:
+        np.random.set_bit_generator(original)

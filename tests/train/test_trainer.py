@@ -155,6 +155,7 @@ def test_stop_signals_only_set_a_flag_and_the_handlers_come_back():
     for sig in StopRequested.SIGNALS:
         with StopRequested() as stop:
             assert not stop.flag
+            assert signal.getsignal(sig) == stop._handle  # else the kill below would end the test process
             os.kill(os.getpid(), sig)
             assert stop.flag  # the handler ran (signals are handled between bytecodes of the main thread)
         assert {s: signal.getsignal(s) for s in StopRequested.SIGNALS} == before

@@ -1,0 +1,286 @@
+"""Standardize on a real cluster: the same command started twice, writers that died, a full disk, damage.
+
+Real processes on real stores where it matters; every scenario ends in a store byte-identical to an
+undisturbed run, with no manual step and no traceback."""
+
+import errno
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import zarr
+
+import histokt.ingest.finalize as fin
+import histokt.ingest.standardize as st
+from histokt.errors import UserError
+from histokt.ingest.records import StandardizeResult
+from histokt.ingest.standardize import StandardizeConfig, standardize
+from histokt.store.schema import PatchReader, StoreDamaged, chunk_dir, chunk_file, staging_dir
+from tests.conftest import histokt_cmd
+from tests.fixtures.stores import assert_same_store, folder_dataset
+
+FULL_DISK_LINE = (
+    r"^histokt standardize: error: .+: no space left on the device \(ENOSPC\); free space or raise the "
+    r"quota, then run the same command again: it resumes\n$"
+)
+
+
+def cfg(raw, store, **kw):
+    kw.setdefault("mpp", 1.0)
+    return StandardizeConfig(dataset="folder", raw=raw, store=store, progress=False, **kw)
+
+
+def cli(raw, store, *extra):
+    return histokt_cmd("standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", *extra)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    return folder_dataset(tmp_path, per_class=6, size=500)
+
+
+@pytest.fixture
+def reference(tmp_path, raw):
+    store = tmp_path / "ref.zarr"
+    standardize(cfg(raw, store))
+    return store
+
+
+@pytest.fixture
+def live_pid():
+    """A live process of this host other than the test's: the holder of leases left by hand."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def leave_lease(path, pid: int, host: str | None = None, age_s: float = 0) -> None:
+    then = time.time() - age_s
+    path.write_text(f"{host or socket.gethostname()} {pid} {then:.0f} 555_1\n")
+    os.utime(path, (then, then))
+
+
+def no_traceback(stderr: str) -> None:
+    assert "Traceback" not in stderr and "Error:" not in stderr, stderr
+
+
+# -- the same command twice at once -------------------------------------------------------------------------
+
+
+def test_the_same_standardize_started_twice_at_once(tmp_path, cli_env):
+    raw = folder_dataset(tmp_path, per_class=10, size=600)  # 30 sources -> 30 parts of one source
+    ref = tmp_path / "ref.zarr"
+    standardize(cfg(raw, ref))
+    store = tmp_path / "twice.zarr"
+    args = cli(raw, store, "--no-progress")
+    procs = [
+        subprocess.Popen(args, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = [p.returncode for p in procs]
+    for (_, err), code in zip(outs, codes):
+        no_traceback(err)
+        assert code in (0, 3), err  # 3: everything left to it was being written by the other one
+        if code == 3:
+            assert "parts are being written by host" in err and err.count("\n") == 1
+    assert 0 in codes
+    again = subprocess.run(args, env=cli_env, capture_output=True, text=True)  # and once more: a no-op
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
+    no_traceback(again.stderr)
+    assert_same_store(store, ref)
+    assert not staging_dir(store, "folder").exists()
+
+
+def test_a_part_held_by_a_live_process_is_skipped_and_reported(tmp_path, raw, reference, live_pid, cli_env):
+    store = tmp_path / "held.zarr"
+    _, worklist = st.make_worklist(cfg(raw, store))
+    staging = staging_dir(store, "folder")
+    (staging / "parts").mkdir(parents=True)
+    lease = fin.part_dir(staging, 1).with_suffix(".lease")
+    leave_lease(lease, live_pid)
+    r = standardize(cfg(raw, store))
+    assert r.status == "partial" and r.parts_missing == 1 and r.parts_held == 1
+    assert r.held_by is not None and r.held_by[0].startswith(f"host {socket.gethostname()}, pid {live_pid}, job 555_1")
+    assert not (store / "folder").exists() and not fin.part_dir(staging, 1).exists()
+    # the run that can do nothing at all says so on one line and exits 3 (EXIT_BUSY), without a traceback
+    for k in range(len(worklist.parts)):
+        leave_lease(fin.part_dir(staging, k).with_suffix(".lease"), live_pid)
+    busy = subprocess.run(cli(raw, store), capture_output=True, text=True, env=cli_env)
+    assert busy.returncode == 3 and busy.stderr.count("\n") == 1 and "1 parts are being written by host" in busy.stderr
+    assert "job 555_1" in busy.stderr and "run the same command again after it ends" in busy.stderr
+    # the holder died: its part is redone by the next run, which publishes
+    leave_lease(lease, 999_999_999)
+    assert standardize(cfg(raw, store)).status == "written"
+    assert_same_store(store, reference)
+
+
+def test_a_dead_writers_part_is_redone_from_scratch(tmp_path, raw, reference):
+    store = tmp_path / "dead.zarr"
+    assert standardize(cfg(raw, store, shard="0/2")).status == "partial"
+    staging = staging_dir(store, "folder")
+    part = fin.part_dir(staging, 1)  # shard 1's part, left half-written by a writer that died
+    shutil.copytree(fin.part_dir(staging, 0), part)
+    (chunk_dir(part, 0) / "0" / "0" / "0").write_bytes(b"half")
+    leave_lease(part.with_suffix(".lease"), 999_999_999)
+    other_host = fin.part_dir(staging, 3).with_suffix(".lease")  # another host's writer, silent for 20 min
+    leave_lease(other_host, 4242, host="another-node.cluster.example", age_s=1200)
+    assert standardize(cfg(raw, store, shard="1/2")).status == "written"
+    assert_same_store(store, reference)
+
+
+# -- finalize after damage ----------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def test_finalize_redoes_a_part_whose_staged_patches_vanished(tmp_path, raw, reference, monkeypatch):
+    """A finalize killed after moving the train split, and a staged patch of a part lost meanwhile (as two
+    writers of an older version left it): the next run redoes that part by itself and publishes."""
+    store = tmp_path / "damaged.zarr"
+    real, calls = fin._write_meta, []
+
+    def crash_after_train(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fin, "_write_meta", crash_after_train)
+    with pytest.raises(Crash):
+        standardize(cfg(raw, store))
+    monkeypatch.setattr(fin, "_write_meta", real)
+    staging = staging_dir(store, "folder")
+    left = sorted(p for p in (staging / "parts").glob("p*/c/*") if p.is_dir())
+    assert left, "every staged patch moved before the crash"
+    shutil.rmtree(left[-1])  # a patch of the test split, not moved yet, lost
+    moved = sorted((staging / "final" / "train" / "images" / "c").iterdir())
+    assert moved  # and the train patches already moved out of their parts
+    r = standardize(cfg(raw, store))
+    assert r.status == "written"
+    assert_same_store(store, reference)
+    assert not staging.exists()
+
+
+def test_finalize_without_redo_names_the_part_to_delete(tmp_path, raw, reference, monkeypatch):
+    store = tmp_path / "s.zarr"
+    monkeypatch.setattr(st, "finalize_locked", lambda *a, **kw: StandardizeResult("folder", "partial"))
+    standardize(cfg(raw, store))
+    monkeypatch.undo()
+    staging = staging_dir(store, "folder")
+    shutil.rmtree(chunk_dir(fin.part_dir(staging, 2), 0))
+    _, worklist = st.make_worklist(cfg(raw, store))
+    with pytest.raises(fin.DamagedParts, match=r"p000002/c/0: staged patch is missing; delete .*p000002.json"):
+        fin.finalize_locked(store, "folder", staging, worklist)
+    assert standardize(cfg(raw, store)).status == "written"  # standardize redoes it by itself
+    assert_same_store(store, reference)
+
+
+# -- a full disk --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only); yields (folder, grow) where grow() remounts it at 64 MiB."""
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip() or r.returncode}")
+
+    def grow():
+        subprocess.run(["mount", "-o", "remount,size=64m", str(where)], check=True)
+
+    try:
+        yield where, grow
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_ends_in_one_clear_line_and_the_same_command_resumes(small_disk, raw, reference, cli_env):
+    where, grow = small_disk
+    store = where / "s.zarr"  # its staging folder is a sibling: on the small disk too
+    args = cli(raw, store, "--workers", "2", "--no-progress")
+    full = subprocess.run(args, env=cli_env, capture_output=True, text=True)
+    assert full.returncode == 2, full.stderr
+    assert re.match(FULL_DISK_LINE, full.stderr), full.stderr
+    assert str(where) in full.stderr
+    assert not (store / "folder").exists()
+    grow()
+    again = subprocess.run(args, env=cli_env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    no_traceback(again.stderr)
+    assert_same_store(store, reference)
+
+
+@pytest.mark.parametrize("code,name", [(errno.ENOSPC, "ENOSPC"), (errno.EDQUOT, "EDQUOT")])
+def test_a_full_disk_while_publishing_resumes(tmp_path, raw, reference, monkeypatch, code, name):
+    store = tmp_path / "pub.zarr"
+    real = fin._write_root
+
+    def full(*args, **kw):
+        raise OSError(code, os.strerror(code))  # as a failed write() raises it: no file named
+
+    monkeypatch.setattr(fin, "_write_root", full)
+    with pytest.raises(
+        UserError, match=rf"^{re.escape(str(store))}: .*\({name}\); free space or raise the quota, then"
+    ):
+        standardize(cfg(raw, store))
+    assert not (staging_dir(store, "folder") / "finalize.lock").exists()
+    monkeypatch.setattr(fin, "_write_root", real)
+    assert standardize(cfg(raw, store)).status == "written"
+    assert_same_store(store, reference)
+
+
+def test_a_full_disk_in_a_part_names_the_file(tmp_path, raw, reference, monkeypatch):
+    store = tmp_path / "part.zarr"
+    real = st.write_chunk
+
+    def full(array_dir, index, patch):
+        if index == 2:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(chunk_file(array_dir, index)))
+        return real(array_dir, index, patch)
+
+    monkeypatch.setattr(st, "write_chunk", full)
+    with pytest.raises(UserError, match=r"p000000/c/2/0/0/0: disk quota exceeded \(EDQUOT\); free space"):
+        standardize(cfg(raw, store))
+    monkeypatch.setattr(st, "write_chunk", real)
+    assert standardize(cfg(raw, store)).status == "written"
+    assert_same_store(store, reference)
+
+
+# -- bad input and damage -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_a_store_path_that_is_a_file(tmp_path, raw, cli_env, under):
+    afile = tmp_path / "store.zarr"
+    afile.write_text("not a store")
+    store = afile / "x.zarr" if under else afile
+    r = subprocess.run(cli(raw, store), env=cli_env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    no_traceback(r.stderr)
+    assert r.stderr.startswith(f"histokt standardize: error: --store {store}: {afile} is a file, not a folder")
+
+
+def test_a_damaged_dataset_is_named_by_the_reader_and_rebuilt_by_overwrite(tmp_path, raw, reference):
+    store = tmp_path / "hurt.zarr"
+    shutil.copytree(reference, store)
+    n = zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]["valid"]
+    assert n >= 2
+    chunk_file(store / "folder" / "valid" / "images", 1).unlink()
+    reader = PatchReader(store, "folder", "valid")
+    with pytest.raises(StoreDamaged, match=r"'folder', split valid, patch 1: .*/valid/images/c/1/0/0/0 is missing"):
+        reader.read(1)
+    assert standardize(cfg(raw, store)).status == "done"  # a plain re-run trusts a finished dataset
+    r = standardize(cfg(raw, store, overwrite=True))  # what the reader's message says to run
+    assert r.status == "written"
+    assert_same_store(store, reference)
+    assert standardize(cfg(raw, store, overwrite=True)).status == "done"  # intact: nothing to redo
