@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,125 @@ def test_current_job(monkeypatch, no_slurm):
 def test_a_vanished_folder_is_reported_to_the_taker(tmp_path):
     with pytest.raises(FileNotFoundError):
         Lease.acquire(tmp_path / "gone" / "x.lease")
+
+
+def test_holder_text_without_a_job_and_its_age_from_the_heartbeat():
+    h = lease.Holder("node1", 77, 1000.0, None, 5000.0)
+    assert h.who() == "host node1, pid 77"
+    assert h.describe(now=5012.0) == "host node1, pid 77, 12 s ago"
+    assert h.describe(now=5000.0) == "host node1, pid 77, 0 s ago"
+    assert h.describe(now=4990.0) == "host node1, pid 77, 0 s ago"  # a clock behind the heartbeat's
+    assert (
+        lease.Holder("node1", 77, 1000.0, "9_1", 5000.0).describe(now=5003.0) == "host node1, pid 77, job 9_1, 3 s ago"
+    )
+
+
+def test_read_gives_every_field(path):
+    path.write_text("node1 77 1234.5 99_3\n")
+    os.utime(path, (2000.0, 2000.0))
+    assert lease.read(path) == lease.Holder("node1", 77, 1234.5, "99_3", 2000.0)
+    path.write_text("node1 77 1234\n")
+    os.utime(path, (2000.0, 2000.0))
+    assert lease.read(path) == lease.Holder("node1", 77, 1234.0, None, 2000.0)
+
+
+def test_a_job_id_alone_when_the_array_task_is_missing(monkeypatch, no_slurm):
+    monkeypatch.setenv("SLURM_JOB_ID", "500")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")  # no SLURM_ARRAY_TASK_ID: not an array task
+    assert lease.current_job() == "500"
+
+
+def test_alive_only_probes_with_signal_zero(monkeypatch):
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    assert lease.alive(4242) and sent == [(4242, 0)]
+
+    def denied(pid, sig):
+        raise PermissionError(pid)
+
+    monkeypatch.setattr(os, "kill", denied)
+    assert lease.alive(4242)  # another user's live process
+
+
+def test_alive_leaves_a_live_process_running():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert lease.alive(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.3)
+    finally:
+        child.kill()
+        child.wait()
+    assert not lease.alive(child.pid)
+
+
+def test_another_hosts_lease_exactly_stale_after_old_is_still_held(path, monkeypatch):
+    leave(path, OTHER_HOST, 4242, 0)
+    os.utime(path, (10_000.0, 10_000.0))
+    monkeypatch.setattr(lease.time, "time", lambda: 10_060.0)
+    assert not lease.is_stale(path, stale_after=60)
+    monkeypatch.setattr(lease.time, "time", lambda: 10_060.5)
+    assert lease.is_stale(path, stale_after=60)
+
+
+def test_the_lease_keeps_its_stale_age(path):
+    mine = Lease.acquire(path, stale_after=2.5)
+    assert mine is not None and mine.stale_after == 2.5
+    path.unlink()
+    leave(path, OTHER_HOST, 4242, 90)
+    mine = Lease.acquire(path, stale_after=60)  # taken over
+    assert mine is not None and mine.stale_after == 60
+
+
+def test_one_take_over_at_most(path, monkeypatch):
+    """A stale lease that reappears (another taker won the race, and is stale too) is given up, not chased."""
+    links = []
+    real_link = os.link
+
+    def racing_link(src, dst):
+        links.append(dst)
+        if len(links) <= 2:
+            leave(Path(dst), OTHER_HOST, 4242, 9999)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", racing_link)
+    assert Lease.acquire(path) is None
+    assert len(links) == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == []  # no temporary left behind
+
+
+def test_a_stale_lease_removed_meanwhile_by_another_taker(path, monkeypatch):
+    leave(path, OTHER_HOST, 4242, 9999)
+
+    def judged_then_removed(p, stale_after):
+        Path(p).unlink()  # another taker removes it between the judgement and the unlink
+        return True
+
+    monkeypatch.setattr(lease, "is_stale", judged_then_removed)
+    mine = Lease.acquire(path)
+    assert mine is not None and mine.held()
+
+
+def test_the_folders_error_is_reported_alone(tmp_path):
+    """Cleaning up the temporary that could not be written raises nothing of its own."""
+    with pytest.raises(FileNotFoundError) as raised:
+        Lease.acquire(tmp_path / "gone" / "x.lease")
+    assert raised.value.__context__ is None
+
+
+def test_a_released_lease_is_no_longer_held(path, monkeypatch):
+    mine = Lease.acquire(path)
+    assert mine is not None and mine.held()
+    mine.release()
+    assert not mine.held() and not mine.touch() and not path.exists()
+    mine.release()  # twice: nothing to do
+    again = Lease.acquire(path)
+    assert again is not None
+
+    def held_then_removed():
+        path.unlink()  # removed by someone else between the check and the unlink
+        return True
+
+    monkeypatch.setattr(again, "held", held_then_removed)
+    again.release()
+    assert not path.exists()

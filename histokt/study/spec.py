@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,9 +257,16 @@ def _recipe(t, key, where) -> dict:
             _check_type(value, bool, f"{key}.{name}", where)
         elif isinstance(default, (int, float, str)):
             _check_type(value, type(default), f"{key}.{name}", where)
+        elif default is None:  # optional options (optimizer, step_size): the type their annotation names
+            _check_type(value, _optional_type(fields[name].type), f"{key}.{name}", where)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{where}: {key}.{name}: {value} must be a finite number")
     return dict(t)
+
+
+def _optional_type(annotation) -> type:
+    """X of an ``Optional[X]`` field annotation."""
+    return next(a for a in typing.get_args(annotation) if a is not type(None))
 
 
 def _cross_check(spec: Spec, where) -> None:

@@ -68,4 +68,10 @@ def test_recipes_build():
         opt = build_optimizer(
             r["optimizer"], [torch.nn.Parameter(torch.zeros(2))], r["lr"], r["weight_decay"], r["momentum"]
         )
-        build_scheduler(r["scheduler"], opt, r["step_size"], r["gamma"])
+        sched = build_scheduler(r["scheduler"], opt, r["step_size"], r["gamma"])
+        assert opt.param_groups[0]["lr"] == r["lr"] and opt.param_groups[0]["weight_decay"] == r["weight_decay"]
+        for _ in range(r["step_size"]):  # one step of the schedule: the LR falls by gamma exactly then
+            assert opt.param_groups[0]["lr"] == pytest.approx(r["lr"])
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(r["lr"] * r["gamma"])
