@@ -457,9 +457,10 @@ def test_each_mistake_is_one_line_naming_file_and_key(raw, edits, message):
 
 
 def test_the_base_spec_and_the_edit_helper_are_valid(raw):
-    parse(base(), "", W)
+    assert set(parse(base(), "", W).stages) == set(base()["stages"])
     for edits in (TRANSFER, DISTILL, {**TRANSFER, **DISTILL}):
-        parse(edited(edits), "", W)
+        stages = parse(edited(edits), "", W).stages
+        assert {k.split(".")[1] for k in edits if k.startswith("stages.")} <= set(stages)
 
 
 # -- what parse returns -------------------------------------------------------------------------------------------
