@@ -19,10 +19,11 @@ import histokt.ingest.finalize as fin
 import histokt.ingest.standardize as st
 from histokt.errors import UserError
 from histokt.ingest.records import StandardizeResult
-from histokt.ingest.standardize import StandardizeConfig, standardize
+from histokt.ingest.standardize import standardize
 from histokt.store.schema import PatchReader, StoreDamaged, chunk_dir, chunk_file, staging_dir
 from tests.conftest import histokt_cmd
 from tests.fixtures.stores import assert_same_store, folder_dataset
+from tests.fixtures.stores import folder_config as cfg
 
 FULL_DISK_LINE = (
     r"^histokt standardize: error: .+: no space left on the device \(ENOSPC\); free space or raise the "
@@ -30,25 +31,8 @@ FULL_DISK_LINE = (
 )
 
 
-def cfg(raw, store, **kw):
-    kw.setdefault("mpp", 1.0)
-    return StandardizeConfig(dataset="folder", raw=raw, store=store, progress=False, **kw)
-
-
 def cli(raw, store, *extra):
     return histokt_cmd("standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", *extra)
-
-
-@pytest.fixture
-def raw(tmp_path):
-    return folder_dataset(tmp_path, per_class=6, size=500)
-
-
-@pytest.fixture
-def reference(tmp_path, raw):
-    store = tmp_path / "ref.zarr"
-    standardize(cfg(raw, store))
-    return store
 
 
 @pytest.fixture

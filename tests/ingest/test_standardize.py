@@ -21,29 +21,13 @@ from histokt.store.schema import staging_dir
 from tests.conftest import histokt_cmd
 from tests.fixtures.images import save, tissue
 from tests.fixtures.stores import assert_same_store, folder_dataset
-
-
-def cfg(raw, store, **kw):
-    kw.setdefault("mpp", 1.0)
-    return StandardizeConfig(dataset="folder", raw=raw, store=store, progress=False, **kw)
+from tests.fixtures.stores import folder_config as cfg
 
 
 def expected_patches(w, h, mpp, patch=272, stride=204):
     """Hand arithmetic of method.md §2: rescale, mirror-pad to the patch, full windows only."""
     w, h = max(patch, round(w * mpp)), max(patch, round(h * mpp))
     return ((w - patch) // stride + 1) * ((h - patch) // stride + 1)
-
-
-@pytest.fixture
-def raw(tmp_path):
-    return folder_dataset(tmp_path, per_class=6, size=500)
-
-
-@pytest.fixture
-def reference(tmp_path, raw):
-    store = tmp_path / "ref.zarr"
-    standardize(cfg(raw, store))
-    return store
 
 
 def test_counts_geometry_and_schema(tmp_path, raw, reference):
