@@ -24,9 +24,9 @@ def env():
     return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
-def sweep(cwd):
+def sweep(cwd, spec=SPEC):
     r = subprocess.run(
-        histokt_cmd("sweep", SPEC, "--executor", "slurm"),
+        histokt_cmd("sweep", spec, "--executor", "slurm"),
         cwd=cwd,
         env=env(),
         capture_output=True,
@@ -63,7 +63,14 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     annotations = tmp_path / "demo" / "raw" / "mhist" / "annotations.csv"
     good = annotations.read_text()
     annotations.write_text("Image Name,Partition\n")  # a broken download: mhist's cells fail
-    out = sweep(tmp_path)
+    # Pretraining long enough (40 steps) that the poll below sees it running with a checkpoint and the
+    # signal reaches it mid-training: with the small study's 2 epochs (4 steps, ~2 s on a quiet machine)
+    # the cell could finish between two polls.
+    text = SPEC.read_text()
+    assert text.count("epochs = 2\n") == 1  # the pretrain recipe's
+    spec = tmp_path / "study.toml"
+    spec.write_text(text.replace("epochs = 2\n", "epochs = 20\n"))
+    out = sweep(tmp_path, spec)
     assert "submitted standardize" in out and "submitted collect" in out
     runs = tmp_path / "demo" / "runs"
     crc = runs / "cells" / "pretrain" / "A-crc-random-s0"
@@ -129,7 +136,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
 
     # fix the download: a re-run submits only the cells that are not done
     annotations.write_text(good)
-    out = sweep(tmp_path)
+    out = sweep(tmp_path, spec)
     assert "pretrain          1 to run of      2 cells" in out and "standardize       1 to run of      3" in out
     wait_until(
         lambda: (
@@ -139,7 +146,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
         "the missing cells",
     )
     wait_until(lambda: queue_empty_for(runs), "the collector")
-    assert "nothing to do" in sweep(tmp_path)
+    assert "nothing to do" in sweep(tmp_path, spec)
 
 
 def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
