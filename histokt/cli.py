@@ -28,6 +28,11 @@ def _standardize(argv):
         verb = "wrote" if s.status == "written" else "already complete:"
         extra = f" ({s.rejected} sources rejected, listed in the attrs)" if s.rejected else ""
         print(f"{where}: {verb} {counts} patches{extra}")
+    elif s.status == "repaired":
+        if s.repaired:
+            print(f"{where}: re-created {len(s.repaired)} damaged shard files from the raw data: {', '.join(s.repaired)}")
+        else:
+            print(f"{where}: no damaged shard file found; nothing to repair")
     elif s.status == "partial":
         others = "other shards or processes" if s.parts_held else "other shards"
         print(f"{where}: this shard is done; {s.parts_missing} parts of {others} are still missing")
@@ -149,6 +154,70 @@ def _collect(argv):
     return 0
 
 
+def _verify(argv):
+    from histokt.store.verify import verify_store
+
+    cfg = _parse(
+        VerifyConfig,
+        "verify",
+        argv,
+        "Check every shard of a patch store against its checksums and its metadata; exit 1 listing each "
+        "damaged shard and the repair command.",
+    )
+    report = verify_store(cfg.store, cfg.dataset, workers=cfg.workers, progress=cfg.progress)
+    for line in report.lines():
+        print(line)
+    return 0 if report.sound else 1
+
+
+def _store(argv):
+    parser = _store_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.parse_args(argv or ["--help"])
+    args, _ = parser.parse_known_args(argv[:1])
+    run, _ = STORE_COMMANDS[args.subcommand]
+    return run(argv[1:])
+
+
+def _store_upgrade(argv):
+    from histokt.store.upgrade import upgrade
+
+    cfg = _parse(
+        UpgradeConfig,
+        "store upgrade",
+        argv,
+        "Convert the datasets of a format-1 patch store (one file per padded patch) into format 2 in another "
+        "store, exactly (the same patches read back), without the raw data; rerun it to resume.",
+    )
+    for d in upgrade(cfg.old, cfg.new, progress=cfg.progress):
+        counts = ", ".join(f"{k} {v}" for k, v in d.counts.items())
+        what = {"upgraded": "upgraded", "skipped": "already upgraded:", "copied": "already format 2, copied:"}
+        h, w = d.content_size
+        print(f"{cfg.new}/{d.name}: {what[d.status]} {counts} patches ({h}x{w} px content of {d.patch_size} px)")
+    print(f"{cfg.new}: check it with 'histokt verify {cfg.new}'")
+    return 0
+
+
+@dataclass
+class VerifyConfig:
+    store: Path = field(metadata={"args": ["store"], "help": "the patch store"})
+    dataset: Optional[str] = field(default=None, metadata={"help": "check this dataset only (default: all)"})
+    workers: int = field(
+        default=1,
+        metadata={"help": "threads reading shards at once (default 1; more help where reads wait on the disk)"},
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
+
+
+@dataclass
+class UpgradeConfig:
+    old: Path = field(metadata={"args": ["old"], "help": "the format-1 store (read only)"})
+    new: Path = field(
+        metadata={"args": ["new"], "help": "the format-2 store to write: a new folder, or an existing format-2 store"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
+
+
 @dataclass
 class RunCellConfig:
     run_root: Path = field(metadata={"args": ["run_root"], "help": "the study's run root"})
@@ -180,6 +249,12 @@ COMMANDS = {
     "status": (_status, "where a study stands: counts per stage, failed cells"),
     "collect": (_collect, "summary tables of a study, offline"),
     "demo": (_demo, "a whole study on a synthetic collection (or real data: --raw-root), here or on SLURM"),
+    "verify": (_verify, "check every shard of a patch store against its checksums; list the damage"),
+    "store": (_store, "patch store maintenance: 'histokt store upgrade OLD NEW' converts format 1 to 2"),
+}
+
+STORE_COMMANDS = {
+    "upgrade": (_store_upgrade, "convert a format-1 store into format 2 (exact, resumable, no raw data)"),
 }
 
 
@@ -202,6 +277,18 @@ def _top_parser():
     )
     parser.add_argument("--version", action="version", version=f"histokt {__version__}")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="the command to run")
+    return parser
+
+
+def _store_parser():
+    lines = "\n".join(f"  {name:<13} {help}" for name, (_, help) in STORE_COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="histokt store",
+        description="Maintenance of a patch store.",
+        epilog=f"subcommands:\n{lines}\n\nRun 'histokt store SUBCOMMAND --help' for its options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("subcommand", choices=sorted(STORE_COMMANDS), metavar="SUBCOMMAND", help="what to do")
     return parser
 
 

@@ -50,3 +50,41 @@ def test_user_errors_are_one_line_exit_2(tmp_path, cli_env):
         lines = [line for line in r.stderr.splitlines() if line.startswith("histokt")]
         assert len(lines) == 1, r.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_store_help_lists_its_subcommands(capsys):
+    from histokt.cli import STORE_COMMANDS
+
+    for argv in (["store"], ["store", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: histokt store" in out and "upgrade" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["store", "upgrade", "--help"])
+    assert exc.value.code == 0
+    assert "histokt store upgrade" in capsys.readouterr().out and list(STORE_COMMANDS) == ["upgrade"]
+
+
+def test_verify_and_store_upgrade_errors_are_one_line_exit_2(tmp_path, cli_env):
+    from tests.fixtures.format1 import labels_of, pcam_like, write_v1_dataset
+
+    old = tmp_path / "old.zarr"
+    write_v1_dataset(old, "pcam", {"train": (pcam_like(2, content=5, patch_size=12), labels_of(2))})
+    cases = [
+        (("verify", old), "histokt verify: error: ", f"'histokt store upgrade {old} NEW_STORE'"),
+        (("verify", tmp_path), "histokt verify: error: ", "not a histokt store"),
+        (("store", "upgrade", old, old), "histokt store: error: ", "NEW is the store OLD itself"),
+        (("store", "frobnicate"), "usage: histokt store", "invalid choice: 'frobnicate'"),
+    ]
+    for args, start, message in cases:
+        r = run(*args, env=cli_env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert start in r.stderr
+    r = run("store", "upgrade", old, tmp_path / "new.zarr", "--no-progress", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "(5x5 px content of 12 px)" in r.stdout
+    r = run("verify", tmp_path / "new.zarr", env=cli_env)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith(": sound") and not r.stderr, r.stderr

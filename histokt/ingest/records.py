@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple
 from histokt.ingest.cards.base import Label
 
 # busy: this process could do nothing, every part left to it is being written by other live processes
-Status = Literal["written", "done", "partial", "busy", "finalizing elsewhere"]
+Status = Literal["written", "done", "repaired", "partial", "busy", "finalizing elsewhere"]
 
 
 def label_to_json(label: Label) -> int | list[int] | None:
@@ -62,17 +62,37 @@ class PatchRow(NamedTuple):
 
 @dataclass(frozen=True)
 class PartManifest:
-    """A finished part: its kept patches (chunk k of the part's staging array is patch k) and rejected sources."""
+    """A finished part: its kept patches and rejected sources. The part's data file holds the patches'
+    content one after another, unpadded (patch k: ``content[k]`` = (h, w) pixels, C-order RGB bytes,
+    CRC32C ``crc32c[k]``)."""
 
     patches: list[PatchRow]
     rejected: list[dict[str, str]]  # {"path", "reason"}
+    content: list[tuple[int, int]]
+    crc32c: list[int]
 
     def to_json(self) -> dict[str, Any]:
-        return {"patches": [p.to_json() for p in self.patches], "rejected": self.rejected}
+        return {
+            "patches": [p.to_json() for p in self.patches],
+            "rejected": self.rejected,
+            "content": [list(c) for c in self.content],
+            "crc32c": self.crc32c,
+        }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "PartManifest":
-        return cls([PatchRow.from_json(p) for p in doc["patches"]], doc["rejected"])
+        # a manifest of an older histokt (no content, no checksums) reads as incomplete: the part is redone
+        content = [(int(h), int(w)) for h, w in doc.get("content", [])]
+        return cls([PatchRow.from_json(p) for p in doc["patches"]], doc["rejected"], content, doc.get("crc32c", []))
+
+    @property
+    def complete(self) -> bool:
+        return len(self.content) == len(self.crc32c) == len(self.patches)
+
+    @property
+    def nbytes(self) -> int:
+        """The size its data file must have."""
+        return sum(h * w * 3 for h, w in self.content)
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,7 @@ class StandardizeResult:
     parts_held: int | None = None  # partial, busy: parts of this shard that other live processes are writing
     held_by: list[str] | None = None  # partial, busy: their holders ("host h, pid p, job j, 12 s ago")
     lock: str | None = None  # finalizing elsewhere: the lock's holder, or "released"
+    repaired: list[str] | None = None  # repaired: the shard files re-created
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -3,10 +3,12 @@
 Flow: the card indexes the raw sources (no decoding) -> sources get their split (grouped, before tiling)
 -> the sorted sources are cut into parts whose boundaries depend only on the data, never on the shard
 or worker count; all of this is the worklist (staging/worklist.json) -> each part is decoded, rescaled,
-padded, tiled and filtered into its own staging array and ends with an atomically written manifest ->
-once every part has its manifest, one process finalizes (histokt.ingest.finalize): it moves the patch
-chunk files into the split arrays (a rename, no copy), writes labels, provenance and attrs, and renames
-the finished dataset into the store in one step.
+padded, tiled and filtered; its kept patches' content (unpadded) goes into one packed data file
+(``parts/pNNNNNN.bin``, written atomically: a few files per part, never one per patch, so standardizing
+stays within inode quotas) and it ends with an atomically written manifest (rows, content sizes, CRC32Cs)
+-> once every part has its manifest, one process finalizes (histokt.ingest.finalize): it packs the parts
+into the split arrays' shard files, writes labels, provenance and attrs, and renames the finished dataset
+into the store in one step.
 
 A part is the unit of resume: a part without a manifest is redone from scratch, so a run killed at any
 moment and started again produces the same store, byte for byte.
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import google_crc32c
 import numpy as np
 from tqdm import tqdm
 
@@ -42,9 +45,11 @@ from histokt.ingest.cards.base import Card, CardIndex, Label, Source
 from histokt.ingest.decode import MAX_PIXELS, BadImage
 from histokt.ingest.finalize import dataset_attrs, finalize_locked, part_dir, remove_staging
 from histokt.ingest.records import PartManifest, PatchRow, SourceRow, StandardizeResult, Worklist
+from histokt.ingest.repair import repair
 from histokt.ingest.splits import SPLIT_RULES, check_split_plan, grouped_splits
 from histokt.ingest.tiling import FilterParams, is_low_contrast, mirror_pad, rescale, tile_boxes
-from histokt.store.schema import SPLITS, chunk_file, patch_array, staging_dir, write_chunk
+from histokt.store.schema import FORMAT, SPLITS, staging_dir
+from histokt.store.shards import SHARD_SIZE, shard_count, shard_path
 
 # a part lease of another host whose heartbeat (every tenth of this) is this old belongs to a dead writer
 PART_STALE_S = lease.DEFAULT_STALE_S
@@ -97,6 +102,17 @@ class StandardizeConfig:
             "seeded choice (--split-seed): a quick trial on a big download"
         },
     )
+    patches_per_file: int = field(
+        default=SHARD_SIZE,
+        metadata={"help": f"patches per shard file of the store (default {SHARD_SIZE}; fewer, larger files: more)"},
+    )
+    repair: bool = field(
+        default=False,
+        metadata={
+            "help": "re-create the damaged shard files of a finished dataset (see histokt verify) from the raw "
+            "data, with the dataset's original options; the rest of the store is not touched"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
 
 
@@ -137,6 +153,10 @@ def check_config(cfg: StandardizeConfig) -> None:
         raise UserError(f"--stride {cfg.stride}: must be at least 1")
     if cfg.workers < 1:
         raise UserError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.patches_per_file < 1:
+        raise UserError(f"--patches-per-file {cfg.patches_per_file}: must be at least 1")
+    if cfg.repair and cfg.overwrite:
+        raise UserError("--repair and --overwrite: choose one (--repair mends a dataset, --overwrite replaces it)")
     if cfg.max_per_class is not None and cfg.max_per_class < 1:
         raise UserError(f"--max-per-class {cfg.max_per_class}: must be at least 1")
     name = cfg.name or cfg.dataset
@@ -223,6 +243,8 @@ def _settings(cfg: StandardizeConfig, card: Card, index: CardIndex, mpp: float) 
     }
     if cfg.max_per_class is not None:  # only when set: stores made before the option keep their fingerprint
         settings["max_per_class"] = cfg.max_per_class
+    if cfg.patches_per_file != SHARD_SIZE:  # likewise
+        settings["shard_size"] = cfg.patches_per_file
     return settings
 
 
@@ -258,16 +280,16 @@ class PartTask:
     raw: Path
     card: Card
     params: Params
-    directory: Path  # the part's staging array; its manifest is directory.with_suffix(".json")
+    base: Path  # the part's base path: .bin its data file, .json its manifest, .lease its lease
     first: int  # index of the part's first source in the worklist
     sources: list[SourceRow]  # the worklist rows of this part
 
 
 def process_part(task: PartTask) -> dict[str, Any]:
-    """Standardize one part into its staging array, then write its manifest (the part's done marker), while
+    """Standardize one part into its data file, then write its manifest (the part's done marker), while
     holding the part's lease. Returns its counts; ``held``: another live process is writing it (skipped);
     ``skipped``: the part was done meanwhile, or the staging folder is gone (published)."""
-    path = task.directory.with_suffix(".lease")
+    path = task.base.with_suffix(".lease")
     for _ in range(2):  # a lease released between our try and our read of its holder: try once more
         try:
             mine = lease.Lease.acquire(path, stale_after=PART_STALE_S)
@@ -281,40 +303,58 @@ def process_part(task: PartTask) -> dict[str, Any]:
     else:  # taken and released twice in a row by others: theirs to finish (reported as missing)
         return {"patches": 0, "sources": 0, "skipped": True}
     try:
-        if task.directory.with_suffix(".json").is_file():  # finished by another process meanwhile
+        if task.base.with_suffix(".json").is_file():  # finished by another process meanwhile
             return {"patches": 0, "sources": 0, "skipped": True}
         with mine.beating():
-            if task.directory.exists():  # a dead writer's leftovers: redone from scratch
-                shutil.rmtree(task.directory)
+            _clear_part(task.base)  # a dead writer's leftovers: redone from scratch
             return _write_part(task)
     finally:
         mine.release()
 
 
+def _clear_part(base: Path) -> None:
+    """Remove a part's data file and the temporaries of writers that died while writing it."""
+    base.with_suffix(".bin").unlink(missing_ok=True)
+    for tmp in base.parent.glob(f".{base.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if base.is_dir():  # a part staged by histokt < 0.2 (one file per patch)
+        shutil.rmtree(base)
+
+
 def _write_part(task: PartTask) -> dict[str, Any]:
-    patch_array(task.directory, 1 << 40, task.params.patch_size)  # metadata only; chunks written below
     patches: list[PatchRow] = []
+    content: list[tuple[int, int]] = []
+    crcs: list[int] = []
     rejected: list[dict[str, str]] = []
-    for offset, row in enumerate(task.sources):
-        source = Source(row.path, row.label, row.partition, row.group)
-        try:
-            tiles = list(_tiles(task, source))
-        except BadImage as exc:
-            if task.params.strict:
-                raise UserError(f"{Path(task.raw) / row.path}: {exc} (--strict)") from None
-            rejected.append({"path": row.path, "reason": str(exc)})
-            continue
-        for box, patch, patch_label in tiles:
-            write_chunk(task.directory, len(patches), patch)
-            patches.append(PatchRow(task.first + offset, box, patch_label, row.partition, row.split))
-    atomic.write_json(task.directory.with_suffix(".json"), PartManifest(patches, rejected).to_json())
+    with atomic.atomic_path(task.base.with_suffix(".bin")) as tmp, open(tmp, "wb") as f:
+        for offset, row in enumerate(task.sources):
+            source = Source(row.path, row.label, row.partition, row.group)
+            try:
+                tiles = list(_tiles(task, source))
+            except BadImage as exc:
+                if task.params.strict:
+                    raise UserError(f"{Path(task.raw) / row.path}: {exc} (--strict)") from None
+                rejected.append({"path": row.path, "reason": str(exc)})
+                continue
+            for box, data, hw, patch_label in tiles:
+                f.write(data)
+                crcs.append(google_crc32c.value(data))
+                content.append(hw)
+                patches.append(PatchRow(task.first + offset, box, patch_label, row.partition, row.split))
+    atomic.write_json(task.base.with_suffix(".json"), PartManifest(patches, rejected, content, crcs).to_json())
     return {"patches": len(patches), "sources": len(task.sources)}
 
 
-def _tiles(task: PartTask, source: Source) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray, Label]]:
-    """Yield (box, patch, label) for the kept patches of one source."""
+def _tiles(task: PartTask, source: Source) -> Iterator[tuple[tuple[int, int, int, int], bytes, tuple[int, int], Label]]:
+    """Yield (box, content bytes, content (h, w), label) for the kept patches of one source.
+
+    The content is the patch without its mirror padding: the source is padded only where it is smaller
+    than the patch, and then has a single tile along that side, so the top-left min(side, P) pixels are
+    the content and padding them again (``shards.pad_on_read``) gives the patch back, pixel for pixel."""
     p = task.params
-    image = mirror_pad(rescale(task.card.read(task.raw, source), p.scale), p.patch_size)
+    rescaled = rescale(task.card.read(task.raw, source), p.scale)
+    ch, cw = min(rescaled.shape[0], p.patch_size), min(rescaled.shape[1], p.patch_size)
+    image = mirror_pad(rescaled, p.patch_size)
     mask = task.card.read_mask(task.raw, source)
     if mask is not None:
         mask = mirror_pad(rescale(mask, p.scale, labels=True), p.patch_size)
@@ -327,7 +367,7 @@ def _tiles(task: PartTask, source: Source) -> Iterator[tuple[tuple[int, int, int
             label = task.card.mask_label(mask[y0:y1, x0:x1])
             if label is None:
                 continue
-        yield (x0, y0, x1, y1), np.ascontiguousarray(patch), label
+        yield (x0, y0, x1, y1), np.ascontiguousarray(patch[:ch, :cw]).tobytes(), (ch, cw), label
 
 
 # -- the command --------------------------------------------------------------------------------------------
@@ -348,17 +388,30 @@ def _standardize(cfg: StandardizeConfig) -> StandardizeResult:
     store = Path(cfg.store)
     final = store / name
     existing = dataset_attrs(final)
+    if existing is None and cfg.repair:
+        raise UserError(f"{final}: no such dataset to repair; run without --repair to standardize it")
     if existing is not None:
         same = existing.get("fingerprint") == worklist.fingerprint
-        if same and not (cfg.overwrite and _damaged(final, existing)):
+        current = same and existing.get("format") == FORMAT
+        if existing.get("format") != FORMAT and not cfg.overwrite:
+            raise UserError(
+                f"{final}: holds dataset {name!r} in store format {existing.get('format')}; convert the store with "
+                f"'histokt store upgrade {store} NEW_STORE', or pass --overwrite to standardize it again here"
+            )
+        if cfg.repair and not same:
+            raise UserError(
+                f"{final}: dataset {name!r} was made with {_describe(existing)}; --repair needs its original "
+                f"options (the same card, raw files and options)"
+            )
+        if current and not cfg.repair and not (cfg.overwrite and _damaged(final, existing)):
             # a kill between the final rename and the clean-up leaves the staging folder behind
             remove_staging(staging_dir(store, name))
             return StandardizeResult(name, "done", counts=existing["counts"])
-        if same:  # --overwrite of a damaged dataset (a chunk file missing or truncated): rebuilt
+        if same and not cfg.repair:  # --overwrite of a damaged or format-1 dataset: rebuilt
             leftover = staging_dir(store, name)
             if (leftover / "final.ready").is_file() and not (leftover / "final").exists():
-                remove_staging(leftover)  # the published run's leftovers: its parts were moved out
-        elif not cfg.overwrite:
+                remove_staging(leftover)  # the published run's leftovers: its final folder was moved out
+        elif not same and not cfg.overwrite:
             raise UserError(
                 f"{final}: already holds dataset {name!r} made with {_describe(existing)}; "
                 f"pass --overwrite to replace it, or --name to store this one beside it"
@@ -378,6 +431,13 @@ def _standardize(cfg: StandardizeConfig) -> StandardizeResult:
         a, b = worklist.parts[k]
         return PartTask(raw, card, params, part_dir(staging, k), a, worklist.sources[a:b])
 
+    if cfg.repair:
+        assert existing is not None
+
+        def run(parts: list[int]) -> None:
+            _run_parts([task(k) for k in parts], cfg.workers, cfg.progress, f"{name} repair")
+
+        return repair(store, name, staging, worklist, existing, run, cfg.workers)
     todo = [task(k) for k in range(len(worklist.parts)) if k % nshards == shard and not _part_done(staging, k)]
     try:
         written = _run_parts(todo, cfg.workers, cfg.progress, f"{name} shard {shard}/{nshards}")
@@ -406,7 +466,7 @@ def _standardize(cfg: StandardizeConfig) -> StandardizeResult:
     def redo(parts: list[int]) -> None:  # parts found damaged while publishing: redone under the lock
         _run_parts([task(k) for k in parts], cfg.workers, False, f"{name} redo")
 
-    return finalize_locked(store, name, staging, worklist, redo=redo)
+    return finalize_locked(store, name, staging, worklist, redo=redo, workers=cfg.workers)
 
 
 def _part_done(staging: Path, k: int) -> bool:
@@ -421,14 +481,17 @@ def _live_holder(staging: Path, k: int) -> lease.Holder | None:
 
 
 def _damaged(final: Path, attrs: dict) -> bool:
-    """Whether a finished dataset lacks a patch chunk file or has one of the wrong size (a damaged store)."""
-    counts, size = attrs.get("counts"), attrs.get("patch_size")
-    if not isinstance(counts, dict) or not isinstance(size, int):
+    """Whether a finished dataset lacks a shard file or has one of the wrong size (a stat each)."""
+    counts, content = attrs.get("counts"), attrs.get("content_size")
+    if not isinstance(counts, dict) or not isinstance(content, list):
         return False
+    size = int(attrs.get("shard_size", SHARD_SIZE))
+    chunk = content[0] * content[1] * 3 + 4
     for split, n in counts.items():
-        for index in range(n):
+        for s in range(shard_count(n, size)):
+            expected = min(size, n - s * size) * chunk + size * 16 + 4
             try:
-                if os.stat(chunk_file(final / split / "images", index)).st_size != size * size * 3:
+                if os.stat(shard_path(final / split / "images", s)).st_size != expected:
                     return True
             except FileNotFoundError:
                 return True

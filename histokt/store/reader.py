@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from histokt.errors import UserError
-from histokt.store.schema import FORMAT, SPLITS, PatchReader, dataset_attrs, list_datasets
+from histokt.store.schema import SPLITS, PatchReader, check_format, dataset_attrs, list_datasets
 
 
 def open_attrs(store, dataset: str) -> dict:
@@ -28,11 +28,7 @@ def open_attrs(store, dataset: str) -> dict:
     if attrs is None:
         have = ", ".join(list_datasets(store)) or "none"
         raise UserError(f"{store}: no dataset {dataset!r} (datasets in this store: {have})")
-    if attrs.get("format") != FORMAT:
-        raise UserError(
-            f"{store}/{dataset}: store format {attrs.get('format')!r}, this histokt reads {FORMAT!r}; "
-            f"re-standardize it with this version"
-        )
+    check_format(store, dataset, attrs)
     return attrs
 
 

@@ -1,22 +1,30 @@
-"""The standardized patch store: its schema, and the few primitives that write and read it.
+"""The standardized patch store: its schema, and the primitives that read it.
 
-Schema (a contract; later stages and other tools read it, see README "Store schema"):
+Schema, format ``histokt-patches/2`` (a contract; later stages and other tools read it, see README "Store
+schema"):
 
+    STORE/zarr.json                  root group
     STORE/<dataset>/                 group; attrs below
     STORE/<dataset>/sources          1-D strings: source image path relative to the raw dir
-    STORE/<dataset>/<split>/images   uint8 [N, P, P, 3], one uncompressed chunk per patch
+    STORE/<dataset>/<split>/images   uint8 [N, H, W, 3]: the patches' content, H, W = attrs content_size,
+                                     sharded: SHARD_SIZE patches per file, CRC32C per patch and per index
+                                     (histokt.store.shards), shard files c.<s>.0.0.0 flat in the folder
     STORE/<dataset>/<split>/labels   int64 [N], or uint8 [N, C] for multi-label datasets
     STORE/<dataset>/<split>/source_id  int64 [N], index into sources
     STORE/<dataset>/<split>/box      int64 [N, 4], (x0, y0, x1, y1) in the rescaled, padded source
 
-Dataset attrs: classes, multi_label, mpp_native, mpp_source, mpp_target, patch_size, stride, filter,
-split_rule, split_seed, split_plan, group_rule, counts {split: N}, rejected [{path, reason}], warnings,
-card {card, options}, fingerprint, histokt_version, format; max_per_class where a subset was asked for.
+Dataset attrs: classes, multi_label, mpp_native, mpp_source, mpp_target, patch_size, content_size [H, W],
+shard_size, stride, filter, split_rule, split_seed, split_plan, group_rule, counts {split: N}, rejected
+[{path, reason}], warnings, card {card, options}, fingerprint, histokt_version, format; max_per_class
+where a subset was asked for.
 
-Images use one chunk per patch with no compressor: histology patches compress by only ~10% losslessly
-(measured), and a raw chunk is one file read, so the reader can fetch a random patch in ~40 µs instead of
-zarr's ~0.5 ms per call (benchmarks/reader.py). A dataset appears in the store only by one atomic
-directory rename, so readers never see it half-written.
+No padding is stored: where every kept window of a dataset is smaller than the patch (PCam's 93 px, CRC's
+112 px at 1 µm/px), ``content_size`` is that size and the reader mirror-pads each patch to ``patch_size``
+exactly as ingest pads a small image before tiling (``shards.pad_on_read``): the pixels a model sees are
+those of a stored padded patch. Datasets of large images have content_size == [patch_size, patch_size].
+A dataset appears in the store only by one atomic directory rename, so readers never see it half-written.
+
+Format 1 (one uncompressed chunk file per padded patch) is not read; ``histokt store upgrade`` converts it.
 """
 
 import json
@@ -26,8 +34,10 @@ import numpy as np
 import zarr
 
 from histokt.errors import UserError
+from histokt.store.shards import ShardDamaged, ShardedReader, StoreDamaged, pad_on_read
 
-FORMAT = "histokt-patches/1"
+FORMAT = "histokt-patches/2"
+FORMAT_1 = "histokt-patches/1"
 SPLITS = ("train", "valid", "test")
 
 
@@ -38,39 +48,8 @@ def staging_dir(store, dataset: str) -> Path:
     return store.parent / f".{store.name}.staging" / dataset
 
 
-def patch_array(path, n: int, patch_size: int) -> zarr.Array:
-    """Create the images array at ``path``: one raw (uncompressed) chunk per patch."""
-    return zarr.create_array(
-        store=str(path),
-        shape=(n, patch_size, patch_size, 3),
-        chunks=(1, patch_size, patch_size, 3),
-        dtype="uint8",
-        compressors=None,
-        fill_value=0,
-        dimension_names=("n", "y", "x", "c"),
-        zarr_format=3,
-        overwrite=True,
-    )
-
-
-def chunk_file(array_dir: Path, index: int) -> Path:
-    """Where the zarr v3 default chunk-key encoding puts the chunk of patch ``index``."""
-    return chunk_dir(array_dir, index) / "0" / "0" / "0"
-
-
-def chunk_dir(array_dir: Path, index: int) -> Path:
-    """The folder holding only patch ``index``'s chunk: moving it moves the patch."""
-    return Path(array_dir) / "c" / str(index)
-
-
-def write_chunk(array_dir: Path, index: int, patch: np.ndarray) -> None:
-    """Write one patch of a ``patch_array`` array as its chunk file: with the plain ``bytes`` codec a
-    chunk is the C-order bytes (the same bytes zarr writes, 2x faster than ``Array.__setitem__``).
-    Not atomic on its own: staging parts are only trusted once their manifest exists."""
-    path = chunk_file(array_dir, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(np.ascontiguousarray(patch, dtype=np.uint8).data)
+def images_dir(store, dataset: str, split: str) -> Path:
+    return Path(store) / dataset / split / "images"
 
 
 def small_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
@@ -106,75 +85,90 @@ def list_datasets(store) -> list[str]:
     )
 
 
-class StoreDamaged(UserError):
-    """A patch chunk file of a finished dataset is missing or of the wrong size. Every kept patch is
-    written before a dataset appears, so this is always damage (a deleted or truncated file), never an
-    unwritten patch: the dataset must be standardized again."""
+def check_format(store, dataset: str, attrs: dict) -> None:
+    """A clear one-line error for a dataset this version does not read (format 1: with its upgrade)."""
+    found = attrs.get("format")
+    if found == FORMAT:
+        return
+    if found == FORMAT_1:
+        raise UserError(
+            f"{store}/{dataset}: store format {FORMAT_1} (one file per patch), this histokt reads {FORMAT}; "
+            f"convert the store with 'histokt store upgrade {store} NEW_STORE', or standardize the dataset again"
+        )
+    raise UserError(
+        f"{store}/{dataset}: store format {found!r}, this histokt reads {FORMAT!r}; standardize it again "
+        f"with this version"
+    )
+
+
+def repair_hint(store, dataset: str) -> str:
+    """What to run about a damaged dataset (the card name comes from its attrs where readable)."""
+    card = (dataset_attrs(store, dataset) or {}).get("card", {}).get("card", "CARD")
+    return (
+        f"list the damage with 'histokt verify {store} --dataset {dataset}', and re-create the damaged shards "
+        f"from the raw data with 'histokt standardize --dataset {card} --raw RAW --store {store} --name {dataset} "
+        f"--repair' (with the dataset's original options)"
+    )
 
 
 class PatchReader:
-    """Random access to one split's patches, opened lazily (safe to pickle into DataLoader workers).
-
-    Reads raw chunk files directly where the images array has the layout ``patch_array`` writes, and
-    falls back to zarr for any other layout (e.g. a store re-chunked or compressed by another tool).
-    """
+    """Random access to one split's patches at the full patch size, opened lazily (safe to pickle into
+    DataLoader workers): one ``pread`` and one CRC32C check per patch, then mirror padding where the
+    dataset stores content smaller than the patch. Damage is a ``StoreDamaged`` naming the dataset, the
+    split, the shard file and what to run, never zeros."""
 
     def __init__(self, store, dataset: str, split: str):
-        self.path = Path(store) / dataset / split
-        self._array: zarr.Array | None = None
-        self._fast: bool | None = None
+        self._setup(Path(store), dataset, split)
+
+    def _setup(self, store: Path, dataset: str, split: str) -> None:
+        self.store, self.dataset, self.split = store, dataset, split
+        self.path = store / dataset / split
+        self._shards = ShardedReader(self.path / "images")
+        self._patch_size: int | None = None
 
     def __getstate__(self):
-        return {"path": self.path, "_array": None, "_fast": None}
+        return {"store": self.store, "dataset": self.dataset, "split": self.split}
 
-    def _open(self):
-        meta = json.loads((self.path / "images" / "zarr.json").read_text())
-        self.shape = tuple(meta["shape"])
-        codecs = [c["name"] for c in meta.get("codecs", [])]
-        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        enc = meta.get("chunk_key_encoding", {})
-        self._images = str(self.path / "images")
-        self._fast = (
-            codecs == ["bytes"]
-            and meta["data_type"] == "uint8"
-            and list(grid) == [1, *self.shape[1:]]
-            and enc.get("name") == "default"
-            and enc.get("configuration", {}).get("separator", "/") == "/"
-        )
-        self._patch_bytes = int(np.prod(self.shape[1:]))
-        if not self._fast:
-            self._array = zarr.open_array(str(self.path / "images"), mode="r")
+    def __setstate__(self, state):
+        self._setup(state["store"], state["dataset"], state["split"])
 
-    def __len__(self):
-        if self._fast is None:
-            self._open()
-        return self.shape[0]
+    @property
+    def patch_size(self) -> int:
+        if self._patch_size is None:
+            attrs = dataset_attrs(self.store, self.dataset) or {}
+            self._patch_size = int(attrs.get("patch_size") or self._shards.shape[1])
+        return self._patch_size
+
+    @property
+    def content_shape(self) -> tuple[int, int]:
+        """(H, W) of the stored content."""
+        return self._shards.shape[1], self._shards.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, P, P, 3): what ``read`` returns."""
+        return len(self._shards), self.patch_size, self.patch_size, 3
+
+    def __len__(self) -> int:
+        return len(self._shards)
 
     def read(self, index: int) -> np.ndarray:
-        """The (P, P, 3) uint8 patch ``index``."""
-        if self._fast is None:
-            self._open()
-        if not 0 <= index < self.shape[0]:
-            raise IndexError(f"patch {index} out of range for {self.path} ({self.shape[0]} patches)")
-        if self._array is not None:  # not the fast layout: zarr reads it
-            return np.asarray(self._array[index])
-        path = f"{self._images}/c/{index}/0/0/0"  # an f-string path: pathlib costs ~20 % of a read here
+        """The (P, P, 3) uint8 patch ``index`` (read-only where no padding is applied)."""
         try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except FileNotFoundError:  # never a patch left unwritten (each kept patch is written): damage
-            raise self._damaged(index, path, "is missing") from None
-        if data.size != self._patch_bytes:
-            raise self._damaged(index, path, f"is truncated ({data.size} of {self._patch_bytes} bytes)")
-        return data.reshape(self.shape[1:])
+            content = self._shards.read(index)
+        except ShardDamaged as exc:
+            raise StoreDamaged(
+                f"dataset {self.dataset!r}, split {self.split}, patch {index}: {exc.path}: {exc.problem}; the "
+                f"store is damaged: {repair_hint(self.store, self.dataset)}"
+            ) from None
+        return pad_on_read(content, self.patch_size)
 
-    def _damaged(self, index: int, path: str, what: str) -> StoreDamaged:
-        store, dataset, split = self.path.parent.parent, self.path.parent.name, self.path.name
-        card = (dataset_attrs(store, dataset) or {}).get("card", {}).get("card", "CARD")
-        return StoreDamaged(
-            f"dataset {dataset!r}, split {split}, patch {index}: {path} {what}; the store is damaged: "
-            f"standardize the dataset again with --overwrite (histokt standardize --dataset {card} --raw RAW "
-            f"--store {store} --name {dataset} --overwrite, with its original options)"
-        )
+    def read_content(self, index: int) -> np.ndarray:
+        """The stored (H, W, 3) content of patch ``index``, unpadded (checksum verified)."""
+        return self._shards.read(index)
 
     def read_meta(self, name: str) -> np.ndarray:
         return np.asarray(zarr.open_array(str(self.path / name), mode="r")[...])
+
+    def close(self) -> None:
+        self._shards.close()

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,6 @@ import numpy as np
 
 from histokt.atomic import atomic_path, write_json
 from histokt.errors import UserError
-from histokt.store.schema import StoreDamaged
 
 SHARD_SIZE = 512  # patches per shard file: ~113 MB of 272 px patches, ~13 MB of 93 px ones
 ABSENT = 2**64 - 1  # the index entry (offset, nbytes) of a chunk a shard does not hold
@@ -106,32 +106,36 @@ class ShardInfo:
     sha256: str
 
 
-def write_shard(path, patches: np.ndarray, *, shard_size: int = SHARD_SIZE) -> ShardInfo:
-    """Write one whole shard file of ``shard_size`` slots from ``patches`` (k ≤ shard_size, H, W, 3) uint8,
-    patch j in slot j (slots k … shard_size - 1 absent: only an array's last shard is partial).
+def write_shard(path, patches: Iterable[np.ndarray], *, shard_size: int = SHARD_SIZE) -> ShardInfo:
+    """Write one whole shard file of ``shard_size`` slots from ``patches`` (an array (k, H, W, 3) uint8, or
+    any iterable of (H, W, 3) uint8 arrays, consumed one at a time: memory stays at one patch), patch j in
+    slot j (slots k … shard_size - 1 absent: only an array's last shard is partial).
 
     Atomic: the bytes go to a temporary file beside ``path``, are fsynced and renamed over it, so ``path``
     is either absent, or the old file, or this whole shard."""
-    patches = np.asarray(patches)
-    if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[3] != 3:
-        raise ValueError(f"a shard holds (k, H, W, 3) uint8 patches, not {patches.dtype} {patches.shape}")
-    k = len(patches)
-    if not 1 <= k <= shard_size:
-        raise ValueError(f"a shard holds 1 to {shard_size} patches, not {k}")
-    patches = np.ascontiguousarray(patches)
-    chunk = patches[0].nbytes + _CRC
-    index = np.full((shard_size, 2), ABSENT, dtype="<u8")
-    index[:k, 0] = np.arange(k, dtype=np.uint64) * chunk
-    index[:k, 1] = chunk
     digest = hashlib.sha256()
-    size = 0
+    k = size = chunk = 0
+    shape = None
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for patch in patches:
+            patch = np.asarray(patch)
+            if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[2] != 3 or shape not in (None, patch.shape):
+                want = "(H, W, 3) uint8" if shape is None else f"{shape} uint8 like the first"
+                raise ValueError(f"a shard holds {want} patches, not {patch.dtype} {patch.shape}")
+            if k == shard_size:
+                raise ValueError(f"a shard holds 1 to {shard_size} patches, not {k + 1} or more")
+            shape, chunk = patch.shape, patch.nbytes + _CRC
             data = patch.tobytes()
             for part in (data, google_crc32c.value(data).to_bytes(_CRC, "little")):
                 f.write(part)
                 digest.update(part)
-                size += len(part)
+            size += chunk
+            k += 1
+        if k == 0:
+            raise ValueError(f"a shard holds 1 to {shard_size} patches, not 0")
+        index = np.full((shard_size, 2), ABSENT, dtype="<u8")
+        index[:k, 0] = np.arange(k, dtype=np.uint64) * chunk
+        index[:k, 1] = chunk
         raw = index.tobytes()
         tail = raw + google_crc32c.value(raw).to_bytes(_CRC, "little")
         f.write(tail)
@@ -153,7 +157,8 @@ def verify_shard(
 ) -> list[str]:
     """Every problem of one shard file, one line each naming the file and the patch (empty: sound).
 
-    Reads the whole file once. ``expected_count`` patches must be present, in slots 0 … expected_count - 1,
+    Reads the file once, a patch at a time (one ``pread`` each: flat memory, and no fresh 100 MB buffer to
+    fault in per shard). ``expected_count`` patches must be present, in slots 0 … expected_count - 1,
     and no others; each with ``patch_nbytes`` bytes (H·W·3) where given, else all of one size."""
     path = Path(path)
     shard = _shard_number(path)
@@ -162,44 +167,64 @@ def verify_shard(
         return f"{path}: patch {shard * shard_size + j}" if shard is not None else f"{path}: chunk {j}"
 
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return [f"{path}: is missing ({expected_count} patches expected)"]
-    index_nbytes = _index_nbytes(shard_size)
-    if len(data) < index_nbytes:
-        return [f"{path}: is truncated ({len(data)} bytes, shorter than its {index_nbytes}-byte index)"]
-    data_end = len(data) - index_nbytes
-    tail = data[data_end:]
-    if google_crc32c.value(tail) != _RESIDUE:
-        return [f"{path}: index checksum mismatch ({len(data)} bytes; truncated or damaged)"]
-    index = np.frombuffer(tail, dtype="<u8", count=shard_size * 2).reshape(shard_size, 2).tolist()
-    problems = []
-    sizes = set()
-    for j, (offset, nbytes) in enumerate(index):
-        if offset == ABSENT and nbytes == ABSENT:
-            if j < expected_count:
-                problems.append(f"{where(j)}: is absent from the shard index")
-            continue
-        if j >= expected_count:
-            problems.append(f"{where(j)}: is present, but the shard should hold only {expected_count} patches")
-        expected = None if patch_nbytes is None else patch_nbytes + _CRC
-        if nbytes < _CRC or (expected is not None and nbytes != expected):
-            problems.append(f"{where(j)}: has {nbytes} bytes in the index, expected {expected or 'at least 4'}")
-            continue
-        if offset + nbytes > data_end:
-            problems.append(f"{where(j)}: lies past the end of the data ({offset} + {nbytes} > {data_end} bytes)")
-            continue
-        sizes.add(nbytes)
-        chunk = data[offset : offset + nbytes]
-        if google_crc32c.value(chunk) != _RESIDUE:
-            stored = int.from_bytes(chunk[-_CRC:], "little")
-            problems.append(
-                f"{where(j)}: patch checksum mismatch (stored {stored:#010x}, "
-                f"computed {google_crc32c.value(chunk[:-_CRC]):#010x})"
-            )
+    try:
+        size = os.fstat(fd).st_size
+        index_nbytes = _index_nbytes(shard_size)
+        if size < index_nbytes:
+            return [f"{path}: is truncated ({size} bytes, shorter than its {index_nbytes}-byte index)"]
+        data_end = size - index_nbytes
+        tail = os.pread(fd, index_nbytes, data_end)
+        if google_crc32c.value(tail) != _RESIDUE:
+            return [f"{path}: index checksum mismatch ({size} bytes; truncated or damaged)"]
+        index = np.frombuffer(tail, dtype="<u8", count=shard_size * 2).reshape(shard_size, 2).tolist()
+        problems = []
+        sizes = set()
+        for j, (offset, nbytes) in enumerate(index):
+            if offset == ABSENT and nbytes == ABSENT:
+                if j < expected_count:
+                    problems.append(f"{where(j)}: is absent from the shard index")
+                continue
+            if j >= expected_count:
+                problems.append(f"{where(j)}: is present, but the shard should hold only {expected_count} patches")
+            expected = None if patch_nbytes is None else patch_nbytes + _CRC
+            if nbytes < _CRC or (expected is not None and nbytes != expected):
+                problems.append(f"{where(j)}: has {nbytes} bytes in the index, expected {expected or 'at least 4'}")
+                continue
+            if offset + nbytes > data_end:
+                problems.append(f"{where(j)}: lies past the end of the data ({offset} + {nbytes} > {data_end} bytes)")
+                continue
+            sizes.add(nbytes)
+            chunk = os.pread(fd, nbytes, offset)
+            if len(chunk) != nbytes:
+                problems.append(f"{where(j)}: short read ({len(chunk)} of {nbytes} bytes)")
+            elif google_crc32c.value(chunk) != _RESIDUE:
+                stored = int.from_bytes(chunk[-_CRC:], "little")
+                problems.append(
+                    f"{where(j)}: patch checksum mismatch (stored {stored:#010x}, "
+                    f"computed {google_crc32c.value(chunk[:-_CRC]):#010x})"
+                )
+    finally:
+        os.close(fd)
     if len(sizes) > 1:
         problems.append(f"{path}: patches of different sizes {sorted(s - _CRC for s in sizes)} in one shard")
     return problems
+
+
+class StoreDamaged(UserError):
+    """A finished dataset's patch data is missing, truncated or fails a checksum. Every kept patch is
+    written before a dataset appears, so this is always damage (a purged, truncated or corrupted file),
+    never an unwritten patch."""
+
+    def __init__(self, message: str):
+        # raised in a DataLoader worker, it is raised again in the main process with the worker's whole
+        # traceback as its message: the user is told its last line, the one-line message, alone
+        if "Traceback (most recent call last)" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
 
 
 class ShardDamaged(StoreDamaged):

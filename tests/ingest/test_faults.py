@@ -20,7 +20,8 @@ import histokt.ingest.standardize as st
 from histokt.errors import UserError
 from histokt.ingest.records import StandardizeResult
 from histokt.ingest.standardize import standardize
-from histokt.store.schema import PatchReader, StoreDamaged, chunk_dir, chunk_file, staging_dir
+from histokt.store.schema import PatchReader, StoreDamaged, staging_dir
+from histokt.store.shards import shard_path
 from tests.conftest import histokt_cmd
 from tests.fixtures.stores import assert_same_store, folder_dataset
 from tests.fixtures.stores import folder_config as cfg
@@ -32,7 +33,10 @@ FULL_DISK_LINE = (
 
 
 def cli(raw, store, *extra):
-    return histokt_cmd("standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", *extra)
+    return histokt_cmd(
+        "standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1",
+        "--patches-per-file", "4", *extra,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -109,13 +113,15 @@ def test_a_dead_writers_part_is_redone_from_scratch(tmp_path, raw, reference):
     assert standardize(cfg(raw, store, shard="0/2")).status == "partial"
     staging = staging_dir(store, "folder")
     part = fin.part_dir(staging, 1)  # shard 1's part, left half-written by a writer that died
-    shutil.copytree(fin.part_dir(staging, 0), part)
-    (chunk_dir(part, 0) / "0" / "0" / "0").write_bytes(b"half")
+    part.with_suffix(".bin").write_bytes(b"half")  # a stale data file (no manifest), and its temporary
+    half = part.parent / f".{part.name}.bin.x1y2.tmp"
+    half.write_bytes(b"half")
     leave_lease(part.with_suffix(".lease"), 999_999_999)
     other_host = fin.part_dir(staging, 3).with_suffix(".lease")  # another host's writer, silent for 20 min
     leave_lease(other_host, 4242, host="another-node.cluster.example", age_s=1200)
     assert standardize(cfg(raw, store, shard="1/2")).status == "written"
     assert_same_store(store, reference)
+    assert not half.exists() and not staging.exists()
 
 
 # -- finalize after damage ----------------------------------------------------------------------------------
@@ -125,44 +131,58 @@ class Crash(Exception):
     pass
 
 
-def test_finalize_redoes_a_part_whose_staged_patches_vanished(tmp_path, raw, reference, monkeypatch):
-    """A finalize killed after moving the train split, and a staged patch of a part lost meanwhile (as two
-    writers of an older version left it): the next run redoes that part by itself and publishes."""
+def test_finalize_redoes_a_part_whose_staged_data_vanished(tmp_path, raw, reference, monkeypatch):
+    """A finalize killed after packing some shards, and a part's data file lost meanwhile (a purge, or two
+    writers of an older version): the next run redoes that part by itself and publishes."""
     store = tmp_path / "damaged.zarr"
-    real, calls = fin._write_meta, []
+    real, calls = fin.pack_shard, []
 
-    def crash_after_train(*args, **kw):
+    def crash_at_third(job):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise Crash
-        return real(*args, **kw)
+        return real(job)
 
-    monkeypatch.setattr(fin, "_write_meta", crash_after_train)
+    monkeypatch.setattr(fin, "pack_shard", crash_at_third)
     with pytest.raises(Crash):
         standardize(cfg(raw, store))
-    monkeypatch.setattr(fin, "_write_meta", real)
+    monkeypatch.setattr(fin, "pack_shard", real)
     staging = staging_dir(store, "folder")
-    left = sorted(p for p in (staging / "parts").glob("p*/c/*") if p.is_dir())
-    assert left, "every staged patch moved before the crash"
-    shutil.rmtree(left[-1])  # a patch of the test split, not moved yet, lost
-    moved = sorted((staging / "final" / "train" / "images" / "c").iterdir())
-    assert moved  # and the train patches already moved out of their parts
+    packed = sorted((staging / "final").glob("*/images/c.*"))
+    assert len(packed) == 2  # the shards packed before the crash stay: they are whole
+    lost = sorted((staging / "parts").glob("p*.bin"))[-1]
+    lost.unlink()
     r = standardize(cfg(raw, store))
     assert r.status == "written"
     assert_same_store(store, reference)
     assert not staging.exists()
 
 
-def test_finalize_without_redo_names_the_part_to_delete(tmp_path, raw, reference, monkeypatch):
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
+def test_finalize_without_redo_names_the_part_to_delete(tmp_path, raw, reference, monkeypatch, damage):
     store = tmp_path / "s.zarr"
     monkeypatch.setattr(st, "finalize_locked", lambda *a, **kw: StandardizeResult("folder", "partial"))
     standardize(cfg(raw, store))
     monkeypatch.undo()
     staging = staging_dir(store, "folder")
-    shutil.rmtree(chunk_dir(fin.part_dir(staging, 2), 0))
+    data = fin.part_file(staging, 2)
+    blob = data.read_bytes()
+    problem = {
+        "missing": "staged part is missing",
+        "truncated": f"staged part has {len(blob) - 1} bytes, expected {len(blob)}",
+        "flipped": "staged patch at byte 0 is damaged",
+    }[damage]
+    if damage == "missing":
+        data.unlink()
+    elif damage == "truncated":
+        data.write_bytes(blob[:-1])
+    else:
+        data.write_bytes(bytes([blob[0] ^ 1]) + blob[1:])
     _, worklist = st.make_worklist(cfg(raw, store))
-    with pytest.raises(fin.DamagedParts, match=r"p000002/c/0: staged patch is missing; delete .*p000002.json"):
+    with pytest.raises(fin.DamagedParts, match=rf"p000002.bin: {problem}.*; delete .*p000002.json") as caught:
         fin.finalize_locked(store, "folder", staging, worklist)
+    assert caught.value.parts == [2]
+    assert not (store / "folder").exists()
     assert standardize(cfg(raw, store)).status == "written"  # standardize redoes it by itself
     assert_same_store(store, reference)
 
@@ -225,17 +245,19 @@ def test_a_full_disk_while_publishing_resumes(tmp_path, raw, reference, monkeypa
 
 def test_a_full_disk_in_a_part_names_the_file(tmp_path, raw, reference, monkeypatch):
     store = tmp_path / "part.zarr"
-    real = st.write_chunk
+    real, calls = st._tiles, []
 
-    def full(array_dir, index, patch):
-        if index == 2:
-            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(chunk_file(array_dir, index)))
-        return real(array_dir, index, patch)
+    def full(task, source):  # the third source's patches meet a full quota as they are written
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(task.base.with_suffix(".bin")))
+        return real(task, source)
 
-    monkeypatch.setattr(st, "write_chunk", full)
-    with pytest.raises(UserError, match=r"p000000/c/2/0/0/0: disk quota exceeded \(EDQUOT\); free space"):
+    monkeypatch.setattr(st, "_tiles", full)
+    with pytest.raises(UserError, match=r"p000002.bin: disk quota exceeded \(EDQUOT\); free space"):
         standardize(cfg(raw, store))
-    monkeypatch.setattr(st, "write_chunk", real)
+    monkeypatch.setattr(st, "_tiles", real)
+    assert not list(staging_dir(store, "folder").glob("parts/.*.tmp"))  # no temporary left behind
     assert standardize(cfg(raw, store)).status == "written"
     assert_same_store(store, reference)
 
@@ -257,14 +279,20 @@ def test_a_store_path_that_is_a_file(tmp_path, raw, cli_env, under):
 def test_a_damaged_dataset_is_named_by_the_reader_and_rebuilt_by_overwrite(tmp_path, raw, reference):
     store = tmp_path / "hurt.zarr"
     shutil.copytree(reference, store)
-    n = zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]["valid"]
-    assert n >= 2
-    chunk_file(store / "folder" / "valid" / "images", 1).unlink()
-    reader = PatchReader(store, "folder", "valid")
-    with pytest.raises(StoreDamaged, match=r"'folder', split valid, patch 1: .*/valid/images/c/1/0/0/0 is missing"):
-        reader.read(1)
+    n = zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]["train"]
+    assert n >= 6
+    shard_path(store / "folder" / "train" / "images", 1).unlink()
+    reader = PatchReader(store, "folder", "train")
+    reader.read(0)  # the other shards read on
+    with pytest.raises(
+        StoreDamaged,
+        match=r"^dataset 'folder', split train, patch 5: .*/train/images/c.1.0.0.0: the shard file is missing; "
+        r"the store is damaged: list the damage with 'histokt verify .*hurt.zarr --dataset folder', and "
+        r"re-create .* 'histokt standardize --dataset folder --raw RAW --store .*hurt.zarr --name folder --repair'",
+    ):
+        reader.read(5)
     assert standardize(cfg(raw, store)).status == "done"  # a plain re-run trusts a finished dataset
-    r = standardize(cfg(raw, store, overwrite=True))  # what the reader's message says to run
+    r = standardize(cfg(raw, store, overwrite=True))  # a damaged dataset is rebuilt by --overwrite
     assert r.status == "written"
     assert_same_store(store, reference)
     assert standardize(cfg(raw, store, overwrite=True)).status == "done"  # intact: nothing to redo

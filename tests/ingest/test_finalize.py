@@ -2,13 +2,13 @@
 another host, is taken over; the typed records write the JSON they always wrote."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -18,7 +18,7 @@ from histokt import __version__, atomic, lease
 from histokt.errors import UserError
 from histokt.ingest.records import PartManifest, PatchRow, SourceRow, StandardizeResult, Worklist
 from histokt.ingest.splits import patch_splits
-from histokt.store.schema import FORMAT, chunk_dir, write_chunk
+from histokt.store.schema import FORMAT
 
 OTHER_HOST = "another-node.cluster.example"
 
@@ -144,8 +144,13 @@ def test_rows_are_written_as_the_positional_lists_of_the_staging_format():
     patch = PatchRow(7, (0, 204, 272, 476), 2, "all", None)
     assert patch.to_json() == [7, 0, 204, 272, 476, 2, "all", None]
     assert PatchRow.from_json(patch.to_json()) == patch
-    manifest = PartManifest([patch], [{"path": "b.png", "reason": "empty file"}])
-    assert PartManifest.from_json(manifest.to_json()) == manifest
+    manifest = PartManifest([patch], [{"path": "b.png", "reason": "empty file"}], [(93, 272)], [0xDEADBEEF])
+    doc = manifest.to_json()
+    assert doc["content"] == [[93, 272]] and doc["crc32c"] == [0xDEADBEEF]
+    assert PartManifest.from_json(doc) == manifest and manifest.complete and manifest.nbytes == 93 * 272 * 3
+    # a manifest of histokt 0.1 (one chunk file per patch) reads as incomplete: its part is redone
+    old = PartManifest.from_json({"patches": doc["patches"], "rejected": []})
+    assert not old.complete
 
 
 def test_worklist_json_round_trips():
@@ -183,18 +188,26 @@ def settings(split_rule="grouped", **kw) -> dict:
     }
 
 
+def write_part(staging, k, rows: list[PatchRow], content: list[np.ndarray], rejected=()) -> None:
+    """Part k as standardize leaves it: its data file, then its manifest."""
+    data = [np.ascontiguousarray(c).tobytes() for c in content]
+    atomic.write_bytes(fin.part_file(staging, k), b"".join(data))
+    shapes = [c.shape[:2] for c in content]
+    manifest = PartManifest(rows, list(rejected), shapes, [google_crc32c.value(d) for d in data])
+    atomic.write_json(fin.part_dir(staging, k).with_suffix(".json"), manifest.to_json())
+
+
 def stage(tmp_path, parts, rejected=(), multi_label=False, split_rule="grouped", fingerprint="f1"):
     """A staging folder of finished parts: ``parts`` lists each part's patches as (source, label, split);
-    patch j of part k is filled with 16 * k + j + 1 so it can be told apart after the move."""
+    patch j of part k is filled with 16 * k + j + 1 so it can be told apart after packing."""
     store, staging = tmp_path / "s.zarr", tmp_path / ".s.zarr.staging" / "d"
     store.mkdir()
     for k, rows in enumerate(parts):
-        patches = []
-        for j, (source, label, split) in enumerate(rows):
-            write_chunk(fin.part_dir(staging, k), j, np.full((P, P, 3), 16 * k + j + 1, np.uint8))
-            patches.append(PatchRow(source, (j, k, j + P, k + P), label, "all", split))
-        manifest = PartManifest(patches, list(rejected) if k == 0 else [])
-        atomic.write_json(fin.part_dir(staging, k).with_suffix(".json"), manifest.to_json())
+        patches = [
+            PatchRow(source, (j, k, j + P, k + P), label, "all", split) for j, (source, label, split) in enumerate(rows)
+        ]
+        content = [np.full((P, P, 3), 16 * k + j + 1, np.uint8) for j in range(len(rows))]
+        write_part(staging, k, patches, content, rejected if k == 0 else ())
     sources = [SourceRow(f"img{i}.png", 0, "all", f"img{i}.png", None) for i in range(3)]
     classes = ["a", "b", "c"]
     parts_ = [(k, k + 1) for k in range(len(parts))]
@@ -232,12 +245,15 @@ def test_finalize_publishes_every_patch_in_its_split_and_removes_the_staging(tmp
     assert g["labels"].dtype == np.int64 and g["source_id"].dtype == np.int64 and g["box"].dtype == np.int64
     attrs = fin.dataset_attrs(store / "d")
     assert list(attrs) == [
-        "patch_size", "stride", "split_rule", "split_seed", "split_plan", "format", "classes", "multi_label",
+        "patch_size", "stride", "split_rule", "split_seed", "split_plan", "format", "content_size", "shard_size",
+        "classes", "multi_label",
         "group_rule", "counts", "rejected", "warnings", "fingerprint", "histokt_version",
     ]  # fmt: skip
     assert attrs == {
         **{k: v for k, v in settings().items() if k not in ("max_pixels", "strict")},
         "format": FORMAT,
+        "content_size": [P, P],
+        "shard_size": 512,
         "classes": ["a", "b", "c"],
         "multi_label": False,
         "group_rule": "source image",
@@ -326,8 +342,8 @@ def test_finalize_interrupted_after_moving_chunks_resumes_to_the_same_dataset(tm
 
 def test_a_missing_staged_patch_names_its_part_and_publishes_nothing(tmp_path):
     store, staging, w = stage(tmp_path, GROUPED)
-    shutil.rmtree(chunk_dir(fin.part_dir(staging, 1), 0))
-    with pytest.raises(fin.DamagedParts, match=r"p000001/c/0: staged patch is missing; delete .*p000001.json ") as e:
+    fin.part_file(staging, 1).unlink()
+    with pytest.raises(fin.DamagedParts, match=r"p000001.bin: staged part is missing; delete .*p000001.json ") as e:
         fin.finalize_locked(store, "d", staging, w)
     assert e.value.parts == [1] and "1 parts to redo" in str(e.value)
     assert not (store / "d").exists() and not (staging / "finalize.lock").exists()
@@ -336,16 +352,15 @@ def test_a_missing_staged_patch_names_its_part_and_publishes_nothing(tmp_path):
 
 def test_a_damaged_part_is_reset_and_redone_under_the_lock_then_published(tmp_path):
     store, staging, w = stage(tmp_path, GROUPED)
-    shutil.rmtree(chunk_dir(fin.part_dir(staging, 1), 1))
+    fin.part_file(staging, 1).unlink()
     asked = []
 
     def redo(parts):
         asked.append(parts)
         manifest = fin.part_dir(staging, 1).with_suffix(".json")
         assert not manifest.exists() and (staging / "finalize.lock").exists()  # reset, and still ours
-        write_chunk(fin.part_dir(staging, 1), 1, np.full((P, P, 3), 99, np.uint8))
         rows = [PatchRow(2, (0, 1, 4, 5), 0, "all", "test"), PatchRow(2, (1, 1, 5, 5), 0, "all", "train")]
-        atomic.write_json(manifest, PartManifest(rows, []).to_json())
+        write_part(staging, 1, rows, [np.full((P, P, 3), v, np.uint8) for v in (17, 99)])
 
     result = fin.finalize_locked(store, "d", staging, w, redo=redo)
     assert asked == [[1]] and result.counts == {"train": 3, "valid": 1, "test": 1}
@@ -354,13 +369,15 @@ def test_a_damaged_part_is_reset_and_redone_under_the_lock_then_published(tmp_pa
 
 def test_a_part_missing_again_after_its_redo_is_an_error(tmp_path):
     store, staging, w = stage(tmp_path, GROUPED)
-    shutil.rmtree(chunk_dir(fin.part_dir(staging, 0), 2))
+    fin.part_file(staging, 0).unlink()
 
-    def redo_badly(parts):
-        manifest = PartManifest([PatchRow(1, (2, 0, 6, 4), 2, "all", "valid")], [])
+    def redo_badly(parts):  # a manifest again, but no data file
+        manifest = PartManifest([PatchRow(1, (2, 0, 6, 4), 2, "all", "valid")], [], [(P, P)], [0])
         atomic.write_json(fin.part_dir(staging, 0).with_suffix(".json"), manifest.to_json())
 
-    with pytest.raises(UserError, match=r"p000000/c/[0-9]: .*it was redone once and is missing again: another process"):
+    with pytest.raises(
+        UserError, match=r"p000000.bin: staged part is missing; it was redone once and is damaged again"
+    ):
         fin.finalize_locked(store, "d", staging, w, redo=redo_badly)
     assert not (store / "d").exists() and not (staging / "finalize.lock").exists()
 
@@ -378,14 +395,14 @@ def test_layout_is_rebuilt_until_marked_ready(tmp_path):
     out, ready = tmp_path / "final", tmp_path / "final.ready"
     out.mkdir()
     (out / "junk").write_text("x")
-    fin._layout(out, ready, ["train", "test", "train", None], P)
+    fin._layout(out, ready, {"train": 2, "valid": 0, "test": 1}, (P, P - 1), 512)
     assert not (out / "junk").exists() and ready.is_file() and ready.read_bytes() == b""
     shapes = {s: zarr.open_array(str(out / s / "images"), mode="r").shape for s in ("train", "valid", "test")}
-    assert shapes == {"train": (2, P, P, 3), "valid": (0, P, P, 3), "test": (1, P, P, 3)}
-    (out / "junk").write_text("x")  # once ready, nothing is rebuilt (chunks may already have moved in)
-    fin._layout(out, ready, ["train"], P)
+    assert shapes == {"train": (2, P, P - 1, 3), "valid": (0, P, P - 1, 3), "test": (1, P, P - 1, 3)}
+    (out / "junk").write_text("x")  # once ready, nothing is rebuilt (shards may already be packed)
+    fin._layout(out, ready, {"train": 1, "valid": 0, "test": 0}, (P, P), 512)
     assert (out / "junk").exists()
-    assert zarr.open_array(str(out / "train" / "images"), mode="r").shape == (2, P, P, 3)
+    assert zarr.open_array(str(out / "train" / "images"), mode="r").shape == (2, P, P - 1, 3)
 
 
 def test_dataset_attrs(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 
@@ -22,6 +23,8 @@ from tests.conftest import histokt_cmd
 from tests.fixtures.images import save, tissue
 from tests.fixtures.stores import assert_same_store, folder_dataset
 from tests.fixtures.stores import folder_config as cfg
+
+PPF = ("--patches-per-file", "4")  # as folder_config
 
 
 def expected_patches(w, h, mpp, patch=272, stride=204):
@@ -118,7 +121,7 @@ def test_store_identical_whatever_shards_and_workers(tmp_path, raw, reference, s
 
 def test_concurrent_shard_processes(tmp_path, raw, reference, cli_env):
     store = tmp_path / "conc.zarr"
-    args = ["standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1"]
+    args = ["standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", *PPF]
     procs = [subprocess.Popen(histokt_cmd(*args, "--shard", f"{i}/2"), env=cli_env) for i in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     if not (store / "folder").exists():  # both saw a missing part at their end: a plain re-run finalizes
@@ -131,7 +134,7 @@ def test_sigkill_during_parts_then_resume(tmp_path, cli_env):
     ref = tmp_path / "ref.zarr"
     standardize(cfg(raw, ref))
     store = tmp_path / "killed.zarr"
-    args = ["standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", "--no-progress"]
+    args = ["standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", "--no-progress", *PPF]
     proc = subprocess.Popen(histokt_cmd(*args), env=cli_env)
     parts = staging_dir(store, "folder") / "parts"
     while proc.poll() is None and len(list(parts.glob("*.json"))) < 5:
@@ -217,8 +220,9 @@ def test_bad_images_are_skipped_and_listed(tmp_path, raw):
 def test_strict_makes_a_bad_image_fatal_and_writes_nothing(tmp_path, raw, cli_env):
     bad_images(raw)
     store = tmp_path / "strict.zarr"
+    args = ["standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", "--strict", *PPF]
     r = subprocess.run(
-        histokt_cmd("standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", "--strict"),
+        histokt_cmd(*args),
         env=cli_env,
         capture_output=True,
         text=True,
@@ -374,3 +378,106 @@ def test_a_shard_arriving_after_another_finalized_reports_done(tmp_path, raw, re
     assert not gone.exists()
     r = fin.finalize_locked(store, "folder", gone, worklist)
     assert r.status == "done" and r.counts == zarr.open_group(str(store / "folder"), mode="r").attrs["counts"]
+
+
+# -- format 2: packed files, no stored padding --------------------------------------------------------------
+
+DIE_IN_THIRD_SHARD = """
+import os, signal, sys
+import histokt.ingest.finalize as fin
+from histokt.cli import main
+
+real, calls = fin.write_shard, []
+
+
+def dying(path, patches, **kw):  # killed with two patches of the third shard in its temporary file
+    calls.append(path)
+
+    def patches_then_death():
+        for j, patch in enumerate(patches):
+            if len(calls) == 3 and j == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield patch
+
+    return real(path, patches_then_death(), **kw)
+
+
+fin.write_shard = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_packing_shards_then_resume(tmp_path, raw, reference, cli_env):
+    store = tmp_path / "packing.zarr"
+    args = ["standardize", "--dataset", "folder", "--raw", raw, "--store", store, "--mpp", "1", "--no-progress", *PPF]
+    killed = subprocess.run(
+        [*histokt_cmd()[:1], "-c", DIE_IN_THIRD_SHARD, *map(str, args)], env=cli_env, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    final = staging_dir(store, "folder") / "final"
+    assert len(list(final.glob("*/images/c.*"))) == 2  # two whole shards, and a third half-written …
+    assert len(list(final.glob("*/images/.c.*.tmp"))) == 1  # … under a temporary name only
+    assert not (store / "folder").exists()
+    assert subprocess.run(histokt_cmd(*args), env=cli_env).returncode == 0
+    assert_same_store(store, reference)
+
+
+def test_files_per_dataset_do_not_grow_with_its_patches(tmp_path, monkeypatch):
+    """The inode budget: a fixed few files per dataset plus one per shard file (512 patches), in the store
+    and while standardizing (a few per part: data, manifest, lease; never one per patch)."""
+    counts, staged, real = {}, {}, fin.finalize_locked
+
+    def count_staging(store_, name, staging, *a, **kw):
+        staged["files"] = sum(1 for _ in staging.rglob("*"))
+        return real(store_, name, staging, *a, **kw)
+
+    monkeypatch.setattr(st, "finalize_locked", count_staging)
+    for n in (3, 12):
+        raw = folder_dataset(tmp_path / f"n{n}", per_class=n, size=700)  # 9 patches per image
+        store = tmp_path / f"n{n}.zarr"
+        r = standardize(cfg(raw, store, patches_per_file=512))
+        total = sum(r.counts.values())
+        files = sum(1 for _ in (store / "folder").rglob("*"))
+        counts[n] = (total, files, staged["files"], len(st.make_worklist(cfg(raw, store))[1].parts))
+    (small, files_small, _, _), (big, files_big, staging_big, parts) = counts[3], counts[12]
+    assert big >= 300 and big >= 3 * small
+    assert files_big == files_small  # 4x the patches, no more files (every split fits one shard)
+    assert files_big <= 60  # the groups and small arrays: a fixed few dozen
+    assert staging_big <= 2 * parts + 4  # part data files and manifests, the worklist, the parts folder
+
+
+def test_small_sources_are_stored_as_their_content_and_read_back_padded(tmp_path):
+    """A PCam-like dataset (96 px at 0.972 µm/px: 93 px of content): the store holds 93 x 93 x 3 bytes per
+    patch, and each patch read is the rescaled source mirror-padded as format 1 stored it."""
+    raw = tmp_path / "raw"
+    for i in range(6):
+        save(raw / ("a" if i % 2 else "b") / f"p{i}.png", tissue(96, 96, seed=i))
+    store = tmp_path / "pcam.zarr"
+    r = standardize(cfg(raw, store, mpp=0.972))
+    attrs = zarr.open_group(str(store / "folder"), mode="r").attrs
+    assert attrs["content_size"] == [93, 93] and attrs["patch_size"] == 272
+    sources = zarr.open_group(str(store / "folder"), mode="r")["sources"][:]
+    from histokt.store.schema import PatchReader
+
+    for split, n in r.counts.items():
+        reader = PatchReader(store, "folder", split)
+        ids = zarr.open_array(str(store / "folder" / split / "source_id"), mode="r")[:]
+        for k in range(n):
+            source = np.asarray(Image.open(raw / sources[ids[k]]).convert("RGB").resize((93, 93), Image.BILINEAR))
+            want = np.pad(source, [(0, 179), (0, 179), (0, 0)], mode="reflect")
+            np.testing.assert_array_equal(reader.read(k), want)
+        shard = store / "folder" / split / "images" / "c.0.0.0.0"
+        assert shard.stat().st_size == min(n, 4) * (93 * 93 * 3 + 4) + 4 * 16 + 4
+
+
+def test_a_format_1_dataset_of_that_name_is_upgraded_or_overwritten_never_trusted(tmp_path, raw, reference):
+    old = tmp_path / "old.zarr"
+    shutil.copytree(reference, old)
+    meta = old / "folder" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["format"] = "histokt-patches/1"  # same fingerprint, the old format
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=rf"store format histokt-patches/1; .*'histokt store upgrade {old} NEW_STORE'"):
+        standardize(cfg(raw, old))
+    assert standardize(cfg(raw, old, overwrite=True)).status == "written"
+    assert_same_store(old, reference)

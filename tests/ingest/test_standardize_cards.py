@@ -18,6 +18,7 @@ import zarr
 from PIL import Image
 
 from histokt.ingest.standardize import StandardizeConfig, standardize
+from histokt.store.schema import PatchReader
 from tests.fixtures import images as fx_images
 from tests.fixtures import (
     raw_adp,
@@ -68,6 +69,7 @@ class Result:
 
     def __init__(self, store: Path, name: str):
         self.group = zarr.open_group(str(store / name), mode="r")
+        self.readers = {split: PatchReader(store, name, split) for split in SPLITS}
         self.attrs = dict(self.group.attrs)
         self.sources = [str(s) for s in self.group["sources"][:]]
         self.split = {}
@@ -108,7 +110,8 @@ class Result:
         return {path: entry[0] for path, entry in self.by_source().items()}
 
     def image(self, split: str, k: int) -> np.ndarray:
-        return self.split[split]["images"][k]
+        """Patch k as a model sees it (content stored unpadded is padded on read)."""
+        return self.readers[split].read(k)
 
 
 def run(dataset: str, raw: Path, tmp_path: Path, **kw) -> Result:
@@ -131,7 +134,7 @@ def check_common(r: Result, *, classes, multi_label: bool, mpp: float, stride: i
     assert a["multi_label"] is multi_label
     assert a["mpp_native"] == pytest.approx(mpp)
     assert a["mpp_target"] == 1.0 and a["patch_size"] == P and a["stride"] == stride
-    assert a["split_rule"] == "grouped" and a["format"] == "histokt-patches/1"
+    assert a["split_rule"] == "grouped" and a["format"] == "histokt-patches/2"
     assert a["counts"] == r.counts()
     assert a["rejected"] == []  # only undecodable files are listed there; blank images are not "bad"
     assert len(r.sources) == len(set(r.sources))
@@ -139,7 +142,10 @@ def check_common(r: Result, *, classes, multi_label: bool, mpp: float, stride: i
         assert all((raw / s).is_file() for s in r.sources), "sources are paths relative to the raw dir"
     for split in SPLITS:
         d, n = r.split[split], r.count(split)
-        assert d["images"].shape == (n, P, P, 3) and d["images"].dtype == np.uint8
+        # the stored content: unpadded where every source is smaller than the patch; read back padded
+        h, w = a["content_size"]
+        assert d["images"].shape == (n, h, w, 3) and d["images"].dtype == np.uint8 and h <= P and w <= P
+        assert r.readers[split].shape == (n, P, P, 3)
         if multi_label:
             assert d["labels"].dtype == np.uint8 and d["labels"].shape == (n, len(classes))
             assert set(np.unique(d["labels"])) <= {0, 1}
@@ -331,6 +337,7 @@ def test_ajlymph_padding_of_one_dimension_and_blank(tmp_path):
     split, k = next((s, k) for s, _, _, _, k in r.patches())
     patch = r.image(split, k)
     np.testing.assert_array_equal(patch[250:272], patch[248:226:-1])
+    assert r.attrs["content_size"] == [250, 272]  # only the rows of content are stored
 
 
 # -- PCam -----------------------------------------------------------------------------------------------------
@@ -350,6 +357,7 @@ def test_pcam_h5_gz_rows_official_splits(tmp_path):
     check_common(r, classes=("non_tumor", "tumor"), multi_label=False, mpp=0.972, stride=204,
                  size_of=lambda p: (272, 272), raw=None)  # fmt: skip
     assert r.counts() == {"train": 10, "valid": 4, "test": 4}
+    assert r.attrs["content_size"] == [93, 93]  # PCam's 93 px of content are stored; the padding is not
     row = re.compile(r"camelyonpatch_level_2_split_(train|valid|test)_x\.h5\.gz\[(\d+)\]")
     want_labels = {part: raw_pcam.labels(n, k) for k, (part, n) in enumerate(raw_pcam.SIZES.items())}
     for split, path, box, label, _ in r.patches():
@@ -386,6 +394,7 @@ def test_crc_7_or_9_classes_and_7k_test(tmp_path, n_classes, classes, want, opti
     # 0.5 µm/px: 8x8 -> 4x4 -> padded 272x272 -> 1 window per tile.
     check_common(r, classes=classes, multi_label=False, mpp=0.5, stride=204, size_of=lambda p: (272, 272), raw=raw)
     assert r.counts() == want
+    assert r.attrs["content_size"] == [4, 4]
     for split, path, box, label, _ in r.patches():
         top, cls = path.split("/")[:2]
         assert box == ONE[0] and label == classes.index(cls)

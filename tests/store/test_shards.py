@@ -15,7 +15,7 @@ import histokt.atomic
 from histokt.errors import UserError
 from histokt.ingest.tiling import mirror_pad
 from histokt.store import shards
-from histokt.store.schema import StoreDamaged, patch_array, write_chunk
+from histokt.store.schema import StoreDamaged
 from histokt.store.shards import (
     ShardDamaged,
     ShardedReader,
@@ -242,8 +242,9 @@ def test_verify_lists_exactly_the_damage(tmp_path):
 
 
 def test_layouts_the_reader_does_not_know_are_refused_by_name(tmp_path):
-    patch_array(tmp_path / "one", 2, 8)  # today's format: one file per patch
-    write_chunk(tmp_path / "one", 0, patches_of(1, 8, 8)[0])
+    # format 1: one file per patch, zarr's default chunk keys
+    one = zarr.create_array(str(tmp_path / "one"), shape=(2, 8, 8, 3), chunks=(1, 8, 8, 3), dtype="uint8")
+    one[0] = patches_of(1, 8, 8)[0]
     with pytest.raises(
         ShardLayoutError,
         match=r"one/zarr.json: not a sharded patch array \(chunk key encoding .*, expected default with .\..\)",
@@ -265,9 +266,20 @@ def test_write_shard_refuses_what_is_not_a_shard(tmp_path):
         write_shard(tmp_path / "s", patches_of(0), shard_size=4)
     with pytest.raises(ValueError, match="uint8"):
         write_shard(tmp_path / "s", patches_of(2).astype(np.int16), shard_size=4)
-    with pytest.raises(ValueError, match=r"\(k, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 patches"):
         write_shard(tmp_path / "s", patches_of(2)[..., :2], shard_size=4)
+    mixed = [patches_of(1, 8, 8)[0], patches_of(1, 8, 9)[0]]
+    with pytest.raises(ValueError, match=r"\(8, 8, 3\) uint8 like the first"):
+        write_shard(tmp_path / "s", iter(mixed), shard_size=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_shard_streams_an_iterable_to_the_same_bytes(tmp_path):
+    patches = patches_of(3)
+    a = write_shard(tmp_path / "a", patches, shard_size=4)
+    b = write_shard(tmp_path / "b", (p for p in patches), shard_size=4)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    assert (a.count, a.nbytes, a.sha256) == (b.count, b.nbytes, b.sha256)
 
 
 def test_write_shard_is_atomic(tmp_path, monkeypatch):
