@@ -30,7 +30,8 @@ def _standardize(argv):
         print(f"{where}: {verb} {counts} patches{extra}")
     elif s.status == "repaired":
         if s.repaired:
-            print(f"{where}: re-created {len(s.repaired)} damaged shard files from the raw data: {', '.join(s.repaired)}")
+            files = ", ".join(s.repaired)
+            print(f"{where}: re-created {len(s.repaired)} damaged shard files from the raw data: {files}")
         else:
             print(f"{where}: no damaged shard file found; nothing to repair")
     elif s.status == "partial":

@@ -56,6 +56,11 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
     if "distill" in spec.stages:
         out["merge"], out["distill"] = distill_cells(spec, store)
     out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
+    if spec.stage_to is not None:  # where a node stages the data: an argument of the run, not in the id
+        for cells in out.values():
+            for cell in cells:
+                if cell.kind == "train":
+                    cell.args["stage_to"] = spec.stage_to
     return {s: out[s] for s in STAGES if s in out}
 
 

@@ -1,6 +1,9 @@
 """Experiment specs (`jobs/*.toml`): a whole HistoKT study in one file, checked before anything runs.
 
-    [study]        name, store, run_root, container, patch_size (272), target_mpp (1.0)
+    [study]        name, store, run_root, container, patch_size (272), target_mpp (1.0), stage_to (each
+                   training cell's `histokt train --stage-to`: an absolute node-local folder, which may start
+                   with an environment variable expanded on the node, e.g. "$SLURM_TMPDIR", or "off";
+                   default: $SLURM_TMPDIR where the site sets it. Not part of any cell's id or record)
     [datasets.X]   card, raw, mpp, options, shards, max_per_class   (X = the dataset's name in the store)
     [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
                    each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from histokt.errors import UserError
 from histokt.ingest.cards import CARD_NAMES
-from histokt.train.config import TrainConfig
+from histokt.train.config import STAGE_OFF, TrainConfig
 
 STAGES = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
 RULES = ("kg-select", "average", "kg-weighted")
@@ -81,6 +84,7 @@ class Spec:
     container: str = ""
     patch_size: int = 272
     target_mpp: float = 1.0
+    stage_to: str | None = None  # node-local staging of every training cell (None: histokt train's default)
     datasets: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     text: str = ""  # the file as read, stored in the run root
@@ -117,7 +121,7 @@ def load(path) -> Spec:
 def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     _keys(doc, {"study", "datasets", "stages"}, "", where)
     study = _table(doc, "study", where)
-    _keys(study, {"name", "store", "run_root", "container", "patch_size", "target_mpp"}, "study", where)
+    _keys(study, {"name", "store", "run_root", "container", "patch_size", "target_mpp", "stage_to"}, "study", where)
     spec = Spec(
         name=_get(study, "name", str, "study", where),
         store=_get(study, "store", str, "study", where),
@@ -125,8 +129,10 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
         container=_get(study, "container", str, "study", where, default=""),
         patch_size=_get(study, "patch_size", int, "study", where, default=272),
         target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
+        stage_to=_get(study, "stage_to", str, "study", where, default=None),
         text=text,
     )
+    _check_stage_to(spec.stage_to, where)
     if spec.patch_size < 8:
         raise UserError(f"{where}: study.patch_size: {spec.patch_size} must be at least 8")
     _positive(spec.target_mpp, "study.target_mpp", where, "µm/px")
@@ -248,6 +254,8 @@ def _recipe(t, key, where) -> dict:
     for name, value in t.items():
         if name in CELL_OWNED:
             raise UserError(f"{where}: {key}.{name}: set per cell by the sweep; remove it from the recipe")
+        if name == "stage_to":
+            raise UserError(f"{where}: {key}.stage_to: where nodes stage data is set once, as study.stage_to")
         if name not in fields:
             raise UserError(f"{where}: {key}.{name}: unknown train option; see 'histokt train --help'")
         default = fields[name].default
@@ -262,6 +270,16 @@ def _recipe(t, key, where) -> dict:
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{where}: {key}.{name}: {value} must be a finite number")
     return dict(t)
+
+
+def _check_stage_to(value: str | None, where) -> None:
+    """study.stage_to: 'off', or a folder that is absolute on every node (or starts with a variable)."""
+    if value is None or value == STAGE_OFF or value.startswith(("/", "$")):
+        return
+    raise UserError(
+        f"{where}: study.stage_to: {value!r}: expected an absolute folder on the nodes' local disk (it may start "
+        f'with an environment variable set there, e.g. "$SLURM_TMPDIR/histokt"), or "{STAGE_OFF}"'
+    )
 
 
 def _optional_type(annotation) -> type:

@@ -1,8 +1,13 @@
 """The configuration of one training cell, importable without torch (planning thousands of cells stays light)."""
 
-from dataclasses import asdict, dataclass, field
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
+
+from histokt.errors import UserError
 
 # Options that change how a run executes, not what it computes: they may differ on a resume.
 OPERATIONAL = ("workers", "progress", "ckpt_every_steps", "ckpt_every_min", "nproc", "device")
@@ -80,6 +85,16 @@ class TrainConfig:
     ckpt_every_min: float = field(default=10.0, metadata={"help": "also checkpoint every M minutes (0: off)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu or cuda"})
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal (--no-progress to hide)"})
+    stage_to: Optional[str] = field(
+        default=None,
+        metadata={
+            "metavar": "DIR",
+            "help": "copy the dataset's files once per node into DIR on the node's local disk and read them from "
+            "there (the cells of one node share the copy; the last one removes it). Default: $SLURM_TMPDIR where "
+            "the site sets it, else off; 'off' turns it off; $VARIABLES in DIR are expanded on the node. Where a "
+            "cell reads its data, not what it computes: not recorded in config.json",
+        },
+    )
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
@@ -98,4 +113,50 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 
 def config_dict(cfg: TrainConfig) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    """The config as config.json and result.json record it: what the cell computes, from which store. Where
+    a node staged the data (stage_to, the store it read from) is a site detail and is left out, so a cell
+    resumed on another node, or with staging off, has the same record."""
+    values = asdict(cfg)
+    del values["stage_to"]
+    values["store"] = getattr(cfg, _RECORDED_STORE, cfg.store)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+# -- node-local staging (histokt.store.stage) ------------------------------------------------------------------
+
+STAGE_OFF = "off"
+STAGE_DEFAULT_ENV = "SLURM_TMPDIR"  # a site convention (set per job to node-local disk), not SLURM's own
+_RECORDED_STORE = "_recorded_store"
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def stage_dir(value: str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where --stage-to (or a spec's stage_to) puts the node-local copy: the folder given, its $VARIABLES
+    expanded from ``environ`` (the process's environment); $SLURM_TMPDIR where none is given and the site
+    sets it to a folder that exists here; None (no staging) for 'off', or for no value and no such folder
+    (e.g. a container that does not bind $SLURM_TMPDIR reads from the store, as before)."""
+    env = os.environ if environ is None else environ
+    if value is None:
+        default = env.get(STAGE_DEFAULT_ENV, "")
+        return Path(default) if default and Path(default).is_dir() else None
+    if value.strip() == STAGE_OFF:
+        return None
+
+    def variable(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if not env.get(name):
+            raise UserError(f"--stage-to {value}: ${name} is not set here; give a folder, or 'off'")
+        return env[name]
+
+    folder = _VARIABLE.sub(variable, value).strip()
+    if not folder:
+        raise UserError("--stage-to: an empty folder; give a folder on node-local disk, or 'off'")
+    return Path(folder).expanduser()
+
+
+def reading_from(cfg: TrainConfig, store) -> TrainConfig:
+    """``cfg`` reading its patches from ``store`` (a staged copy) while config_dict still records the store
+    it was given."""
+    staged = replace(cfg, store=Path(store))
+    setattr(staged, _RECORDED_STORE, getattr(cfg, _RECORDED_STORE, cfg.store))
+    return staged

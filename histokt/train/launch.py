@@ -5,16 +5,19 @@ group a launcher (torchrun, srun) set up, or in ``--nproc K`` local processes it
 ``run``: the run directory (histokt.train.rundir) and a Trainer (histokt.train.loop).
 """
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from histokt.errors import UserError
+from histokt.store import stage
 from histokt.train import distributed, rundir
-from histokt.train.config import TrainConfig, resolved
+from histokt.train.config import TrainConfig, reading_from, resolved, stage_dir
 from histokt.train.loop import Trainer
 from histokt.train.outcome import Outcome
 from histokt.train.signals import ForwardSignals
@@ -32,6 +35,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible here")
+    stage_dir(cfg.stage_to)  # an unset $VARIABLE fails here, before any process starts
 
 
 def train(cfg: TrainConfig) -> Outcome:
@@ -107,11 +111,27 @@ def run(cfg: TrainConfig, world: distributed.World) -> Outcome:
             rundir.drop_training_state(run_dir)  # a kill right after result.json left it behind
         return Outcome.finished(done)
     device = device_for(cfg, world)
-    distributed.init(world, device)
-    try:
-        return Trainer(cfg, world, device).fit()
-    finally:
-        distributed.shutdown()
+    with staged_data(cfg, world) as data_cfg:  # before the process group: no collective waits on a copy
+        distributed.init(world, device)
+        try:
+            return Trainer(data_cfg, world, device).fit()
+        finally:
+            distributed.shutdown()
+
+
+@contextlib.contextmanager
+def staged_data(cfg: TrainConfig, world: distributed.World) -> Iterator[TrainConfig]:
+    """The config the rank trains with: ``cfg``, or where staging is on (--stage-to, default $SLURM_TMPDIR)
+    one that reads a node-local copy of the dataset (histokt.store.stage: every rank of a node uses the one
+    copy) and still records ``cfg.store``. A --norm naming another dataset reads that one in place."""
+    dest = stage_dir(cfg.stage_to)
+    if dest is None:
+        yield cfg
+        return
+    with stage.staged(cfg.store, cfg.dataset, dest, verbose=world.local_rank == 0) as root:
+        if cfg.norm not in ("dataset", "imagenet", "none", cfg.dataset):
+            stage.link_dataset(root, cfg.store, cfg.norm)
+        yield reading_from(cfg, root)
 
 
 __all__ = ["Outcome", "TrainConfig", "train"]

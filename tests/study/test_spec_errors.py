@@ -66,7 +66,7 @@ CASES = [
     case({"study": "t"}, "[study]: missing table", "study-not-table"),
     case(
         {"study.colour": "red"},
-        "study.colour: unknown key; allowed here: container, name, patch_size, run_root, store, target_mpp",
+        "study.colour: unknown key; allowed here: container, name, patch_size, run_root, stage_to, store, target_mpp",
         "study-unknown",
     ),
     case({"study.name": DEL}, "study.name: missing", "name-missing"),
