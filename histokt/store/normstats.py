@@ -12,8 +12,7 @@ import numpy as np
 
 from histokt import atomic
 from histokt.errors import UserError
-from histokt.store.reader import open_attrs
-from histokt.store.schema import PatchReader
+from histokt.store.schema import PatchReader, open_attrs
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NONE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

@@ -9,7 +9,6 @@ the layout convolutions run fastest in on a GPU.
 """
 
 import multiprocessing
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,19 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from histokt.errors import UserError
-from histokt.store.schema import SPLITS, PatchReader, check_format, dataset_attrs, list_datasets
-
-
-def open_attrs(store, dataset: str) -> dict:
-    """Attrs of a finished dataset, or a clear error naming what the store does hold."""
-    if not (Path(store) / "zarr.json").is_file():
-        raise UserError(f"{store}: not a histokt store (run 'histokt standardize' first)")
-    attrs = dataset_attrs(store, dataset)
-    if attrs is None:
-        have = ", ".join(list_datasets(store)) or "none"
-        raise UserError(f"{store}: no dataset {dataset!r} (datasets in this store: {have})")
-    check_format(store, dataset, attrs)
-    return attrs
+from histokt.store.schema import SPLITS, PatchReader, open_attrs
 
 
 class PatchDataset(Dataset):

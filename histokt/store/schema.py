@@ -101,6 +101,18 @@ def check_format(store, dataset: str, attrs: dict) -> None:
     )
 
 
+def open_attrs(store, dataset: str) -> dict:
+    """Attrs of a finished dataset of this format, or a clear error naming what the store does hold."""
+    if not (Path(store) / "zarr.json").is_file():
+        raise UserError(f"{store}: not a histokt store (run 'histokt standardize' first)")
+    attrs = dataset_attrs(store, dataset)
+    if attrs is None:
+        have = ", ".join(list_datasets(store)) or "none"
+        raise UserError(f"{store}: no dataset {dataset!r} (datasets in this store: {have})")
+    check_format(store, dataset, attrs)
+    return attrs
+
+
 def repair_hint(store, dataset: str) -> str:
     """What to run about a damaged dataset (the card name comes from its attrs where readable)."""
     card = (dataset_attrs(store, dataset) or {}).get("card", {}).get("card", "CARD")

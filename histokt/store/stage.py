@@ -59,7 +59,7 @@ from histokt import lease as leases
 from histokt.atomic import fsync_dir
 from histokt.errors import UserError, full_disk, on_full_disk
 from histokt.lease import DEFAULT_STALE_S, Lease
-from histokt.store.schema import check_format, dataset_attrs, list_datasets
+from histokt.store.schema import dataset_attrs, list_datasets, open_attrs
 
 STAGE_DIR = "histokt-stage"  # under DEST
 MANIFEST = "histokt-stage.json"  # in a published copy
@@ -88,13 +88,7 @@ def _store_tag(store) -> str:
 
 
 def _fingerprint(store, dataset: str) -> str:
-    if not (Path(store) / "zarr.json").is_file():
-        raise UserError(f"{store}: not a histokt store (run 'histokt standardize' first)")
-    attrs = dataset_attrs(store, dataset)
-    if attrs is None:
-        have = ", ".join(list_datasets(store)) or "none"
-        raise UserError(f"{store}: no dataset {dataset!r} (datasets in this store: {have})")
-    check_format(store, dataset, attrs)
+    attrs = open_attrs(store, dataset)
     fingerprint = attrs.get("fingerprint")
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{8,64}", fingerprint):
         raise UserError(f"{store}/{dataset}: no valid fingerprint ({fingerprint!r}); standardize it again")

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from histokt import lease
 from histokt.atomic import fsync_dir, write_bytes
 from histokt.errors import UserError, on_full_disk
 from histokt.store.schema import FORMAT, FORMAT_1, SPLITS, check_format, dataset_attrs, list_datasets
@@ -153,15 +154,8 @@ def _host() -> str:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():  # a folder of ours from an earlier life of this pid (a container restarted)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+    # a folder of our own pid is from an earlier life of this pid (a container restarted)
+    return pid != os.getpid() and lease.alive(pid)
 
 
 def _clean_leftovers(new: Path) -> None:

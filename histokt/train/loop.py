@@ -22,8 +22,9 @@ from histokt import __version__, atomic
 from histokt.errors import UserError
 from histokt.result import BestValid, CellResult
 from histokt.store.augment import Augment, warp_batch
-from histokt.store.reader import PatchDataset, make_loader, open_attrs
+from histokt.store.reader import PatchDataset, make_loader
 from histokt.store.sampler import GlobalBatchSampler, eval_shards
+from histokt.store.schema import open_attrs
 from histokt.train import checkpoint, distributed, rundir
 from histokt.train.config import TrainConfig, config_dict
 from histokt.train.outcome import Outcome

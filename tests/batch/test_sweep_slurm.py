@@ -25,10 +25,12 @@ def env():
 
 
 def sweep(cwd, spec=SPEC):
+    node_local = Path(cwd) / "node-local"  # the site's $SLURM_TMPDIR: every training cell stages its data there
+    node_local.mkdir(exist_ok=True)
     r = subprocess.run(
         histokt_cmd("sweep", spec, "--executor", "slurm"),
         cwd=cwd,
-        env=env(),
+        env={**env(), "SLURM_TMPDIR": str(node_local)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -126,6 +128,11 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     assert r.returncode == 0, r.stderr
     a, b = checkpoint.load(crc / "final.pt")["model"], checkpoint.load(ref / "final.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the cells read their data from a node-local copy ($SLURM_TMPDIR), removed when its last user left
+    logs = "".join(p.read_text(errors="replace") for p in runs.glob("submitit/*/*.out"))
+    assert "histokt: staged crc to " in logs
+    assert not any((tmp_path / "node-local" / "histokt-stage").iterdir())
 
     report = (runs / "summary" / "report.md").read_text()
     assert "failed" in report and "std-mhist" not in report  # the report lists training cells

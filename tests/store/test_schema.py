@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from histokt.errors import UserError
-from histokt.store.reader import open_attrs
-from histokt.store.schema import PatchReader, StoreDamaged, check_format
+from histokt.store.schema import PatchReader, StoreDamaged, check_format, open_attrs
 from histokt.store.shards import shard_path
 from tests.fixtures.stores import write_v2_dataset
 

@@ -16,8 +16,7 @@ import zarr
 from histokt.cli import main
 from histokt.ingest.tiling import mirror_pad
 from histokt.store import upgrade as upgrade_module
-from histokt.store.reader import open_attrs
-from histokt.store.schema import FORMAT, SPLITS, PatchReader, list_datasets
+from histokt.store.schema import FORMAT, SPLITS, PatchReader, list_datasets, open_attrs
 from histokt.store.shards import pad_on_read
 from histokt.store.upgrade import content_size, upgrade
 from histokt.store.verify import verify_store
