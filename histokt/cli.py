@@ -109,6 +109,8 @@ def _sweep(argv):
 
     cfg = _parse(SweepConfig, "sweep", argv, "Plan a study from a spec and run or submit the cells that are not done.")
     out = sweep(cfg)
+    for line in out.get("warnings", []):
+        print(f"histokt sweep: warning: {line}", file=sys.stderr)
     for stage, c in out["stages"].items():
         print(f"{stage:<12} {c['todo']:>6} to run of {c['total']:>6} cells")
     if cfg.dry_run:

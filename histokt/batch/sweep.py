@@ -64,6 +64,21 @@ def todo(run_root: Path, cells: dict, stages: list, queued: set) -> dict[str, li
     return out
 
 
+def raw_warnings(where, cells: dict, work: dict) -> list[str]:
+    """A line for each dataset to standardize whose raw folder is absent: a spec loads without its raw data
+    (a study is costed before any download, and goes on after a purge), and only a standardize cell that
+    still has to run needs it (it then fails with its clear error)."""
+    needed = {
+        cells["standardize"][i].args["name"]: cells["standardize"][i].args["raw"] for i in work.get("standardize", [])
+    }
+    return [
+        f"{where}: datasets.{name}.raw: {raw}: no such folder; its standardize cells will fail until the raw "
+        f"data is staged there"
+        for name, raw in sorted(needed.items())
+        if not Path(raw).is_dir()
+    ]
+
+
 def collect_stale(run_root: Path, cells: dict, more_work: bool) -> bool:
     """The collector runs again whenever a cell finished after its last summary (or more cells will)."""
     marker = plan.cell_dir(run_root, cells["collect"][0]) / "done.json"
@@ -89,7 +104,12 @@ def sweep(cfg: SweepConfig) -> dict:
     queued = slurm.queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
     work = todo(run_root, cells, stages, set(queued))
     counts = {s: {"total": len(cells[s]), "todo": len(work[s])} for s in stages}
-    summary = {"run_root": str(run_root), "stages": counts, "queued": len(queued)}
+    summary = {
+        "run_root": str(run_root),
+        "stages": counts,
+        "queued": len(queued),
+        "warnings": raw_warnings(cfg.spec, cells, work),
+    }
     if cfg.dry_run:
         return {**summary, "scripts": dry_run_scripts(spec, run_root, work, cfg)}
     if not any(work.values()):

@@ -318,9 +318,6 @@ def _cross_check(spec: Spec, where) -> None:
         for init in t.inits:
             if p is None or init not in p.inits:
                 raise UserError(f"{where}: stages.transfer.inits: {init!r} models are not trained in stages.pretrain")
-    for name, d in spec.datasets.items():
-        if not Path(d.raw).is_dir():
-            raise UserError(f"{where}: datasets.{name}.raw: {d.raw}: no such folder (stage the raw data first)")
 
 
 # -- writing ----------------------------------------------------------------------------------------------------

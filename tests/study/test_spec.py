@@ -71,12 +71,32 @@ def test_mistakes_name_the_key(text, edit, message):
         parse(tomllib.loads(bad), bad)
 
 
-def test_missing_raw_path(text, tmp_path):
-    import tomllib
+def test_a_spec_loads_without_its_raw_data_and_the_sweep_says_what_is_missing(text, tmp_path):
+    """A study is costed before anything is downloaded and goes on after the raw data is purged: only a
+    standardize cell that still has to run needs its raw folder (a warning names it; the cell fails)."""
+    import json
 
-    bad = text.replace(str(tmp_path / "raw"), str(tmp_path / "absent"))
-    with pytest.raises(UserError, match=r"datasets.a.raw: .*absent: no such folder"):
-        parse(tomllib.loads(bad), bad)
+    from histokt.batch.sweep import SweepConfig, sweep
+    from histokt.study import plan
+
+    absent = tmp_path / "absent"
+    path = tmp_path / "t.toml"
+    doc = text.replace(str(tmp_path / "raw"), str(absent)).replace('"runs"', f'"{tmp_path / "runs"}"')
+    path.write_text(doc + "\n[stages.standardize]\n")
+    spec = load(path)
+    assert spec.datasets["a"].raw == str(absent)
+    out = sweep(SweepConfig(spec=path, dry_run=True, progress=False))
+    assert out["warnings"] == [
+        f"{path}: datasets.a.raw: {absent}: no such folder; its standardize cells will fail until the raw data is "
+        f"staged there"
+    ]
+    # once the dataset is standardized, its raw data is no longer needed: no warning
+    cells = plan.expand(spec)
+    plan.write(tmp_path / "runs", spec, cells)
+    done = plan.marker(tmp_path / "runs", cells["standardize"][0])
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps({"status": "done"}))
+    assert sweep(SweepConfig(spec=path, dry_run=True, progress=False))["warnings"] == []
 
 
 def test_transfer_lr_comes_from_lrs(text):

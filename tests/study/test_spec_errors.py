@@ -130,16 +130,6 @@ CASES = [
     case({"datasets.a.max_per_class": True}, "datasets.a.max_per_class: True is not a int", "max_per_class-bool"),
     case({"datasets.a.max_per_class": 0}, "datasets.a.max_per_class: 0 must be at least 1", "max_per_class-0"),
     case({"datasets.a.max_per_class": -1}, "datasets.a.max_per_class: -1 must be at least 1", "max_per_class-neg"),
-    case(
-        {"datasets.a.raw": "raw/none"},
-        "datasets.a.raw: raw/none: no such folder (stage the raw data first)",
-        "raw-absent",
-    ),
-    case(
-        {"datasets.b.raw": "raw/file"},
-        "datasets.b.raw: raw/file: no such folder (stage the raw data first)",
-        "raw-is-a-file",
-    ),
     # -- each stage's keys ---------------------------------------------------------------------------------------
     case({"stages.pretrain": 3}, "stages.pretrain: expected a table", "pretrain-not-table"),
     case({"stages.standardize": []}, "stages.standardize: expected a table", "standardize-not-table"),
