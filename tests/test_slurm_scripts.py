@@ -100,6 +100,7 @@ def test_sbatch_header(stage):
     assert "--open-mode=append" in opts, "a requeued task must not truncate its log"
     assert any(o.startswith("--output=") and "%A" in o and "%a" in o for o in opts)
     assert ("--gres=gpu:1" in opts) == (stage in GPU_STAGES)
+    assert any(o.startswith("--mem=") for o in opts), "memory is asked for, never the site's default"
     # every #SBATCH line is in the header (sbatch ignores those after the first command)
     all_lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#SBATCH")]
     assert len(all_lines) == len(opts)

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -111,7 +111,7 @@ def sweep(cfg: SweepConfig) -> dict:
         "warnings": raw_warnings(cfg.spec, cells, work),
     }
     if cfg.dry_run:
-        return {**summary, "scripts": dry_run_scripts(spec, run_root, work, cfg)}
+        return {**summary, "scripts": dry_run_scripts(spec, run_root, cells, work, cfg)}
     if not any(work.values()):
         return {**summary, "status": "nothing to do"}
     if cfg.executor == "local":
@@ -149,8 +149,21 @@ def run_local(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
     return {"status": "finished" if not failed else "finished with failures", "not_done": failed}
 
 
-def resources(spec, stage: str) -> Resources:
-    return spec.stages[stage].resources if stage in spec.stages else Resources()
+def resources(spec, stage: str, dataset: str | None = None) -> Resources:
+    """A stage's resources, with ``dataset``'s overrides (``per_dataset``) where it has some."""
+    r = spec.stages[stage].resources if stage in spec.stages else Resources()
+    return r.for_dataset(dataset)
+
+
+def resource_groups(spec, stage: str, cells: list, indices: list[int]) -> list[tuple[str | None, list[int]]]:
+    """The cells to submit, grouped by the dataset override they get (an array has one set of resources):
+    the cells without an override first, then one group per overridden dataset, in order."""
+    overridden = resources(spec, stage).per_dataset
+    groups: dict[str | None, list[int]] = {}
+    for i in indices:
+        name = plan.cell_dataset(cells[i])
+        groups.setdefault(name if name in overridden else None, []).append(i)
+    return sorted(groups.items(), key=lambda g: (g[0] is not None, g[0] or ""))
 
 
 # -- slurm -----------------------------------------------------------------------------------------------------
@@ -168,9 +181,10 @@ def python_command(container: str | None, run_root: Path, store: str) -> str | N
     return f"apptainer exec --nv --bind {','.join(binds)} {shlex.quote(container)} python"
 
 
-def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) -> dict:
-    r = resources(spec, stage)
-    params = {
+def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], dataset: str | None = None) -> dict:
+    r = resources(spec, stage, dataset)
+    extra: dict[str, Any] = {"requeue": True}
+    params: dict[str, Any] = {
         "job_name": f"histokt-{spec.name}-{stage}",
         "time": r.time_min,
         "nodes": r.nodes,
@@ -179,7 +193,7 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) ->
         "ntasks_per_node": max(1, r.gpus),  # DDP: one task per GPU; each task is one rank
         "array_parallelism": r.array_parallelism,
         "signal_delay_s": 120,
-        "additional_parameters": {"requeue": True},
+        "additional_parameters": extra,
         # one intra-op thread per allocated CPU: no oversubscription, and the same arithmetic on every requeue
         "setup": [
             f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
@@ -188,17 +202,24 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str]) ->
         "teardown": slurm.teardown_lines(run_root),
         "stderr_to_stdout": True,
     }
-    if r.gpus:
+    if r.gres:
+        params["gres"] = r.gres
+    elif r.gpus:
         params["gpus_per_node"] = r.gpus
-    for key in ("partition", "account", "qos"):
+    for key in ("partition", "account", "qos", "constraint"):
         if getattr(r, key):
             params[key] = getattr(r, key)
+    if r.time_floor_min:
+        extra["time_min"] = r.time_floor_min
+    for option in r.extra:  # "--exclusive" -> exclusive: True, "--mail-type=END" -> mail_type: "END"
+        name, _, value = option[2:].partition("=")
+        extra[name.replace("-", "_")] = value or True
     if dependency:
         params["dependency"] = "afterany:" + ":".join(dependency)
     return params
 
 
-def dry_run_scripts(spec, run_root: Path, work, cfg: SweepConfig) -> dict[str, str]:
+def dry_run_scripts(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict[str, str]:
     """The sbatch script of each stage's first array, as submitit would write it (nothing is written)."""
     python = python_command(cfg.container or spec.container, run_root, spec.store) or shlex.quote(sys.executable)
     folder = submitit_folder(run_root)
@@ -207,10 +228,11 @@ def dry_run_scripts(spec, run_root: Path, work, cfg: SweepConfig) -> dict[str, s
     for stage, indices in work.items():
         if not indices:
             continue
-        params = slurm_parameters(spec, stage, run_root, previous)
-        size = min(len(indices), slurm.DEFAULT_MAX_ARRAY_SIZE - 1)
+        group, members = resource_groups(spec, stage, cells[stage], indices)[0]
+        params = slurm_parameters(spec, stage, run_root, previous, group)
+        size = min(len(members), slurm.DEFAULT_MAX_ARRAY_SIZE - 1)
         command = slurm.submit_command(python, folder)
-        scripts[stage] = slurm.sbatch_script(command, folder, size if len(indices) > 1 else None, params)
+        scripts[stage] = slurm.sbatch_script(command, folder, size if len(members) > 1 else None, params)
         previous = [f"<{stage} arrays>"]
     return scripts
 
@@ -229,11 +251,13 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
     previous = sorted(set(queued.values()))
     for stage, indices in work.items():
         ids = sorted({queued[c.id] for c in cells[stage] if c.id in queued})
-        for chunk in chunks(indices, size):
+        for group, chunk in [
+            (g, c) for g, members in resource_groups(spec, stage, cells[stage], indices) for c in chunks(members, size)
+        ]:
             executor = submitit.SlurmExecutor(
                 folder=str(submitit_folder(run_root)), max_num_timeout=1000, python=python
             )
-            executor.update_parameters(**slurm_parameters(spec, stage, run_root, previous))
+            executor.update_parameters(**slurm_parameters(spec, stage, run_root, previous, group))
             with executor.batch():
                 jobs = [executor.submit(CellTask(str(run_root), stage, i)) for i in chunk]
             array = jobs[0].job_id.split("_")[0]

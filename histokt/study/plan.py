@@ -29,6 +29,13 @@ class Cell:
     meta: dict = field(default_factory=dict)  # what the collector groups by: family, source, target, mode, lr, seed
 
 
+def cell_dataset(cell: Cell) -> str | None:
+    """The dataset a cell trains on or standardizes (the store name); None for the collector."""
+    if cell.kind == "standardize":
+        return cell.args["name"]
+    return cell.args.get("dataset") if cell.kind == "train" else None
+
+
 def lr_name(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 

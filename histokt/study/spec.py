@@ -36,15 +36,28 @@ CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "norm", "nproc"
 
 @dataclass
 class Resources:
+    """What a stage's cells ask SLURM for; ``per_dataset`` overrides time and memory for the cells of one
+    dataset (the dataset a cell trains on or standardizes), which then go into arrays of their own."""
+
     gpus: int = 0
     cpus: int = 2
     mem_gb: float = 8.0
     time_min: int = 60
+    time_floor_min: int = 0  # sbatch --time-min: the scheduler may shorten the walltime to this to backfill
     partition: str = ""
     account: str = ""
     qos: str = ""
+    constraint: str = ""
+    gres: str = ""  # e.g. "gpu:a100:1": GPUs of a type (replaces the plain GPU count)
+    extra: list = field(default_factory=list)  # raw sbatch options, e.g. ["--exclusive", "--mail-type=END"]
     array_parallelism: int = 64
     nodes: int = 1
+    per_dataset: dict = field(default_factory=dict)  # {dataset: {"time_min": .., "mem_gb": ..}}
+
+    def for_dataset(self, name: str | None) -> "Resources":
+        """These resources with ``name``'s overrides applied."""
+        override = self.per_dataset.get(name, {}) if name else {}
+        return dataclasses.replace(self, **override, per_dataset={}) if override else self
 
 
 @dataclass
@@ -236,8 +249,16 @@ def _resources(t, key, where) -> Resources:
     _keys(t, set(known), key, where)
     r = Resources()
     for name, value in t.items():
+        if name == "per_dataset":
+            r.per_dataset = _per_dataset(value, f"{key}.per_dataset", where)
+            continue
         typ = float if known[name].type in (float, "float") else type(getattr(r, name))
         setattr(r, name, _check_type(value, typ, f"{key}.{name}", where))
+    for i, option in enumerate(r.extra):
+        if not (isinstance(option, str) and option.startswith("--") and len(option) > 2):
+            raise UserError(f"{where}: {key}.extra[{i}]: {option!r}: expected an sbatch option like '--exclusive'")
+    if r.time_floor_min and not 1 <= r.time_floor_min <= r.time_min:
+        raise UserError(f"{where}: {key}.time_floor_min: {r.time_floor_min} must be between 1 and time_min")
     for name in ("cpus", "time_min", "array_parallelism", "nodes"):
         if getattr(r, name) < 1:
             raise UserError(f"{where}: {key}.{name}: {getattr(r, name)} is impossible; must be at least 1")
@@ -245,6 +266,30 @@ def _resources(t, key, where) -> Resources:
         raise UserError(f"{where}: {key}.gpus: {r.gpus} is impossible; must be at least 0")
     _positive(r.mem_gb, f"{key}.mem_gb", where, "number of GB")
     return r
+
+
+def _per_dataset(t, key, where) -> dict:
+    """{dataset: {time_min, mem_gb}}: the datasets are checked against [datasets] once all is read."""
+    if not isinstance(t, dict):
+        raise UserError(f"{where}: {key}: expected a table of datasets, e.g. {key}.mhist = {{ time_min = 10 }}")
+    out = {}
+    for name, override in t.items():
+        if not isinstance(override, dict):
+            raise UserError(f"{where}: {key}.{name}: expected a table (time_min, mem_gb)")
+        _keys(override, {"time_min", "mem_gb"}, f"{key}.{name}", where)
+        if "time_min" in override:
+            minutes = _check_type(override["time_min"], int, f"{key}.{name}.time_min", where)
+            if minutes < 1:
+                raise UserError(f"{where}: {key}.{name}.time_min: {minutes} is impossible; must be at least 1")
+        if "mem_gb" in override:
+            _positive(
+                _check_type(override["mem_gb"], float, f"{key}.{name}.mem_gb", where),
+                f"{key}.{name}.mem_gb",
+                where,
+                "number of GB",
+            )
+        out[name] = {k: float(v) if k == "mem_gb" else v for k, v in override.items()}
+    return out
 
 
 def _recipe(t, key, where) -> dict:
@@ -289,6 +334,13 @@ def _optional_type(annotation) -> type:
 
 def _cross_check(spec: Spec, where) -> None:
     names = set(spec.datasets)
+    for stage in spec.stages.values():
+        for name in stage.resources.per_dataset:
+            if name not in names:
+                raise UserError(
+                    f"{where}: stages.{stage.name}.resources.per_dataset.{name}: unknown dataset {name!r}; "
+                    f"declare it under [datasets.{name}]"
+                )
     for stage in spec.stages.values():
         for attr in ("datasets", "sources", "targets"):
             for i, name in enumerate(getattr(stage, attr)):

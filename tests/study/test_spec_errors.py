@@ -165,7 +165,8 @@ CASES = [
     case(
         {f"{RES}.gpu": 1},
         f"{RES}.gpu: unknown key; allowed here: "
-        "account, array_parallelism, cpus, gpus, mem_gb, nodes, partition, qos, time_min",
+        "account, array_parallelism, constraint, cpus, extra, gpus, gres, mem_gb, nodes, partition, per_dataset, qos, "
+        "time_floor_min, time_min",
         "resources-unknown",
     ),
     case({f"{RES}.gpus": "1"}, f"{RES}.gpus: '1' is not a int", "gpus-str"),
