@@ -116,6 +116,7 @@ def _sweep(argv):
     if cfg.dry_run:
         for stage, script in out["scripts"].items():
             print(f"\n# ---- sbatch script of stage {stage} (first array) ----\n{script}")
+        print(f"\n# ---- what it will cost ----\n{out['cost']}")
         print("dry run: nothing submitted")
     elif out.get("status") == "nothing to do":
         print(f"{out['run_root']}: nothing to do: every cell is done or still queued")

@@ -6,6 +6,7 @@ chained with ``afterany`` (a failed cell never blocks the collector; each cell c
 arrays are cut below the cluster's MaxArraySize.
 """
 
+import math
 import os
 import shlex
 import sys
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from histokt.batch import slurm
 from histokt.batch.cellrun import CellTask
+from histokt.batch.cost import IMG_PER_S, render, study_cost
 from histokt.errors import UserError
 from histokt.study import plan
 from histokt.study.spec import STAGES, Resources, load
@@ -35,6 +37,13 @@ class SweepConfig:
     container: Optional[str] = field(default=None, metadata={"help": "Apptainer image (.sif) to run every cell in"})
     force: bool = field(default=False, metadata={"help": "re-plan a run root that was made from another spec"})
     parallel: int = field(default=2, metadata={"help": "local executor: cells running at once (default 2)"})
+    max_queued: int = field(
+        default=1000, metadata={"help": "most of this study's tasks queued or running at once (default 1000)"}
+    )
+    throughput: float = field(
+        default=IMG_PER_S,
+        metadata={"help": f"--dry-run: training images/s per GPU for the estimate (default {IMG_PER_S:,.0f}, H100)"},
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
 
 
@@ -100,6 +109,10 @@ def collect_stale(run_root: Path, cells: dict, more_work: bool) -> bool:
 def sweep(cfg: SweepConfig) -> dict:
     if cfg.parallel < 1:
         raise UserError(f"--parallel {cfg.parallel}: must be at least 1")
+    if cfg.max_queued < 1:
+        raise UserError(f"--max-queued {cfg.max_queued}: must be at least 1")
+    if not (math.isfinite(cfg.throughput) and cfg.throughput > 0):
+        raise UserError(f"--throughput {cfg.throughput}: must be a positive number of images per second")
     spec, run_root, cells, stages = prepare(cfg)
     queued = slurm.queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
     work = todo(run_root, cells, stages, set(queued))
@@ -111,7 +124,16 @@ def sweep(cfg: SweepConfig) -> dict:
         "warnings": raw_warnings(cfg.spec, cells, work),
     }
     if cfg.dry_run:
-        return {**summary, "scripts": dry_run_scripts(spec, run_root, cells, work, cfg)}
+        size = slurm.DEFAULT_MAX_ARRAY_SIZE - 1
+        arrays = {
+            s: sum(math.ceil(len(m) / size) for _, m in resource_groups(spec, s, cells[s], work[s])) for s in work
+        }
+        costs = study_cost(spec, cells, work, arrays, cfg.max_queued, cfg.throughput)
+        return {
+            **summary,
+            "scripts": dry_run_scripts(spec, run_root, cells, work, cfg),
+            "cost": render(costs, cfg.max_queued, cfg.throughput),
+        }
     if not any(work.values()):
         return {**summary, "status": "nothing to do"}
     if cfg.executor == "local":

@@ -4,7 +4,7 @@
                    training cell's `histokt train --stage-to`: an absolute node-local folder, which may start
                    with an environment variable expanded on the node, e.g. "$SLURM_TMPDIR", or "off";
                    default: $SLURM_TMPDIR where the site sets it. Not part of any cell's id or record)
-    [datasets.X]   card, raw, mpp, options, shards, max_per_class   (X = the dataset's name in the store)
+    [datasets.X]   card, raw, mpp, options, shards, max_per_class, patches   (X = the dataset's name in the store)
     [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
                    each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
                    [stages.<stage>.recipe] table of `histokt train` options.
@@ -69,6 +69,7 @@ class Dataset:
     options: dict = field(default_factory=dict)
     shards: int = 1
     max_per_class: int | None = None  # a quick trial: at most N source images per class and partition
+    patches: int | None = None  # an estimate, for costing a study before it is standardized (--dry-run)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def parse_dataset(name: str, t, where) -> Dataset:
     key = f"datasets.{name}"
     if not isinstance(t, dict):
         raise UserError(f"{where}: {key}: expected a table")
-    _keys(t, {"card", "raw", "mpp", "options", "shards", "max_per_class"}, key, where)
+    _keys(t, {"card", "raw", "mpp", "options", "shards", "max_per_class", "patches"}, key, where)
     card = _get(t, "card", str, key, where)
     if card not in CARD_NAMES:
         raise UserError(f"{where}: {key}.card: unknown card {card!r}; choose one of {', '.join(CARD_NAMES)}")
@@ -176,7 +177,10 @@ def parse_dataset(name: str, t, where) -> Dataset:
         _get(t, "options", dict, key, where, default={}),
         _get(t, "shards", int, key, where, default=1),
         _get(t, "max_per_class", int, key, where, default=None),
+        _get(t, "patches", int, key, where, default=None),
     )
+    if d.patches is not None and d.patches < 1:
+        raise UserError(f"{where}: {key}.patches: {d.patches} must be at least 1 (an estimate of its patch count)")
     if d.mpp is not None:
         _positive(d.mpp, f"{key}.mpp", where, "µm/px")
     if d.shards < 1:

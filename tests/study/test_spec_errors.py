@@ -105,7 +105,7 @@ CASES = [
     case({"datasets.a": 3}, "datasets.a: expected a table", "dataset-not-table"),
     case(
         {"datasets.b.colour": 1},
-        "datasets.b.colour: unknown key; allowed here: card, max_per_class, mpp, options, raw, shards",
+        "datasets.b.colour: unknown key; allowed here: card, max_per_class, mpp, options, patches, raw, shards",
         "dataset-unknown-key",
     ),
     case({"datasets.a.card": DEL}, "datasets.a.card: missing", "card-missing"),
