@@ -200,7 +200,9 @@ def python_command(container: str | None, run_root: Path, store: str) -> str | N
     if not container:
         return None
     binds = sorted({str(run_root), str(Path(store).absolute().parent)})
-    return f"apptainer exec --nv --bind {','.join(binds)} {shlex.quote(container)} python"
+    # the node-local staging folder, where the site sets one: expanded by the job's shell, on the node
+    node_local = "${SLURM_TMPDIR:+,$SLURM_TMPDIR}"
+    return f"apptainer exec --nv --bind {','.join(binds)}{node_local} {shlex.quote(container)} python"
 
 
 def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], dataset: str | None = None) -> dict:

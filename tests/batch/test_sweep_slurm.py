@@ -212,7 +212,9 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
     fake.chmod(0o755)
     image = tmp_path / "histokt.sif"
     image.write_bytes(b"stand-in")
-    run_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    node_local = tmp_path / "node-local"  # the site's $SLURM_TMPDIR: bound into the container too
+    node_local.mkdir()
+    run_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_TMPDIR": str(node_local)}
     r = subprocess.run(
         histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container", image),
         cwd=tmp_path,
@@ -230,3 +232,4 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
     assert len(calls) == 3
     assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c for c in calls)
     assert str(runs) in calls[0]
+    assert all(c.split()[3].endswith(f",{node_local}") for c in calls), calls  # --bind a,b,$SLURM_TMPDIR
