@@ -10,6 +10,8 @@ EXIT_REQUEUE = 75
 # Nothing to do here for now: every piece of work left is held by other live processes (their leases name
 # them), e.g. the same `histokt standardize` started twice. Not a failure of theirs; run again once they end.
 EXIT_BUSY = 3
+# an input cell failed or is not done: this cell cannot run (not a failure of its own)
+EXIT_BLOCKED = 4
 
 FULL_DISK = {
     errno.ENOSPC: "no space left on the device (ENOSPC)",

@@ -165,6 +165,52 @@ def test_a_job_id_alone_when_the_array_task_is_missing(monkeypatch, no_slurm):
     monkeypatch.setenv("SLURM_JOB_ID", "500")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")  # no SLURM_ARRAY_TASK_ID: not an array task
     assert lease.current_job() == "500"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert lease.current_job() == "120"  # SLURM sets both; the array's id is still a job
+
+
+@pytest.mark.parametrize(
+    "values,job,marker",
+    [
+        ({}, None, None),
+        ({"SLURM_JOB_ID": "4250"}, "4250", "4250_0"),  # the teardown line's spelling: a plain job is task 0
+        ({"SLURM_JOB_ID": "4245", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3"}, "4242_3", "4242_3"),
+    ],
+)
+def test_one_job_identity_and_the_requeue_markers_name(monkeypatch, no_slurm, values, job, marker):
+    from histokt.batch import slurm
+
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert lease.current_job() == job and slurm.job_key() == marker
+
+
+def test_one_per_job_takes_its_own_jobs_lease_from_another_host(path, monkeypatch, no_slurm):
+    """A job requeued after its node failed finds the lease its earlier run left there (the only taker of its
+    job): stale at once, where any other taker waits for the heartbeat to age."""
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    leave(path, OTHER_HOST, 4242, age_s=5, job="120_3")
+    assert Lease.acquire(path) is None  # without the rule: a live holder
+    assert lease.left_by_an_earlier_run(path)
+    assert Lease.acquire(path, one_per_job=True) is not None
+    assert getattr(lease.read(path), "job", None) == "120_3" and getattr(lease.read(path), "pid", None) == os.getpid()
+
+
+@pytest.mark.parametrize(
+    "host,job",
+    [
+        (OTHER_HOST, "120_4"),  # another task of the array
+        (OTHER_HOST, None),  # a process outside SLURM
+        ("this host", "120_3"),  # this job on this host, live: another step of it, judged by its pid
+    ],
+)
+def test_one_per_job_leaves_other_holders_alone(path, monkeypatch, no_slurm, host, job):
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    leave(path, socket.gethostname() if host == "this host" else host, os.getppid(), age_s=5, job=job or "")
+    assert not lease.left_by_an_earlier_run(path)
+    assert Lease.acquire(path, one_per_job=True) is None
 
 
 def test_alive_only_probes_with_signal_zero(monkeypatch):
@@ -189,6 +235,21 @@ def test_alive_leaves_a_live_process_running():
         child.kill()
         child.wait()
     assert not lease.alive(child.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc: zombies cannot be told apart")
+def test_a_zombie_holder_is_dead(path):
+    """A holder killed with its whole process group stays a zombie until its parent (or init) reaps it: dead."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it ends
+    try:
+        end = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        leave(path, socket.gethostname(), child.pid, 0)
+        assert not lease.alive(child.pid) and lease.is_stale(path) and Lease.acquire(path) is not None
+    finally:
+        child.wait()
 
 
 def test_another_hosts_lease_exactly_stale_after_old_is_still_held(path, monkeypatch):

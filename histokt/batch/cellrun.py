@@ -1,8 +1,32 @@
 """Running one cell of a plan: `histokt run-cell RUN_ROOT --stage S --index I`, and the submitit job around it.
 
 A cell checks its own inputs (sweeps chain stages with `afterany`, never `afterok`), records its state in
-``state.json`` (running, failed with the last error line, interrupted = checkpointed and waiting to be
-requeued) and ends with its done marker (a train cell's ``result.json``, else ``done.json``).
+``state.json`` (running, failed with the last error line, blocked by an input cell, interrupted =
+checkpointed and waiting to be requeued) and ends with its done marker (a train cell's ``result.json``,
+else ``done.json``).
+
+One writer per cell: a cell runs only while its job holds the cell's lease, ``CELL/cell.lease``
+(histokt.lease: host, pid, job, heartbeat; it beats while the cell runs and is released at the end, also
+after a failure or an interruption). The lease belongs to the job, not to one process:
+
+- a ``--nproc K`` launch: the process running the cell holds it; the K ranks it spawns never look at it;
+- a SLURM job step of K tasks (one DDP rank each, all running this function): rank 0 takes the lease; every
+  other rank waits until the lease names its own job (``lease.current_job()``: the same for every task of
+  the step), and gives up like rank 0 where another live process holds it, so no rank of a refused job is
+  left waiting for a rank 0 that has gone. A rank outside SLURM (torchrun by hand) has no job to compare
+  and trusts its launcher's rank 0.
+
+Any other process on the cell (another job, a second `histokt run-cell` by hand) exits at once with
+EXIT_BUSY, touching nothing (no state.json, no training), and says who holds it: "CELL: in use by host h,
+pid p, job j, 12 s ago". A stale lease (a dead pid of this host, another host's heartbeat older than the
+stale age, or this very job's lease from an earlier run of the job before a requeue) is taken over.
+
+Exit codes, the same from `histokt run-cell` and from the submitit job (whose process exits with them, so
+SLURM records a failed cell as FAILED, not COMPLETED):
+
+    0   done (or done already)                     3   busy: another live process runs this cell (EXIT_BUSY)
+    1   crash (a traceback in the log)             4   blocked: an input cell failed or has not finished
+    2   user error (one line: what to fix)         75  interrupted: checkpointed, to be requeued (EXIT_REQUEUE)
 
 Preemption: SLURM sends USR2; the training loop checkpoints and the cell returns "interrupted". Inside a
 job the cell then leaves a marker ``RUN_ROOT/.requeue/<array job>_<task>``, and the batch script's
@@ -12,43 +36,122 @@ in a container without SLURM's tools (docs/cluster.md §1.9, option b).
 
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from histokt import atomic
+from histokt import atomic, lease
 from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key
-from histokt.errors import EXIT_REQUEUE, UserError
+from histokt.errors import EXIT_BLOCKED, EXIT_BUSY, EXIT_REQUEUE, UserError, full_disk
 from histokt.study import plan
+
+LEASE = "cell.lease"
+# An input cell failed or has not finished: not this cell's fault and nothing a rerun of it alone can fix,
+# so neither a user error (2) nor a crash (1). state.json names the input cell ("blocked_by").
+# how long a rank other than 0 of a SLURM step waits for its rank 0 to take the cell's lease
+JOIN_TIMEOUT_S = 180.0
+POLL_S = 0.2
+
+
+class CellBusy(UserError):
+    """Another live process holds the cell's lease; nothing was touched."""
+
+    exit_code = EXIT_BUSY
+
+
+class CellBlocked(UserError):
+    """An input cell failed or has not finished; state.json says which (``blocked_by``)."""
+
+    exit_code = EXIT_BLOCKED
 
 
 def set_state(directory: Path, **fields) -> None:
     if not is_rank0():
         return
     state = atomic.read_json(directory / "state.json") or {"attempts": 0}
-    state.update(fields, host=socket.gethostname(), pid=os.getpid(), job=job_key(), time=time.time())
+    state.update(fields, host=socket.gethostname(), pid=os.getpid(), job=lease.current_job(), time=time.time())
     atomic.write_json(directory / "state.json", state)
 
 
 def run_cell(run_root, stage: str, index: int) -> int:
-    """Run (or resume) one cell; returns the process exit code (0 done, 75 interrupted, 2 bad input, 1 crash)."""
-    cells = plan.read(run_root).get(stage)
-    if cells is None:
+    """Run (or resume) one cell; returns 0 (done) or 75 (interrupted), raises UserError (its ``exit_code``:
+    2, CellBusy 3, CellBlocked 4) or any other exception (a crash)."""
+    cells = plan.read(run_root)
+    members = cells.get(stage)
+    if members is None:
         raise UserError(f"{run_root}: the plan has no stage {stage!r}")
-    if not 0 <= index < len(cells):
-        raise UserError(f"{run_root}: stage {stage} has {len(cells)} cells; --index {index} is out of range")
-    cell = cells[index]
+    if not 0 <= index < len(members):
+        raise UserError(f"{run_root}: stage {stage} has {len(members)} cells; --index {index} is out of range")
+    cell = members[index]
     directory = plan.cell_dir(run_root, cell)
-    directory.mkdir(parents=True, exist_ok=True)
-    if plan.is_done(run_root, cell) and cell.kind != "collect":  # the collector re-reads every time
+    if _done(run_root, cell):
         return 0
-    state = atomic.read_json(directory / "state.json") or {}
-    set_state(directory, status="running", attempts=state.get("attempts", 0) + 1, error=None)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LEASE
+    if not is_rank0():
+        if lease.current_job() is not None and _join(path, run_root, cells, cell):
+            return 0
+        return _run(run_root, cells, cell, directory)
+    held = _acquire(path, directory)
     try:
-        missing = [p for p in plan.fill_run_root(cell.inputs, run_root) if not Path(p).exists()]
-        if missing:
-            raise UserError(f"input missing: {missing[0]} (its cell failed or has not run yet)")
+        if _done(run_root, cell):  # finished by the holder we just followed
+            return 0
+        with held.beating():
+            return _run(run_root, cells, cell, directory)
+    finally:
+        held.release()
+
+
+def _done(run_root, cell: plan.Cell) -> bool:
+    return plan.is_done(run_root, cell) and cell.kind != "collect"  # the collector re-reads every time
+
+
+def _acquire(path: Path, directory: Path) -> lease.Lease:
+    """The cell's lease for this job, or CellBusy naming the live holder."""
+    for _ in range(2):  # a lease released between our try and our read of its holder: try once more
+        held = lease.Lease.acquire(path, one_per_job=True)
+        if held is not None:
+            return held
+        holder = lease.read(path)
+        if holder is not None:
+            raise CellBusy(f"{directory}: in use by {holder.describe()}")
+    raise CellBusy(f"{directory}: in use (its lease was taken by others twice while we tried)")
+
+
+def _join(path: Path, run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell) -> bool:
+    """A rank other than 0 of a SLURM step: wait until the lease names this job (rank 0 holds it for us).
+    True where the cell got done meanwhile; CellBusy where another live process holds it; False also where
+    the cell is blocked (rank 0 found that too, and has released the lease: the caller says so)."""
+    job = lease.current_job()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while True:
+        holder = lease.read(path)
+        if holder is not None and holder.job == job:
+            return False
+        if holder is not None and not lease.is_stale(path):
+            raise CellBusy(f"{path.parent}: in use by {holder.describe()}")
+        if _done(run_root, cell):
+            return True
+        if _blocker(run_root, cells, cell) is not None:
+            return False
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path}: rank 0 of job {job} did not take the cell's lease in {JOIN_TIMEOUT_S:.0f} s")
+        time.sleep(POLL_S)
+
+
+def _run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, directory: Path) -> int:
+    """The cell's work, under its lease: inputs, state.json, the command."""
+    blocked = _blocker(run_root, cells, cell)
+    if blocked is not None:
+        message, by = blocked
+        set_state(directory, status="blocked", error=message, blocked_by=by)
+        raise CellBlocked(message)
+    state = atomic.read_json(directory / "state.json") or {}
+    set_state(directory, status="running", attempts=state.get("attempts", 0) + 1, error=None, blocked_by=None)
+    try:
         code = _execute(run_root, cell, directory)
     except UserError as exc:
         set_state(directory, status="failed", error=str(exc))
@@ -59,6 +162,31 @@ def run_cell(run_root, stage: str, index: int) -> int:
         raise
     set_state(directory, status="interrupted" if code == EXIT_REQUEUE else "done")
     return code
+
+
+def _blocker(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell) -> tuple[str, str | None] | None:
+    """(message, "stage/cell id" of the input cell) for the first input file that is missing, else None."""
+    missing = [Path(p) for p in plan.fill_run_root(cell.inputs, run_root) if not Path(p).exists()]
+    if not missing:
+        return None
+    root = Path(run_root).absolute()
+    owner = next(
+        (c for cs in cells.values() for c in cs if missing[0].is_relative_to(plan.cell_dir(root, c))),
+        None,
+    )
+    if owner is None:
+        return f"input missing: {missing[0]} (no cell of the plan writes it)", None
+    by = f"{owner.stage}/{owner.id}"
+    theirs = atomic.read_json(plan.cell_dir(root, owner) / "state.json") or {}
+    if theirs.get("status") == "failed":
+        why = f"failed: {theirs.get('error')}"
+    elif theirs.get("status") == "blocked":
+        why = f"blocked by {theirs.get('blocked_by')}"
+    elif plan.is_done(root, owner):
+        why = f"done without writing {missing[0].name}"
+    else:
+        why = "not finished"
+    return f"input missing: {missing[0]} (input cell {by} {why})", by
 
 
 def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
@@ -110,14 +238,28 @@ class CellTask:
     index: int
 
     def __call__(self) -> int:
+        """Run the cell. Every end but "done" leaves the task's process with the cell's exit code (the table
+        in the module docstring): a SystemExit passes through submitit's ``process_job``, which catches
+        Exception only (writing no result pickle: nothing reads them, docs/cluster.md blocker 8). A crash
+        is left to submitit: it saves the traceback as the task's result and re-raises, so Python exits 1."""
         try:
             code = run_cell(self.run_root, self.stage, self.index)
         except UserError as exc:
-            print(f"histokt run-cell: error: {exc}", flush=True)
-            return 2
+            self._exit(exc)
+        except OSError as exc:  # a full disk or an exceeded quota: the user's to fix, as `histokt run-cell` says
+            error = full_disk(exc)
+            if error is None:
+                raise
+            self._exit(error)
         if code == EXIT_REQUEUE:
             self.request_requeue()
+            raise SystemExit(EXIT_REQUEUE)
         return code
+
+    @staticmethod
+    def _exit(error: UserError) -> NoReturn:
+        print(f"histokt run-cell: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(error.exit_code) from None
 
     def request_requeue(self) -> None:
         key = job_key()

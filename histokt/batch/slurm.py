@@ -16,6 +16,7 @@ from pathlib import Path
 
 from histokt import atomic
 from histokt.errors import UserError
+from histokt.lease import current_job
 
 REQUEUE_DIR = ".requeue"  # RUN_ROOT/.requeue/<array job>_<task>: a cell asks the host to requeue its task
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's own default
@@ -90,10 +91,11 @@ def queued_cells(run_root) -> dict[str, str]:
 
 
 def job_key() -> str | None:
-    """`<array job id>_<task id>` (task 0 for a plain job) of the SLURM task this runs in, else None."""
-    env = os.environ
-    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
-    return None if job is None else f"{job}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    """The name of this task's requeue marker: ``lease.current_job()`` (histokt's one job identity, as SLURM
+    spells the task) with a plain job as task 0, `<array job id>_<task id>`, as teardown_lines spells it in
+    bash; None outside SLURM."""
+    job = current_job()
+    return None if job is None else job if "_" in job else f"{job}_0"
 
 
 def is_rank0() -> bool:
@@ -120,12 +122,18 @@ def sbatch_script(command: str, folder, map_count: int | None, params: dict) -> 
 
 
 def teardown_lines(run_root) -> list[str]:
-    """Batch-script lines run on the host after srun: requeue this task if the cell asked for it."""
+    """Batch-script lines run on the host after srun: requeue this task if the cell asked for it, else end
+    with the cell's exit code."""
     marker = (
         f"{Path(run_root).absolute()}/{REQUEUE_DIR}/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
     )
     key = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"
     task = "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
+    # the job ends with the cell's exit code (srun's, kept before the test below resets $?), so SLURM records
+    # a failed cell as FAILED; a task requeued on purpose ends 0
     return [
-        f'if [ -f "{marker}" ]; then rm -f "{marker}"; echo "histokt: requeue {key}"; scontrol requeue "{task}"; fi'
+        "histokt_rc=$?",
+        f'if [ -f "{marker}" ]; then rm -f "{marker}"; echo "histokt: requeue {key}"; '
+        f'scontrol requeue "{task}" && exit 0; fi',
+        'exit "$histokt_rc"',
     ]

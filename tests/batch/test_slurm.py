@@ -195,19 +195,20 @@ def test_is_rank0(env, values, expected):
 
 
 def test_teardown_line_text(tmp_path):
-    (line,) = slurm.teardown_lines(tmp_path)
+    keep, line, end = slurm.teardown_lines(tmp_path)
     marker = f"{tmp_path}/.requeue/${{SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}_${{SLURM_ARRAY_TASK_ID:-0}}"
+    assert (keep, end) == ("histokt_rc=$?", 'exit "$histokt_rc"')
     assert line == (
         f'if [ -f "{marker}" ]; then rm -f "{marker}"; '
         'echo "histokt: requeue ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${SLURM_ARRAY_TASK_ID:-0}"; '
-        'scontrol requeue "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"; fi'
+        'scontrol requeue "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}" '
+        "&& exit 0; fi"
     )
 
 
 def test_teardown_line_of_a_relative_run_root_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (line,) = slurm.teardown_lines("runs/study")
-    assert f'"{tmp_path}/runs/study/.requeue/' in line
+    assert f'"{tmp_path}/runs/study/.requeue/' in slurm.teardown_lines("runs/study")[1]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -227,18 +228,20 @@ def test_teardown_line_requeues_the_task_that_asked_and_only_once(tmp_path, task
     scontrol.chmod(0o755)
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     environ = {**base, **task_env, "PATH": f"{bin_dir}{os.pathsep}{base.get('PATH', '')}"}
-    (line,) = slurm.teardown_lines(run_root)
+    lines = slurm.teardown_lines(run_root)
 
-    def teardown():
-        return subprocess.run(["bash", "-c", line], env=environ, capture_output=True, text=True, timeout=30)
+    def teardown(rc=75):  # after srun ended with the cell's exit code rc
+        script = "\n".join([f"(exit {rc})", *lines])
+        return subprocess.run(["bash", "-c", script], env=environ, capture_output=True, text=True, timeout=30)
 
-    first = teardown()  # no marker yet: nothing happens
-    assert first.returncode == 0 and first.stdout == "" and not log.exists()
+    first = teardown(rc=2)  # no marker yet: nothing happens, and the job ends with the cell's code
+    assert first.returncode == 2 and first.stdout == "" and not log.exists()
+    assert teardown(rc=0).returncode == 0
     marker = run_root / slurm.REQUEUE_DIR / marker_name
     marker.parent.mkdir(parents=True)
     marker.write_text("")
     second = teardown()
-    assert second.stdout == f"histokt: requeue {marker_name}\n"
+    assert second.stdout == f"histokt: requeue {marker_name}\n" and second.returncode == 0  # requeued on purpose
     assert log.read_text() == f"requeue {requeued}\n" and not marker.exists()
     third = teardown()  # the marker is gone: requeued once
     assert third.stdout == "" and log.read_text() == f"requeue {requeued}\n"
