@@ -6,11 +6,15 @@ from histokt import atomic
 from histokt.batch import slurm
 from histokt.study import plan
 
-COLUMNS = ("done", "running", "pending", "requeued", "failed")
+COLUMNS = ("done", "running", "pending", "requeued", "failed", "blocked", "lost")
 
 
 def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict, state: dict) -> tuple[str, str | None]:
-    """(status, last error line) of one cell; ``state`` is its state.json (or {})."""
+    """(status, what to say about it) of one cell; ``state`` is its state.json (or {}).
+
+    blocked: an input cell failed or is not done (the cell names it, exit 4); lost: the cell said it was
+    running, but its task is no longer queued and left no word (a node failure, the OOM killer, a time
+    limit without the signal): its log is the place to look."""
     if plan.is_done(run_root, cell):
         return "done", None
     task = jobs.get(cell.id)
@@ -19,11 +23,26 @@ def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict,
         return "running", None
     if state.get("status") == "failed" and not in_queue:
         return "failed", state.get("error")
+    if state.get("status") == "blocked" and not in_queue:
+        return "blocked", f"blocked by {state.get('blocked_by') or 'an input cell'}"
     if state.get("status") == "interrupted":
         return "requeued", None
     if state.get("status") == "running" and queue is None:
         return "running", None  # no scheduler to ask (local runs): trust the cell's own word
+    if state.get("status") == "running" and task and not in_queue:
+        return (
+            "lost",
+            f"job {task} ended without a word (node failure, out of memory, time limit?); "
+            f"log: {log_of(run_root, task)}",
+        )
     return "pending", None
+
+
+def log_of(run_root: Path, task: str) -> Path:
+    """Where submitit keeps the output of SLURM task ``task`` (``<array>_<i>`` or a job id)."""
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(Path(run_root) / "submitit" / "%j", job_id=task, task_id=0).stdout
 
 
 def status(run_root) -> dict:
@@ -37,8 +56,8 @@ def status(run_root) -> dict:
             state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
             s, error = cell_status(run_root, cell, queue, jobs, state)
             counts[s] += 1
-            if s == "failed":
-                failures.append((stage, cell.id, error))
+            if s in ("failed", "blocked", "lost"):
+                failures.append((stage, cell.id, error, s))
             if state.get("interrupted_at_steps"):
                 preempted.append(len(state["interrupted_at_steps"]))
         table[stage] = counts
@@ -65,6 +84,6 @@ def render(report: dict) -> str:
         lines.append(f"preempted {p['times']} time(s), {p['cells']} cell(s); each resumed from its checkpoint")
     if not report["scheduler"]:
         lines.append("(squeue not available: running/pending come from the cells' own state files)")
-    for stage, cell, error in report["failures"]:
-        lines.append(f"failed {stage}/{cell}: {error}")
+    for stage, cell, error, *kind in report["failures"]:
+        lines.append(f"{kind[0] if kind else 'failed'} {stage}/{cell}: {error}")
     return "\n".join(lines)

@@ -71,7 +71,7 @@ DISTILL_COLUMNS = [
 ]
 COMPARE_COLUMNS = ["source", "target", "ours_mean", "ours_std", "paper_mean", "paper_std", "diff_pp"]
 MODES = ("fine", "deep")
-STATUSES = ("done", "running", "failed", "corrupt", "missing")
+STATUSES = ("done", "running", "failed", "blocked", "corrupt", "missing")
 LISTED = 100  # not-started cells listed by name in report.md; the rest are counted
 
 
@@ -242,6 +242,10 @@ def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | No
     s = state.get("status")
     if s == "failed":
         return "failed", state.get("error") or "failed (no error recorded)"
+    if s == "blocked":  # an input cell failed or is not done: the cell names it (exit 4, never trained)
+        return "blocked", f"blocked by {state.get('blocked_by') or 'an input cell'}: {state.get('error', '')}".rstrip(
+            ": "
+        )
     if s in ("running", "interrupted"):
         return "running", "requeued after an interruption" if s == "interrupted" else "running"
     return "missing", state.get("error") or ("not started" if s is None else f"state {s!r}, no result.json")
@@ -609,7 +613,8 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         "",
         f"- spec digest `{doc.get('spec_digest')}`, histokt {__version__}, collected "
         f"{time.strftime('%Y-%m-%d %H:%M:%S %z')} in {seconds:.2f} s",
-        f"- training cells: {total}; done {len(st['done'])}, failed {len(st['failed'])}, running or requeued "
+        f"- training cells: {total}; done {len(st['done'])}, failed {len(st['failed'])}, blocked by a failed input "
+        f"{len(st['blocked'])}, running or requeued "
         f"{len(st['running'])}, not started {len(st['missing'])}, corrupt or incomplete {len(st['corrupt'])}",
         "- "
         + (
@@ -620,7 +625,7 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         "",
     ]
     lines += _md_table(
-        ["stage", "done", "running", "failed", "corrupt", "not started", "total"],
+        ["stage", "done", "running", "failed", "blocked", "corrupt", "not started", "total"],
         [[s, *(str(c[k]) for k in STATUSES), str(sum(c.values()))] for s, c in scan.stages.items()],
     )
     lines += ["", "## Matrices", ""]
@@ -641,6 +646,7 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         lines += ["", f"Distillation: {done}/{len(distill)} merged models have results (distill.md)."]
     for kind, heading in (
         ("failed", "Failed"),
+        ("blocked", "Blocked by an input cell that failed or is not done"),
         ("corrupt", "Corrupt or incomplete results (skipped)"),
         ("running", "Running or requeued"),
         ("missing", "Not started"),

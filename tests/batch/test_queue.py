@@ -107,7 +107,10 @@ TASK = "7_3"
         (False, {}, {"status": "interrupted"}, ("requeued", None)),
         (False, None, {"status": "interrupted"}, ("requeued", None)),
         (False, None, {"status": "running"}, ("running", None)),  # no scheduler: the cell's own word
-        (False, {}, {"status": "running"}, ("pending", None)),  # the scheduler does not list it: not running
+        (False, {TASK: "RUNNING"}, {"status": "blocked", "blocked_by": "pretrain/A"}, ("running", None)),
+        (False, {}, {"status": "blocked", "blocked_by": "pretrain/A"}, ("blocked", "blocked by pretrain/A")),
+        (False, None, {"status": "blocked"}, ("blocked", "blocked by an input cell")),
+        (False, {TASK: "PENDING"}, {"status": "blocked"}, ("pending", None)),  # queued again
         (False, {TASK: "PENDING"}, {"status": "running"}, ("pending", None)),
         (False, {TASK: "PENDING"}, {}, ("pending", None)),
         (False, None, {}, ("pending", None)),
@@ -118,6 +121,18 @@ def test_cell_status(tmp_path, done, queue, state, expected):
     if done:
         finish(tmp_path, CELL)
     assert status.cell_status(tmp_path, CELL, queue, {CELL.id: TASK}, state) == expected
+
+
+def test_a_running_cell_whose_task_is_gone_is_lost_with_its_log(tmp_path):
+    """It said it was running and its task left the queue without a word: node failure, OOM, time limit."""
+    s, why = status.cell_status(tmp_path, CELL, {"8_0": "RUNNING"}, {CELL.id: TASK}, {"status": "running"})
+    assert s == "lost"
+    assert why == (
+        f"job {TASK} ended without a word (node failure, out of memory, time limit?); "
+        f"log: {tmp_path}/submitit/{TASK}/{TASK}_0_log.out"
+    )
+    # never submitted from this run root (a local run's leftover state): nothing to say it is lost
+    assert status.cell_status(tmp_path, CELL, {}, {}, {"status": "running"}) == ("pending", None)
 
 
 def test_cell_status_of_a_cell_never_submitted(tmp_path):
@@ -145,9 +160,17 @@ def test_status_counts_each_column(study, monkeypatch):
     pre = cells["pretrain"]
     monkeypatch.setattr(slurm, "squeue", lambda: {jobs[pre[0].id]: "RUNNING", jobs[pre[1].id]: "PENDING"})
     report = status.status(run_root)
-    assert report["stages"]["standardize"] == {"done": 1, "running": 0, "pending": 0, "requeued": 1, "failed": 1}
-    assert report["stages"]["pretrain"] == {"done": 0, "running": 1, "pending": 1, "requeued": 0, "failed": 0}
-    assert report["failures"] == [("standardize", std[2].id, "bad")]
+    none = {"blocked": 0, "lost": 0}
+    assert report["stages"]["standardize"] == {
+        "done": 1,
+        "running": 0,
+        "pending": 0,
+        "requeued": 1,
+        "failed": 1,
+        **none,
+    }
+    assert report["stages"]["pretrain"] == {"done": 0, "running": 1, "pending": 1, "requeued": 0, "failed": 0, **none}
+    assert report["failures"] == [("standardize", std[2].id, "bad", "failed")]
     assert report["preempted"] == {"cells": 1, "times": 1} and report["scheduler"] is True
     text = status.render(report)
     assert f"failed standardize/{std[2].id}: bad" in text and "1/10 cells done" in text

@@ -407,6 +407,24 @@ def test_partial_run_root_reports_and_still_makes_matrices(broken):
     assert "bach → mhist" in report and "bach (diagonal)" in report
 
 
+def test_a_cell_blocked_by_a_failed_input_says_which(broken):
+    """The transfers of bach's failed Stage A never train (exit 4): the report names their blocker."""
+    blocked = broken / "cells" / "transfer" / "B-random-bach-adp-deep-lr1e-3-s0"
+    (blocked / "result.json").unlink()
+    (blocked / "state.json").write_text(
+        json.dumps({"status": "blocked", "blocked_by": "pretrain/A-bach-random-s0", "error": "input missing: best.pt"})
+    )
+    summary = collect(broken)
+    assert summary["blocked"] == 1 and summary["failed"] == 3
+    report = (broken / "summary" / "report.md").read_text()
+    assert "## Blocked by an input cell that failed or is not done (1)" in report
+    assert (
+        "`B-random-bach-adp-deep-lr1e-3-s0` (transfer): blocked by pretrain/A-bach-random-s0: input missing: best.pt"
+        in report
+    )
+    assert "blocked by a failed input 1," in report
+
+
 def test_plan_without_distillation_and_cli(tmp_path, capsys):
     root = make_run_root(tmp_path / "runs", distill=False)
     assert cli.main(["collect", str(root), "--out", str(tmp_path / "s"), "--compare-paper"]) == 0
