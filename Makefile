@@ -29,6 +29,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/standardize.py
 	$(PY) benchmarks/reader.py
+	$(PY) benchmarks/store_size.py
+	$(PY) benchmarks/verify.py
+	$(PY) benchmarks/stage.py
 
 # slow, outside CI: mutants of the modules that hold the README's guarantees (pyproject.toml [tool.mutmut])
 mutation: $(STAMP)

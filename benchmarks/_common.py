@@ -249,3 +249,24 @@ def write_results(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+def footprint(*folders) -> dict:
+    """Files, folders (each folder itself included) and bytes under ``folders`` (absent ones count 0):
+    ``inodes`` = files + folders, ``size`` = sum of st_size, ``allocated`` = sum of st_blocks * 512."""
+    files = dirs = size = allocated = 0
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        dirs += 1
+        for root, dnames, fnames in os.walk(folder):
+            dirs += len(dnames)
+            for name in fnames:
+                st = os.lstat(os.path.join(root, name))
+                files, size, allocated = files + 1, size + st.st_size, allocated + st.st_blocks * 512
+    return {"files": files, "dirs": dirs, "inodes": files + dirs, "size": size, "allocated": allocated}
+
+
+def load() -> list[float]:
+    """The 1, 5 and 15 minute load averages (as ``uptime`` prints them), rounded."""
+    return [round(x, 2) for x in os.getloadavg()]

@@ -1,38 +1,59 @@
-"""Benchmark `histokt standardize` against the cost of only decoding the same images.
+"""Benchmark `histokt standardize` (store format histokt-patches/2) against the cost of only decoding the
+same images, and count the files and folders (inodes) it leaves and needs on the way.
 
     .venv/bin/python benchmarks/standardize.py [--work DIR] [--images 256] [--small 64] [--workers 1 2]
 
 Generates (once, cached under --work) a folder-card dataset of 1024x1024 tissue-like PNGs in 3 class
 folders and standardizes it with --mpp 0.5 (scale 0.5 -> 512x512 -> 4 patches of 272 px per image) into a
 fresh store, with each worker count, at two dataset sizes. Every measured run is a fresh child process
-(so its peak RSS is its own), timed around ``standardize()`` alone (pool start-up included, interpreter
-and import start-up not). The decode baseline is the same PNGs through PIL open + load + np.asarray in
-the same number of processes, grouped as standardize groups them into parts.
+(so its peak RSS is its own), timed around ``standardize()`` alone (pool start-up, finalize, packing into
+shard files and all checksums included; interpreter and import start-up not). The decode baseline is the
+same PNGs through PIL open + load + np.asarray in the same number of processes, grouped as standardize
+groups them into parts. Each measurement is --repeat (3) pairs of runs, standardize then decode back to
+back; the medians are reported, and the ratio is the median of the pairs' ratios, with the load average
+(as ``uptime`` prints it) read before each run: the machine may be shared. The CPU ratio (user + system
+seconds of the process and its workers) is the figure that holds up best when other jobs share the cores.
 
-Reported: patches/s, the ratio standardize wall / decode wall (goal <= 1.5), peak RSS of the main process
-and of the largest worker at both sizes (flat = memory does not grow with the dataset), and a per-stage
-time breakdown of one single-process run (stage timers wrapped around histokt's own functions).
+Reported: patches/s, the ratio standardize wall / decode wall (goal <= 1.4), peak RSS of the main process
+and of the largest worker at both sizes; inodes (files + folders) of the finished dataset folder, and the
+peak inodes of the store plus its staging sibling ``.<store>.staging`` while standardizing (counted right
+before the final rename, ``finalize._swap_in``: the moment that holds every part's data file and every
+packed shard), both per 10,000 patches beyond the fixed count of a tiny dataset (64 images of one patch
+each: the 64 parts and 3 non-empty splits any dataset of 64 to 32,768 sources has), and as the growth
+between the two sizes; and a per-stage time breakdown of one single-process run (timers wrapped around
+histokt's own functions, nested where the functions nest; a "rest" row is a stage's time outside the
+stages listed under it).
 """
 
 import argparse
+import functools
 import json
 import math
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DEFAULT_WORK,
+    N_CLASSES,
     PeakRSS,
     folder_dataset,
+    footprint,
+    load,
     machine_info,
     markdown_table,
+    tissue,
     warm_page_cache,
     write_results,
 )
+
+TINY = 64  # small images (one patch each) of the tiny dataset whose inode counts are the fixed part
 
 # -- child processes: one measured run each ----------------------------------------------------------------
 
@@ -77,73 +98,176 @@ def child_decode(spec: dict) -> dict:
 
 
 class StageTimer:
-    """Wraps module functions with timers; the phase (part / finalize) labels zarr writes by where they happen."""
+    """Timers wrapped around module functions. A stage is keyed by the path of the timed stages it runs
+    inside, so nested functions (a CRC inside a shard write inside packing) appear under their callers."""
 
     def __init__(self):
-        self.seconds, self.calls, self.phase = {}, {}, "worklist"
+        self.seconds: dict[tuple, float] = {}
+        self.calls: dict[tuple, int] = {}
+        self.order: dict[tuple, int] = {}
+        self.stack: list[str] = []
 
-    def add(self, key, dt):
-        self.seconds[key] = self.seconds.get(key, 0.0) + dt
-        self.calls[key] = self.calls.get(key, 0) + 1
+    def _enter(self, label: str) -> tuple:
+        self.stack.append(label)
+        path = tuple(self.stack)
+        self.order.setdefault(path, len(self.order))
+        return path
 
-    def wrap(self, owner, name, key, phase=None):
-        original = getattr(owner, name)
-        timer = self
+    def _leave(self, path: tuple, dt: float, calls: int = 1) -> None:
+        self.stack.pop()
+        self.seconds[path] = self.seconds.get(path, 0.0) + dt
+        self.calls[path] = self.calls.get(path, 0) + calls
 
+    def timed(self, label: str, fn):
+        @functools.wraps(fn)  # pickled by name into worker pools, where the original runs untimed
         def timed(*args, **kw):
-            before = timer.phase
-            if phase:
-                timer.phase = phase
-            label = key(timer.phase) if callable(key) else key
+            path = self._enter(label)
             t = time.perf_counter()
             try:
-                return original(*args, **kw)
+                return fn(*args, **kw)
             finally:
-                timer.add(label, time.perf_counter() - t)
-                timer.phase = before
+                self._leave(path, time.perf_counter() - t)
 
-        setattr(owner, name, timed)
+        return timed
 
-    def install(self):
-        import histokt.atomic
-        import histokt.ingest.cards.base
-        import histokt.ingest.decode
+    def timed_generator(self, label: str, fn):
+        """A generator function whose every step (``next``) is timed; one call per item it yields."""
+
+        @functools.wraps(fn)
+        def timed(*args, **kw):
+            it = fn(*args, **kw)
+            while True:
+                path = self._enter(label)
+                t = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    self._leave(path, time.perf_counter() - t, calls=0)
+                    return
+                self._leave(path, time.perf_counter() - t)
+                yield item
+
+        return timed
+
+    def wrap(self, owner, name: str, label: str, generator: bool = False) -> None:
+        fn = getattr(owner, name)
+        setattr(owner, name, (self.timed_generator if generator else self.timed)(label, fn))
+
+    def proxy(self, owner, module_name: str, functions: dict[str, str]) -> None:
+        """Replace ``owner.<module_name>`` (a module the owner imported) by a stand-in whose ``functions``
+        {name: label} are timed; anything else passes through. Other importers of the module are untouched."""
+        module = getattr(owner, module_name)
+        stand_in = types.SimpleNamespace(**{n: self.timed(label, getattr(module, n)) for n, label in functions.items()})
+        for name in dir(module):
+            if not name.startswith("__") and name not in functions:
+                setattr(stand_in, name, getattr(module, name))
+        setattr(owner, module_name, stand_in)
+
+    def install(self) -> None:
+        import histokt.atomic as A
+        import histokt.ingest.decode as D
         import histokt.ingest.finalize as F
         import histokt.ingest.standardize as S
+        import histokt.store.shards as H
 
-        self.wrap(S, "make_worklist", "worklist: index sources + split")
-        self.wrap(S, "_prepare_staging", "worklist: staging folder + worklist.json")
-        self.wrap(S, "process_part", "part: total", phase="part")
-        self.wrap(histokt.ingest.decode, "open_image", "part: PNG open + decode (PIL)")
-        self.wrap(histokt.ingest.decode, "rgb_image", "part: RGB mode conversion")
-        self.wrap(S, "rescale", "part: rescale (PIL bilinear)")
-        self.wrap(S, "mirror_pad", "part: mirror pad")
-        self.wrap(S, "is_low_contrast", "part: low-contrast filter")
-        self.wrap(S, "patch_array", lambda ph: f"{ph}: create zarr array(s)")
-        self.wrap(F, "patch_array", lambda ph: f"{ph}: create zarr array(s)")
-        self.wrap(S, "write_chunk", "part: write chunk files")
-        self.wrap(
-            histokt.atomic,
-            "write_json",
-            lambda ph: f"{ph}: atomic JSON write (fsync)" + (" [in staging]" if ph == "worklist" else " [manifest]"),
-        )
-        self.wrap(S, "finalize_locked", "finalize: total", phase="finalize")
-        self.wrap(F, "_move_chunks", "finalize: rename chunk files")
-        self.wrap(F, "_write_meta", "finalize: labels/source_id/box arrays")
-        self.wrap(F, "_swap_in", "finalize: swap in + clean staging")
+        self.wrap(S, "make_worklist", "worklist: index sources, split, fingerprint (make_worklist)")
+        self.wrap(S, "_prepare_staging", "worklist: staging folder + worklist.json (_prepare_staging)")
+        self.wrap(S, "_run_parts", "parts: _run_parts (worker pool start, every part)")
+        self.wrap(S, "process_part", "part (process_part: lease, clear, write)")
+        self.wrap(S, "_write_part", "_write_part: data file + manifest")
+        self.wrap(S, "_tiles", "_tiles: decode to kept content bytes", generator=True)
+        self.wrap(D, "open_image", "open + decode (PIL)")
+        self.wrap(D, "rgb_image", "RGB mode conversion")
+        self.wrap(S, "rescale", "rescale (PIL bilinear)")
+        self.wrap(S, "mirror_pad", "mirror pad")
+        self.wrap(S, "is_low_contrast", "low-contrast filter")
+        self.proxy(S, "google_crc32c", {"value": "CRC32C of the content"})
+        self.wrap(A, "write_json", "atomic JSON write")
+        self.proxy(A, "os", {"fsync": "fsync (file or folder)"})
+        self.wrap(S, "finalize_locked", "finalize: total (finalize_locked: lock, publish)")
+        self.wrap(F, "read_manifests", "read manifests")
+        self.wrap(F, "check_parts", "check part sizes (stat)")
+        self.wrap(F, "_layout", "groups + images array metadata (_layout)")
+        self.wrap(F, "pack", "pack: parts -> shard files (pack; with workers, a pool of its own)")
+        self.wrap(F, "write_shard", "write_shard (atomic: write, fsync, rename)")
+        self.wrap(F, "_patches", "re-read staged content (pread) + check CRC", generator=True)
+        self.proxy(F, "google_crc32c", {"value": "CRC32C check of the staged content"})
+        self.proxy(H, "google_crc32c", {"value": "CRC32C of patch and index"})
+        self.wrap(F, "pad_on_read", "pad mixed content to the patch size")
+        self.wrap(F, "_write_meta", "labels/source_id/box arrays (_write_meta)")
+        self.wrap(F, "_write_root", "sources + attrs (_write_root)")
+        self.wrap(F, "_swap_in", "swap in + clean staging (_swap_in)")
+
+    def rows(self, wall: float, patches: int):
+        """Markdown rows of the stage tree: per stage its calls, seconds, % of wall and ms per patch."""
+        rows = []
+        n = max(1, patches)
+
+        def row(depth, label, seconds, calls=""):
+            label = ("&nbsp;&nbsp;" * depth) + (f"**{label}**" if depth == 0 else label)
+            rows.append([label, calls, seconds, f"{100 * seconds / wall:.1f}%", f"{1e3 * seconds / n:.2f}"])
+
+        def walk(prefix: tuple) -> None:
+            kids = sorted((p for p in self.seconds if p[:-1] == prefix), key=self.order.__getitem__)
+            for p in kids:
+                row(len(p) - 1, p[-1], self.seconds[p], self.calls[p])
+                grandkids = [q for q in self.seconds if q[:-1] == p]
+                walk(p)
+                if grandkids:
+                    rest = self.seconds[p] - sum(self.seconds[q] for q in grandkids)
+                    row(len(p), "rest (its own code: Python, write() calls, ...)", rest)
+
+        walk(())
+        top = sum(s for p, s in self.seconds.items() if len(p) == 1)
+        row(0, "outside the above (config, summary)", wall - top)
+        return ["stage", "calls", "seconds", "% of wall", "ms / patch"], rows
+
+    def to_json(self) -> list:
+        return [
+            {"stage": list(p), "s": self.seconds[p], "calls": self.calls[p]}
+            for p in sorted(self.seconds, key=self.order.__getitem__)
+        ]
+
+
+def install_inode_count(store: Path, found: dict) -> None:
+    """Count the store and its staging sibling (files + folders) right before the final rename: the peak,
+    every part's data file and every packed shard file exist at once. The count's time is recorded."""
+    import histokt.ingest.finalize as F
+
+    original = F._swap_in
+    staging_root = store.parent / f".{store.name}.staging"
+
+    def counted(store_, name, out, staging):
+        t = time.perf_counter()
+        parts = footprint(staging / "parts")
+        found["peak"] = {
+            "store": footprint(store),
+            "staging": footprint(staging_root),
+            "parts": parts,
+            "final": footprint(out),
+            "part_files": len(os.listdir(staging / "parts")),
+        }
+        found["count_s"] = time.perf_counter() - t
+        return original(store_, name, out, staging)
+
+    F._swap_in = counted
 
 
 def child_standardize(spec: dict) -> dict:
     from histokt.ingest.standardize import StandardizeConfig, standardize
 
+    store = Path(spec["store"])
     timer = None
     if spec.get("stages"):
         timer = StageTimer()
         timer.install()
+    inodes: dict = {}
+    install_inode_count(store, inodes)
     cfg = StandardizeConfig(
         dataset="folder",
         raw=Path(spec["raw"]),
-        store=Path(spec["store"]),
+        store=store,
+        name="bench",
         mpp=spec["mpp"],
         workers=spec["workers"],
         progress=False,
@@ -157,7 +281,7 @@ def child_standardize(spec: dict) -> dict:
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     with PeakRSS() as rss:
         summary = standardize(cfg)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - inodes.get("count_s", 0.0)  # the count is the benchmark's, not histokt's
     cpu = _cpu_seconds() - cpu0
     if profiler:
         import io
@@ -169,6 +293,7 @@ def child_standardize(spec: dict) -> dict:
         Path(spec["profile"]).write_text(out.getvalue())
     if summary.status != "written" or summary.counts is None:
         raise SystemExit(f"standardize did not write the dataset: {summary}")
+    peak = inodes["peak"]
     result = {
         "patches": sum(summary.counts.values()),
         "counts": summary.counts,
@@ -176,24 +301,38 @@ def child_standardize(spec: dict) -> dict:
         "wall_s": wall,
         "cpu_s": cpu,
         "rss_mb": rss.result(),
+        "dataset": footprint(store / "bench"),
+        "images_shards": footprint(*(store / "bench" / s / "images" for s in summary.counts)),
+        "peak": peak,
+        "peak_inodes": peak["store"]["inodes"] + peak["staging"]["inodes"],
     }
     if timer:
-        result["stages"] = {k: {"s": timer.seconds[k], "calls": timer.calls[k]} for k in sorted(timer.seconds)}
+        result["stages"] = timer.to_json()
+        result["stage_table"] = timer.rows(wall, result["patches"])
     return result
 
 
 def run_child(spec: dict) -> dict:
     """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
+
+    def clear() -> None:  # a fresh store each time, and no staging left by an earlier, failed run
+        store = Path(spec["store"])
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(store.parent / f".{store.name}.staging", ignore_errors=True)
+
     if spec["kind"] == "standardize":
-        shutil.rmtree(spec["store"], ignore_errors=True)  # a fresh store each time
+        clear()
+    before = load()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         sys.exit(f"child run failed ({spec}):\n{proc.stderr[-3000:]}")
     if spec["kind"] == "standardize":
-        shutil.rmtree(spec["store"], ignore_errors=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        clear()
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["load"] = before
+    return out
 
 
 # -- the parent ---------------------------------------------------------------------------------------------
@@ -205,11 +344,11 @@ def parse_args(argv=None):
         "--work", type=Path, default=DEFAULT_WORK, help=f"cache of images and scratch stores ({DEFAULT_WORK})"
     )
     p.add_argument("--images", type=int, default=256, help="images of the main run (default 256 -> 1024 patches)")
-    p.add_argument("--small", type=int, default=64, help="images of the second size, for the RSS comparison (64)")
+    p.add_argument("--small", type=int, default=64, help="images of the second size (default 64 -> 256 patches)")
     p.add_argument("--size", type=int, default=1024, help="image side in px (default 1024)")
     p.add_argument("--mpp", type=float, default=0.5, help="native µm/px passed to standardize (default 0.5)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure (1 2)")
-    p.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest is kept (2)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is reported (3)")
     p.add_argument("--gen-procs", type=int, default=2, help="processes generating missing images (2)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown run")
     p.add_argument("--profile", action="store_true", help="also cProfile one single-process run (top 30 by tottime)")
@@ -218,11 +357,47 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def best(spec: dict, repeat: int) -> dict:
-    runs = [run_child(spec) for _ in range(repeat)]
-    out = min(runs, key=lambda r: r["wall_s"])
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time among ``runs``, with every run's wall time, CPU time and load."""
+    out = dict(sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2])
+    out["median_wall_s"] = statistics.median(r["wall_s"] for r in runs)
+    out["median_cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
     out["all_wall_s"] = [r["wall_s"] for r in runs]
+    out["all_cpu_s"] = [r["cpu_s"] for r in runs]
+    out["all_load"] = [r["load"] for r in runs]
     return out
+
+
+def paired(std_spec: dict, dec_spec: dict, repeat: int) -> dict:
+    """``repeat`` pairs of runs, standardize then decode, back to back, so that a change in the load of a
+    shared machine hits both sides of a ratio alike; the ratio is the median of the pairs' ratios."""
+    pairs = [(run_child(std_spec), run_child(dec_spec)) for _ in range(repeat)]
+    std, dec = median_run([p[0] for p in pairs]), median_run([p[1] for p in pairs])
+    return {
+        "standardize": std,
+        "decode": dec,
+        "ratio": statistics.median(s["wall_s"] / d["wall_s"] for s, d in pairs),
+        "cpu_ratio": statistics.median(s["cpu_s"] / d["cpu_s"] for s, d in pairs),
+        "pair_ratios": [s["wall_s"] / d["wall_s"] for s, d in pairs],
+    }
+
+
+def tiny_dataset(work: Path) -> Path:
+    """The fixed part's dataset: TINY images of 544 px (one 272 px patch each at --mpp 0.5) in 3 class
+    folders, so it has the 64 parts and the 3 non-empty splits any larger dataset has."""
+    from PIL import Image
+
+    raw = work / f"raw-tiny-{TINY}"
+    for i in range(TINY):
+        path = raw / f"class_{i % N_CLASSES}" / f"img_{i:05d}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(tissue(10_000 + i, 544)).save(path)
+    return raw
+
+
+def per_10k(count: int, fixed: int, patches: int) -> float:
+    return (count - fixed) / patches * 10_000
 
 
 def main(argv=None) -> int:
@@ -236,6 +411,7 @@ def main(argv=None) -> int:
     work = args.work.resolve()
     sizes = sorted({args.small, args.images})
     raws = {n: folder_dataset(work, n, args.size, args.gen_procs) for n in sizes}
+    tiny_raw = tiny_dataset(work)
     warm_page_cache(sorted(raws[max(sizes)].rglob("*.png")))
     store = str(work / "stores" / "standardize-bench.zarr")
     info = machine_info()
@@ -245,33 +421,34 @@ def main(argv=None) -> int:
         file=sys.stderr,
     )
 
+    tiny = run_child({"kind": "standardize", "store": store, "mpp": args.mpp, "raw": str(tiny_raw), "workers": 1})
+    fixed, fixed_peak = tiny["dataset"]["inodes"], tiny["peak_inodes"]
+    print(f"  tiny dataset ({tiny['patches']} patches): {fixed} inodes, peak {fixed_peak}", file=sys.stderr)
+
     runs = []
     for n in sizes:
         for w in args.workers:
             common = {"raw": str(raws[n]), "workers": w}
-            std = best({"kind": "standardize", "store": store, "mpp": args.mpp, **common}, args.repeat)
-            dec = best({"kind": "decode", **common}, args.repeat)
-            run = {"images": n, "workers": w, "standardize": std, "decode": dec, "ratio": std["wall_s"] / dec["wall_s"]}
+            run = paired(
+                {"kind": "standardize", "store": store, "mpp": args.mpp, **common},
+                {"kind": "decode", **common},
+                args.repeat,
+            )
+            run.update(images=n, workers=w)
             runs.append(run)
+            std, dec = run["standardize"], run["decode"]
             print(
-                f"  {n} images, {w} worker(s): standardize {std['wall_s']:.2f} s, decode {dec['wall_s']:.2f} s, "
-                f"ratio {run['ratio']:.2f}",
+                f"  {n} images, {w} worker(s): standardize {std['all_wall_s']} s, decode {dec['all_wall_s']} s, "
+                f"ratios {run['pair_ratios']}, load {std['all_load']}",
                 file=sys.stderr,
                 flush=True,
             )
 
-    stages = None
-    if not args.no_stages:
-        stages = run_child(
-            {
-                "kind": "standardize",
-                "store": store,
-                "mpp": args.mpp,
-                "raw": str(raws[max(sizes)]),
-                "workers": 1,
-                "stages": True,
-            }
-        )
+    stages = {}
+    if not args.no_stages:  # per worker count: the run of median wall time among --repeat
+        for w in args.workers:
+            spec = {"kind": "standardize", "store": store, "mpp": args.mpp, "raw": str(raws[max(sizes)]), "workers": w}
+            stages[w] = median_run([run_child({**spec, "stages": True}) for _ in range(args.repeat)])
     profile = None
     if args.profile:
         profile = str(Path(__file__).resolve().parent / "results" / "standardize_profile.txt")
@@ -294,10 +471,12 @@ def main(argv=None) -> int:
         "standardize s",
         "patches/s",
         "decode-only s",
-        "ratio (goal ≤ 1.5)",
+        "ratio (goal ≤ 1.4)",
         "CPU s std / dec",
+        "CPU ratio",
         "peak RSS main MiB",
         "peak RSS worker MiB",
+        "load (1 min)",
     ]
     rows = []
     for r in runs:
@@ -307,27 +486,78 @@ def main(argv=None) -> int:
                 r["images"],
                 r["workers"],
                 s["patches"],
-                s["wall_s"],
-                s["patches"] / s["wall_s"],
-                d["wall_s"],
+                s["median_wall_s"],
+                s["patches"] / s["median_wall_s"],
+                d["median_wall_s"],
                 f"{r['ratio']:.2f}x",
-                f"{s['cpu_s']:.1f} / {d['cpu_s']:.1f}",
+                f"{s['median_cpu_s']:.1f} / {d['median_cpu_s']:.1f}",
+                f"{r['cpu_ratio']:.2f}x",
                 s["rss_mb"]["self"],
                 s["rss_mb"]["children"] if r["workers"] > 1 else "-",
+                " / ".join(f"{x[0]:.1f}" for x in s["all_load"]),
             ]
         )
     per_image = runs[-1]["standardize"]["patches"] / runs[-1]["images"]
     print(
-        f"\n### standardize: {args.size}x{args.size} PNG, --mpp {args.mpp} -> {per_image:g} patches/image "
-        f"({info['date'][:10]}, {info['cpu_count']} CPUs)\n"
+        f"\n### standardize: {args.size}x{args.size} PNG, --mpp {args.mpp} -> {per_image:g} patches/image, "
+        f"median of {args.repeat} ({info['date'][:10]}, {info['cpu_count']} CPUs)\n"
     )
     print(markdown_table(headers, rows))
-    if stages:
-        print(
-            f"\n### where the time goes: 1 worker, {stages['patches']} patches, {stages['wall_s']:.2f} s wall "
-            f"(stage timers add ~µs per call)\n"
+
+    print(
+        f"\n### inodes (files + folders): fixed part = a tiny dataset of {tiny['patches']} patches: "
+        f"{fixed} in the dataset folder, {fixed_peak} at the peak (store + staging)\n"
+    )
+    irows = []
+    seen = set()
+    for r in runs:
+        s = r["standardize"]
+        if r["images"] in seen:  # the counts do not depend on the worker count
+            continue
+        seen.add(r["images"])
+        pk = s["peak"]
+        irows.append(
+            [
+                r["images"],
+                s["patches"],
+                s["dataset"]["inodes"],
+                s["images_shards"]["files"] - 3,  # minus the 3 images arrays' zarr.json
+                per_10k(s["dataset"]["inodes"], fixed, s["patches"]),
+                s["peak_inodes"],
+                f"{pk['parts']['files']} / {pk['final']['inodes']}",
+                per_10k(s["peak_inodes"], fixed_peak, s["patches"]),
+            ]
         )
-        print(markdown_table(*stage_rows(stages)))
+    print(
+        markdown_table(
+            [
+                "images",
+                "patches",
+                "dataset inodes",
+                "shard files",
+                "per 10k beyond fixed (goal ≤ 40)",
+                "peak inodes",
+                "of which part files / final folder",
+                "peak per 10k beyond fixed (goal ≤ 100)",
+            ],
+            irows,
+        )
+    )
+    if len(irows) >= 2:  # the growth between the two sizes: what each further 10,000 patches add
+        a, b = irows[0], irows[-1]
+        dp = b[1] - a[1]
+        print(
+            f"\nmarginal, between {a[1]:,} and {b[1]:,} patches: {(b[2] - a[2]) / dp * 10_000:.0f} dataset inodes "
+            f"and {(b[5] - a[5]) / dp * 10_000:.0f} peak inodes per 10,000 patches"
+        )
+    for w, st in stages.items():
+        where = "" if w == 1 else " (the main process only: parts and packing run in the workers)"
+        print(
+            f"\n### where the time goes: {w} worker(s), {st['patches']} patches, median run of {args.repeat}: "
+            f"{st['wall_s']:.2f} s wall (runs {', '.join(f'{x:.2f}' for x in st['all_wall_s'])} s; load "
+            f"{st['load'][0]}; stage timers add ~µs per call){where}\n"
+        )
+        print(markdown_table(*st["stage_table"]))
     if profile:
         print(f"\ncProfile of one single-process run: {profile}")
 
@@ -335,44 +565,16 @@ def main(argv=None) -> int:
         args.out,
         {
             "benchmark": "standardize",
+            "format": "histokt-patches/2",
             "machine": info,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+            "tiny": tiny,
             "runs": runs,
             "stages": stages,
         },
     )
     print(f"\nresults: {path}")
     return 0
-
-
-def stage_rows(stages: dict):
-    """Rows per stage, grouped by phase; nested stages are indented under their phase's total."""
-    st, wall, n = stages["stages"], stages["wall_s"], max(1, stages["patches"])
-    rows = []
-
-    def row(label, seconds, calls=""):
-        rows.append([label, calls, seconds, f"{100 * seconds / wall:.1f}%", f"{1e3 * seconds / n:.2f}"])
-
-    for phase, total in (("worklist", None), ("part", "part: total"), ("finalize", "finalize: total")):
-        keys = sorted(k for k in st if k.startswith(phase + ": ") and k != total)
-        if total in st:
-            row(f"**{total}**", st[total]["s"], st[total]["calls"])
-        for k in keys:
-            row(("  " if total else "") + k, st[k]["s"], st[k]["calls"])
-        if total == "part: total":
-            row("  part: other (tiling, manifest rows, Python)", st[total]["s"] - sum(st[k]["s"] for k in keys))
-    top = sum(
-        st[k]["s"]
-        for k in (
-            "worklist: index sources + split",
-            "worklist: staging folder + worklist.json",
-            "part: total",
-            "finalize: total",
-        )
-        if k in st
-    )
-    row("outside the above (config, summary)", wall - top)
-    return ["stage", "calls", "seconds", "% of wall", "ms / patch"], rows
 
 
 if __name__ == "__main__":

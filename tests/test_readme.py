@@ -71,9 +71,9 @@ COVERAGE = [
         r"histokt standardize … --repair",
         ["ingest/test_repair.py::test_verify_lists_exactly_the_damaged_shards_and_repair_restores_them"],
     ),
-    (r"histokt store upgrade OLD NEW", ["store/test_upgrade.py::test_cli_upgrade_then_verify"]),
+    (r"histokt store upgrade( OLD NEW)?", ["store/test_upgrade.py::test_cli_upgrade_then_verify"]),
     (
-        r"histokt verify STORE( \[?--dataset NAME\]?)?",
+        r"histokt verify( STORE( \[?--dataset NAME\]?)?)?",
         ["store/test_verify.py::test_a_sound_store_verifies", "store/test_verify.py::test_dataset_restricts_the_check"],
     ),
     (r"histokt sweep", ["batch/test_sweep.py::test_demo_study_end_to_end_then_nothing_to_do"]),

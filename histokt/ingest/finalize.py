@@ -7,7 +7,7 @@ processes of another host cannot be checked, one of another host whose heartbeat
 
 Publishing packs the parts' data files into the split arrays' shard files (``store.shards``): the patches
 of a split, in worklist order, SHARD_SIZE to a file; every shard file is written whole, atomically, by
-exactly one packer (the lock holder's ``workers`` processes share the shards out), with each patch's
+exactly one packer (the lock holder's ``workers`` threads share the shards out), with each patch's
 checksum verified against the part's manifest on the way. A shard file already present is whole, so an
 interrupted finalize resumes where it stopped; the dataset appears in the store by one final rename.
 
@@ -23,11 +23,10 @@ without it, DamagedParts names the parts to redo.
 
 import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,7 +112,7 @@ def finalize_locked(
 
     ``redo(parts)`` redoes reset parts (writes their manifests again); it is called, under the lock, where
     parts are found damaged, and publishing then resumes. Without it, DamagedParts is raised. ``workers``
-    processes pack the shard files."""
+    threads pack the shard files."""
     lock = staging / "finalize.lock"
     try:
         lease = Lease.acquire(lock, stale_after=LOCK_STALE_S)
@@ -257,10 +256,11 @@ def shard_jobs(
 
 
 def pack(jobs: list[ShardJob], workers: int, staging: Path) -> None:
-    """Write every job's shard file (``workers`` processes); DamagedParts for parts whose bytes fail."""
+    """Write every job's shard file (``workers`` threads); DamagedParts for parts whose bytes fail."""
     if workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("spawn")  # zarr's IO thread must not be forked
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        # threads, not processes: packing is file reads, writes and CRC32C, which release the GIL, and a
+        # freshly spawned pool cost more than the packing itself (benchmarks/standardize.py)
+        with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             results = list(pool.map(pack_shard, jobs))
     else:
         results = [pack_shard(job) for job in jobs]
