@@ -9,6 +9,7 @@
 Never ``sacct``: accounting is often absent on small clusters, and the queue says what we need.
 """
 
+import getpass
 import json
 import os
 import subprocess
@@ -24,14 +25,33 @@ DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's own default
 # -- the queue and the configuration -----------------------------------------------------------------------------
 
 
+SQUEUE_TIMEOUT_S = 60
+
+
 def squeue() -> dict[str, str] | None:
-    """{job id or array_task: state} of every queued job, or None where SLURM cannot be asked."""
+    """{job id or array_task: state} of this user's queued jobs, or None where SLURM cannot be asked."""
     try:
-        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+        return own_queue()
+    except UserError:
         return None
+
+
+def own_queue() -> dict[str, str]:
+    """{job id or array_task: state} of this user's queued jobs; a UserError where squeue fails or hangs:
+    an unanswered query is never "nothing queued" (a sweep would submit cells that still run)."""
+    command = ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i %T"]
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except FileNotFoundError:
+        raise UserError("squeue: not found; run the sweep on a SLURM login node (or --executor local)") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"squeue did not answer in {SQUEUE_TIMEOUT_S} s (the controller is busy or down); nothing was "
+            f"submitted: run the same command again later"
+        ) from None
     if r.returncode != 0:
-        return None
+        why = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        raise UserError(f"squeue failed ({why}); nothing was submitted: run the same command again later")
     return dict(_two_fields(line) for line in r.stdout.splitlines() if line.strip())
 
 
@@ -80,8 +100,9 @@ def cell_jobs(run_root) -> dict[str, str]:
 
 
 def queued_cells(run_root) -> dict[str, str]:
-    """Cells whose task is still pending or running (never submitted twice): cell id -> array job id."""
-    queue = squeue()
+    """Cells whose task is still pending or running (never submitted twice): cell id -> array job id. A
+    UserError where squeue cannot tell."""
+    queue = own_queue()
     if not queue:
         return {}
     return {cell: task.split("_")[0] for cell, task in cell_jobs(run_root).items() if task in queue}

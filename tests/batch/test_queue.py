@@ -2,12 +2,14 @@
 ones), and `histokt status` puts every cell in the right column."""
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from histokt.batch import slurm, status, sweep
+from histokt.errors import UserError
 from histokt.study import plan
 from tests.batch import fake_sbatch
 from tests.conftest import ROOT
@@ -32,7 +34,7 @@ def finish(run_root, cell):
 
 def test_a_second_sweep_skips_exactly_the_queued_and_the_done_cells(study, monkeypatch):
     fake = fake_sbatch.install(monkeypatch)
-    monkeypatch.setattr(slurm, "squeue", lambda: {})
+    monkeypatch.setattr(slurm, "own_queue", lambda: {})
     first = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
     run_root = Path(first["run_root"])
     cells = plan.read(run_root)
@@ -49,7 +51,7 @@ def test_a_second_sweep_skips_exactly_the_queued_and_the_done_cells(study, monke
     queue[jobs[done_and_still_listed]] = "COMPLETING"
     for c in (c for cs in cells.values() for c in cs if c.id in [*done, done_and_still_listed]):
         finish(run_root, c)
-    monkeypatch.setattr(slurm, "squeue", lambda: queue)
+    monkeypatch.setattr(slurm, "own_queue", lambda: queue)
     before = len(slurm.submissions(run_root))
 
     second = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
@@ -70,9 +72,35 @@ def test_a_second_sweep_skips_exactly_the_queued_and_the_done_cells(study, monke
     assert f"#SBATCH --dependency=afterany:{pretrain_arrays}\n" in scripts[by_stage["transfer"]]
 
 
+@pytest.mark.parametrize(
+    "script,message",
+    [
+        (
+            'echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1',
+            r"squeue failed \(slurm_load_jobs error: Unable to contact slurm controller\); nothing was submitted",
+        ),
+        ("sleep 30", r"squeue did not answer in 1 s .*; nothing was submitted"),
+    ],
+)
+def test_a_failing_or_hanging_squeue_submits_nothing(study, monkeypatch, tmp_path, script, message):
+    """Never "nothing queued" for an unanswered query: a sweep would submit cells that still run."""
+    fake = fake_sbatch.install(monkeypatch)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "SQUEUE_TIMEOUT_S", 1)
+    with pytest.raises(UserError, match=message):
+        sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    assert fake.scripts == []
+    run_root = sweep.prepare(sweep.SweepConfig(spec=SPEC, dry_run=True))[1]
+    assert slurm.submissions(run_root) == []
+
+
 def test_a_done_cell_is_never_resubmitted_even_with_an_empty_queue(study, monkeypatch):
     fake_sbatch.install(monkeypatch)
-    monkeypatch.setattr(slurm, "squeue", lambda: None)  # no scheduler to ask: nothing counts as queued
+    monkeypatch.setattr(slurm, "own_queue", lambda: {})  # an empty queue: done cells are still not resubmitted
     first = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
     run_root = Path(first["run_root"])
     cells = plan.read(run_root)

@@ -43,8 +43,10 @@ def test_squeue_asks_for_every_array_task_and_its_long_state(fake_run):
     fake = fake_run(stdout="4242_0 RUNNING\n4242_1 PENDING\n\n   \n4250 COMPLETING\n")
     assert slurm.squeue() == {"4242_0": "RUNNING", "4242_1": "PENDING", "4250": "COMPLETING"}
     # -h no header, -r one line per array task, "%i %T": the task id and the state spelled out
+    # -u: this user's jobs only (a shared cluster's queue holds everyone's)
+    user = __import__("getpass").getuser()
     assert fake.calls == [
-        (["squeue", "-h", "-r", "-o", "%i %T"], {"capture_output": True, "text": True, "timeout": 60})
+        (["squeue", "-h", "-r", "-u", user, "-o", "%i %T"], {"capture_output": True, "text": True, "timeout": 60})
     ]
 
 
@@ -67,8 +69,11 @@ def test_squeue_of_an_empty_queue_is_empty_not_none(fake_run):
     ],
 )
 def test_squeue_is_none_where_slurm_cannot_be_asked(fake_run, kw):
+    """For status (which then says so); a sweep asks own_queue, for which it is an error (next test)."""
     fake_run(**kw)
     assert slurm.squeue() is None
+    with pytest.raises(UserError, match=r"squeue.*(not found|did not answer in 60 s|failed \(exit code 1\))"):
+        slurm.own_queue()
 
 
 # -- scontrol show config ---------------------------------------------------------------------------------------
@@ -129,18 +134,21 @@ def test_submissions_skip_blank_lines(tmp_path):
 def test_queued_cells_are_those_whose_latest_task_is_listed(tmp_path, monkeypatch):
     slurm.record_submission(tmp_path, {"stage": "s", "job": "10", "array": True, "cells": ["a", "b", "c"]})
     slurm.record_submission(tmp_path, {"stage": "s", "job": "11", "array": False, "cells": ["c"]})
-    monkeypatch.setattr(slurm, "squeue", lambda: {"10_1": "PENDING", "10_2": "RUNNING", "11": "RUNNING"})
+    monkeypatch.setattr(slurm, "own_queue", lambda: {"10_1": "PENDING", "10_2": "RUNNING", "11": "RUNNING"})
     # c's old task 10_2 is still listed, but its latest is 11: the array job id of its latest task
     assert slurm.queued_cells(tmp_path) == {"b": "10", "c": "11"}
-    monkeypatch.setattr(slurm, "squeue", lambda: {"10_0": "COMPLETING"})
+    monkeypatch.setattr(slurm, "own_queue", lambda: {"10_0": "COMPLETING"})
     assert slurm.queued_cells(tmp_path) == {"a": "10"}
 
 
-@pytest.mark.parametrize("queue", [None, {}])
-def test_nothing_is_queued_without_a_queue(tmp_path, monkeypatch, queue):
+def test_nothing_is_queued_in_an_empty_queue_and_an_unanswered_query_is_an_error(tmp_path, monkeypatch, fake_run):
     slurm.record_submission(tmp_path, {"stage": "s", "job": "10", "array": True, "cells": ["a"]})
-    monkeypatch.setattr(slurm, "squeue", lambda: queue)
+    monkeypatch.setattr(slurm, "own_queue", lambda: {})
     assert slurm.queued_cells(tmp_path) == {}
+    monkeypatch.undo()
+    fake_run(returncode=1)
+    with pytest.raises(UserError, match="squeue failed"):
+        slurm.queued_cells(tmp_path)
 
 
 # -- the environment of a task ----------------------------------------------------------------------------------
