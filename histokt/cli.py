@@ -108,6 +108,12 @@ def _sweep(argv):
     from histokt.batch.sweep import SweepConfig, sweep
 
     cfg = _parse(SweepConfig, "sweep", argv, "Plan a study from a spec and run or submit the cells that are not done.")
+    if cfg.watch and cfg.executor == "slurm" and not cfg.dry_run:
+        from histokt.batch.sweep import watch
+
+        out = watch(cfg, report=lambda line: print(line, flush=True))
+        print(f"{out['run_root']}: every cell is done, failed or blocked; see histokt status {out['run_root']}")
+        return 0
     out = sweep(cfg)
     for line in out.get("warnings", []):
         print(f"histokt sweep: warning: {line}", file=sys.stderr)
@@ -123,6 +129,13 @@ def _sweep(argv):
     elif cfg.executor == "slurm":
         for stage, job, n in out["arrays"]:
             print(f"submitted {stage}: job {job} ({n} cells)")
+        if out.get("blocked"):
+            print(f"{out['blocked']} cells not submitted: a cell they read from failed (histokt status names it)")
+        if out.get("left"):
+            print(
+                f"{out['left']} cells wait for a later wave (at most {out['max_queued']} of this study's tasks queued "
+                f"at once): run the same command again as the queue drains, or add --watch to stay and do it"
+            )
         print(f"follow it with: histokt status {out['run_root']}")
     else:
         print(f"{out['run_root']}: {out['status']}; summary in {out['run_root']}/summary/")

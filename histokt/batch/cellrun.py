@@ -242,6 +242,7 @@ class CellTask:
         in the module docstring): a SystemExit passes through submitit's ``process_job``, which catches
         Exception only (writing no result pickle: nothing reads them, docs/cluster.md blocker 8). A crash
         is left to submitit: it saves the traceback as the task's result and re-raises, so Python exits 1."""
+        self.clear_requeue_request()
         try:
             code = run_cell(self.run_root, self.stage, self.index)
         except UserError as exc:
@@ -262,9 +263,28 @@ class CellTask:
         raise SystemExit(error.exit_code) from None
 
     def request_requeue(self) -> None:
+        """Leave the marker the batch script's teardown requeues this task on, unless the task was requeued
+        ``HISTOKT_MAX_REQUEUES`` times already (set from the stage's ``max_requeues``; unset: no cap)."""
+        key = job_key()
+        if key is None or not is_rank0():
+            return
+        cap, restarts = os.environ.get("HISTOKT_MAX_REQUEUES"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if cap and restarts >= int(cap):
+            print(
+                f"histokt run-cell: {self.stage}/{self.index}: checkpointed, but requeued {restarts} times already "
+                f"(max_requeues {cap}): not requeued again; run the sweep again to resume it",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        atomic.write_bytes(Path(self.run_root) / REQUEUE_DIR / key, b"")
+
+    def clear_requeue_request(self) -> None:
+        """A marker left by this task's previous run, requeued by SLURM itself before its teardown ran (a
+        node failure, a preemption): gone, or the teardown of this run would requeue it once more."""
         key = job_key()
         if key is not None and is_rank0():
-            atomic.write_bytes(Path(self.run_root) / REQUEUE_DIR / key, b"")
+            (Path(self.run_root) / REQUEUE_DIR / key).unlink(missing_ok=True)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's USR2 handler, outside a training loop: ask the host to requeue, let this task end."""

@@ -9,8 +9,9 @@ in images per second (``--throughput``; default ``IMG_PER_S``, the full training
 bf16, README "Benchmarks"). A dataset's patches are its counts in the store where it is standardized, else
 the spec's ``[datasets.X] patches`` estimate (cut 80/10/10), else unknown (its cells are left out of the
 estimate and named). Bytes: the store's shard files (content bytes + 20 per patch) and each training cell's
-checkpoints (a full checkpoint every ``ckpt_every_min`` of estimated run time and at the end, ``CKPT_BYTES``
-each; best.pt and final.pt, ``WEIGHTS_BYTES`` each, best.pt rewritten ``BEST_WRITES`` times). Files: a
+checkpoints (a full checkpoint every ``ckpt_every_min`` of estimated run time, ``CKPT_BYTES`` each: never at an
+epoch's end; best.pt rewritten ``BEST_WRITES`` times and final.pt where the cell keeps it, ``WEIGHTS_BYTES``
+each). Files: a
 dataset's fixed metadata files plus one per shard file; a cell's run directory and its submitit files.
 """
 
@@ -93,8 +94,9 @@ def study_cost(
                 images = epochs * (n.get("train", 0) + n.get("valid", 0)) + n.get("test", 0)
                 hours = images / img_per_s / 3600
                 c.estimated_gpu_h += hours * max(1, res.gpus if res else 1)
-                saves = math.floor(hours * 60 / ckpt_min) + 1 if ckpt_min else 1
-                c.bytes_written += saves * CKPT_BYTES + (BEST_WRITES + 1) * WEIGHTS_BYTES
+                saves = math.floor(hours * 60 / ckpt_min) if ckpt_min else 0  # by wall time only
+                final = "final" in str(cell.args.get("keep", "best,final"))
+                c.bytes_written += saves * CKPT_BYTES + (BEST_WRITES + final) * WEIGHTS_BYTES
         out[stage] = c
     return out
 

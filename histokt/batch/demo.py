@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +67,10 @@ class DemoConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the synthetic images (default 0)"})
     parallel: int = field(default=2, metadata={"help": "local executor: cells at once (default 2)"})
+    max_queued: Optional[int] = field(
+        default=None,
+        metadata={"help": "slurm: most of the demo's tasks queued or running at once; the rest follow in waves"},
+    )
     raw_root: Optional[Path] = field(
         default=None,
         metadata={
@@ -256,7 +260,7 @@ def repoint_stages(doc: dict, names: list) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from histokt.batch.sweep import SweepConfig, sweep
+    from histokt.batch.sweep import SweepConfig, sweep, watch
 
     if cfg.per_class < 2:
         raise UserError(f"--per-class {cfg.per_class}: at least 2 images per class")
@@ -278,7 +282,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage_imagenet_stand_in(out)
     spec_path = write_spec(cfg, doc)
     t = time.time()
-    result = sweep(SweepConfig(spec=spec_path, executor=cfg.executor, parallel=cfg.parallel, progress=cfg.progress))
+    sweep_cfg = SweepConfig(
+        spec=spec_path, executor=cfg.executor, parallel=cfg.parallel, progress=cfg.progress, max_queued=cfg.max_queued
+    )
+    if cfg.executor == "slurm" and cfg.max_queued is not None:  # waves: stay and submit them as the queue drains
+        result = watch(replace(sweep_cfg, watch_interval=5), report=lambda line: print(line, file=sys.stderr))
+    else:
+        result = sweep(sweep_cfg)
     if cfg.executor == "slurm" and result.get("status") == "submitted":
         wait_for_slurm(Path(result["run_root"]), cfg.progress)
     return {**result, "spec": str(spec_path), "seconds": time.time() - t, "summary": str(out / "runs" / "summary")}

@@ -60,6 +60,18 @@ def _two_fields(line: str) -> tuple[str, str]:
     return task, state
 
 
+def max_submit_jobs() -> int | None:
+    """This user's MaxSubmitJobs (the cap on queued and running jobs, array tasks counted), where sacctmgr
+    answers and one is set; None otherwise (no accounting, as on the local cluster)."""
+    command = ["sacctmgr", "-n", "-P", "show", "assoc", f"where user={getpass.getuser()}", "format=MaxSubmitJobs"]
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    limits = [int(x) for x in r.stdout.split() if x.strip().isdigit()] if r.returncode == 0 else []
+    return min(limits) if limits else None
+
+
 def max_array_size() -> int:
     """MaxArraySize of the cluster (the highest array index is one less)."""
     try:

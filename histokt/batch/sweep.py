@@ -17,12 +17,15 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from histokt import atomic
 from histokt.batch import slurm
 from histokt.batch.cellrun import CellTask
 from histokt.batch.cost import IMG_PER_S, render, study_cost
 from histokt.errors import UserError
 from histokt.study import plan
 from histokt.study.spec import STAGES, Resources, load
+
+DEFAULT_MAX_QUEUED = 1000
 
 
 @dataclass
@@ -37,8 +40,19 @@ class SweepConfig:
     container: Optional[str] = field(default=None, metadata={"help": "Apptainer image (.sif) to run every cell in"})
     force: bool = field(default=False, metadata={"help": "re-plan a run root that was made from another spec"})
     parallel: int = field(default=2, metadata={"help": "local executor: cells running at once (default 2)"})
-    max_queued: int = field(
-        default=1000, metadata={"help": "most of this study's tasks queued or running at once (default 1000)"}
+    max_queued: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "most of this study's tasks queued or running at once (default: study.max_queued, else your "
+            "MaxSubmitJobs where sacctmgr tells it, else 1000); the rest go in later waves"
+        },
+    )
+    watch: bool = field(
+        default=False,
+        metadata={"help": "slurm: stay and submit the next wave as the queue drains, until the study is done"},
+    )
+    watch_interval: float = field(
+        default=30.0, metadata={"help": "--watch: seconds between two looks at the queue (default 30)"}
     )
     throughput: float = field(
         default=IMG_PER_S,
@@ -106,16 +120,21 @@ def collect_stale(run_root: Path, cells: dict, more_work: bool) -> bool:
     return newest > marker.stat().st_mtime
 
 
-def sweep(cfg: SweepConfig) -> dict:
+def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
+    """Plan, then run or submit what is not done (or still queued); ``skip``: cell ids not to submit again
+    (``watch`` passes those it submitted, so a failed cell is not retried in a loop)."""
     if cfg.parallel < 1:
         raise UserError(f"--parallel {cfg.parallel}: must be at least 1")
-    if cfg.max_queued < 1:
+    if cfg.max_queued is not None and cfg.max_queued < 1:
         raise UserError(f"--max-queued {cfg.max_queued}: must be at least 1")
+    if not cfg.watch_interval >= 1:
+        raise UserError(f"--watch-interval {cfg.watch_interval}: must be at least 1 second")
     if not (math.isfinite(cfg.throughput) and cfg.throughput > 0):
         raise UserError(f"--throughput {cfg.throughput}: must be a positive number of images per second")
     spec, run_root, cells, stages = prepare(cfg)
+    max_queued = queue_budget(cfg, spec)
     queued = slurm.queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
-    work = todo(run_root, cells, stages, set(queued))
+    work = todo(run_root, cells, stages, set(queued) | set(skip))
     counts = {s: {"total": len(cells[s]), "todo": len(work[s])} for s in stages}
     summary = {
         "run_root": str(run_root),
@@ -128,17 +147,106 @@ def sweep(cfg: SweepConfig) -> dict:
         arrays = {
             s: sum(math.ceil(len(m) / size) for _, m in resource_groups(spec, s, cells[s], work[s])) for s in work
         }
-        costs = study_cost(spec, cells, work, arrays, cfg.max_queued, cfg.throughput)
+        costs = study_cost(spec, cells, work, arrays, max_queued, cfg.throughput)
         return {
             **summary,
             "scripts": dry_run_scripts(spec, run_root, cells, work, cfg),
-            "cost": render(costs, cfg.max_queued, cfg.throughput),
+            "cost": render(costs, max_queued, cfg.throughput),
         }
     if not any(work.values()):
         return {**summary, "status": "nothing to do"}
     if cfg.executor == "local":
         return {**summary, **run_local(spec, run_root, cells, work, cfg)}
-    return {**summary, **submit_slurm(spec, run_root, cells, work, cfg, queued)}
+    wave, left, blocked = next_wave(run_root, cells, work, queued, max_queued - len(queued))
+    summary.update(left=left, blocked=blocked, max_queued=max_queued)
+    if not any(wave.values()):
+        return {**summary, "status": "waiting", "arrays": []}
+    return {**summary, **submit_slurm(spec, run_root, cells, wave, cfg, queued)}
+
+
+def queue_budget(cfg: SweepConfig, spec) -> int:
+    """Most of this study's tasks queued or running at once: --max-queued, study.max_queued, the user's
+    MaxSubmitJobs (sacctmgr, SLURM only), else 1000 (a common cap of a user's queued jobs)."""
+    if cfg.max_queued is not None:
+        return cfg.max_queued
+    if spec.max_queued is not None:
+        return spec.max_queued
+    if cfg.executor == "slurm" and not cfg.dry_run:
+        return slurm.max_submit_jobs() or DEFAULT_MAX_QUEUED
+    return DEFAULT_MAX_QUEUED
+
+
+def next_wave(
+    run_root: Path, cells: dict, work: dict, queued: dict, budget: int
+) -> tuple[dict[str, list[int]], int, int]:
+    """The cells to submit now, how many wait for a later wave, and how many are blocked.
+
+    In stage order, at most ``budget`` cells, and a cell only where every cell it reads from is done, still
+    queued or in this wave: its inputs' cells, and the standardize cells of the dataset it trains on. A wave
+    never holds a cell that would start before its inputs can exist. A cell reading from a failed or blocked
+    cell that is not submitted again now is blocked: it does not take a GPU or a place in the queue. The
+    collector goes in the last wave."""
+    by_id = {c.id: c for cs in cells.values() for c in cs}
+    producer = {plan.cell_dir(run_root, c): c.id for c in by_id.values()}
+    stores: dict[str | None, set[str]] = {}
+    for c in cells.get("standardize", []):
+        stores.setdefault(plan.cell_dataset(c), set()).add(c.id)
+    ready = set(queued) | {i for i, c in by_id.items() if plan.is_done(run_root, c)}
+    dead: set[str] = set()
+
+    def is_dead(cell_id: str) -> bool:
+        if cell_id in dead:
+            return True
+        state = atomic.read_json(plan.cell_dir(run_root, by_id[cell_id]) / "state.json") or {}
+        return state.get("status") in ("failed", "blocked")
+
+    wave: dict[str, list[int]] = {}
+    left = blocked = 0
+    for stage, indices in work.items():
+        if stage == "collect":
+            continue
+        for i in indices:
+            cell = cells[stage][i]
+            parents = {Path(plan.fill_run_root(p, run_root)).parent for p in cell.inputs}
+            needs = {producer[d] for d in parents if d in producer}
+            if cell.kind == "train":
+                needs |= stores.get(plan.cell_dataset(cell), set())
+            missing = needs - ready
+            if any(is_dead(n) for n in missing):
+                dead.add(cell.id)
+                blocked += 1
+            elif budget > 0 and not missing:
+                wave.setdefault(stage, []).append(i)
+                ready.add(cell.id)
+                budget -= 1
+            else:
+                left += 1
+    collect = work.get("collect", [])
+    if collect and left == 0 and budget > 0:
+        wave["collect"] = collect
+    else:
+        left += len(collect)
+    return {s: wave.get(s, []) for s in work}, left, blocked
+
+
+def watch(cfg: SweepConfig, report=print) -> dict:
+    """Sweep, then, while cells run or wait for a later wave, look again every ``watch_interval`` seconds
+    (one squeue, and sbatch only for a new wave) and submit what the budget allows: one command for a study
+    of any size. A cell submitted once is not submitted again by the same watch (a failed cell is not
+    retried in a loop; its dependants are blocked). ``report`` gets a line per wave."""
+    submitted: set[str] = set()
+    while True:
+        out = sweep(cfg, skip=frozenset(submitted))
+        submitted.update(cell for record in out.get("records", []) for cell in record["cells"])
+        for stage, job, n in out.get("arrays", []):
+            report(f"submitted {stage}: job {job} ({n} cells)")
+        if not out.get("queued") and not out.get("arrays") and not out.get("left"):
+            return out
+        report(
+            f"{time.strftime('%H:%M:%S')}: {out.get('queued', 0)} cells queued or running, "
+            f"{out.get('left', 0)} wait for a later wave (budget {out.get('max_queued')})"
+        )
+        time.sleep(cfg.watch_interval)
 
 
 # -- local -----------------------------------------------------------------------------------------------------
@@ -222,6 +330,9 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], da
         "setup": [
             f"export HISTOKT_RUN_ROOT={shlex.quote(str(run_root))}",
             "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+            # a SIGTERM to the batch shell (scancel --batch) must not kill it before its teardown requeues the
+            # task (the cell checkpoints on the SIGTERM its tasks get and asks for the requeue): the trap waits
+            "trap 'echo \"histokt: SIGTERM: the cell checkpoints and asks to be requeued\" >&2' TERM",
         ],
         "teardown": slurm.teardown_lines(run_root),
         "stderr_to_stdout": True,
@@ -235,6 +346,8 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], da
             params[key] = getattr(r, key)
     if r.time_floor_min:
         extra["time_min"] = r.time_floor_min
+    if r.max_requeues:
+        params["setup"].append(f"export HISTOKT_MAX_REQUEUES={r.max_requeues}")
     for option in r.extra:  # "--exclusive" -> exclusive: True, "--mail-type=END" -> mail_type: "END"
         name, _, value = option[2:].partition("=")
         extra[name.replace("-", "_")] = value or True
@@ -273,15 +386,22 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
     python = python_command(cfg.container or spec.container, run_root, spec.store)
     submitted: list[dict] = []
     previous = sorted(set(queued.values()))
+    in_queue = len(queued)
     for stage, indices in work.items():
         ids = sorted({queued[c.id] for c in cells[stage] if c.id in queued})
-        for group, chunk in [
+        arrays = [
             (g, c) for g, members in resource_groups(spec, stage, cells[stage], indices) for c in chunks(members, size)
-        ]:
+        ]
+        # the stage's running-task cap (%N) holds across its arrays: each gets its share of what is left of it
+        cap = resources(spec, stage).array_parallelism - sum(c.id in queued for c in cells[stage])
+        share = max(1, cap // max(1, len(arrays)))
+        for group, chunk in arrays:
             executor = submitit.SlurmExecutor(
                 folder=str(submitit_folder(run_root)), max_num_timeout=1000, python=python
             )
-            executor.update_parameters(**slurm_parameters(spec, stage, run_root, previous, group))
+            params = slurm_parameters(spec, stage, run_root, previous, group)
+            params["array_parallelism"] = min(params["array_parallelism"], share)
+            executor.update_parameters(**params)
             with executor.batch():
                 jobs = [executor.submit(CellTask(str(run_root), stage, i)) for i in chunk]
             array = jobs[0].job_id.split("_")[0]
@@ -291,10 +411,16 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
                 "cells": [cells[stage][i].id for i in chunk],
                 "array": len(chunk) > 1,
                 "time": time.time(),
+                "queued_before": in_queue,  # this study's tasks already queued or running: with these, the budget
             }
+            in_queue += len(chunk)
             slurm.record_submission(run_root, record)
             submitted.append(record)
             ids.append(array)
         if ids:
             previous = ids
-    return {"status": "submitted", "arrays": [(r["stage"], r["job"], len(r["cells"])) for r in submitted]}
+    return {
+        "status": "submitted",
+        "arrays": [(r["stage"], r["job"], len(r["cells"])) for r in submitted],
+        "records": submitted,
+    }

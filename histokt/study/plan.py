@@ -29,6 +29,12 @@ class Cell:
     meta: dict = field(default_factory=dict)  # what the collector groups by: family, source, target, mode, lr, seed
 
 
+# The weights a done training cell keeps (histokt train --keep; a recipe may say otherwise): what a later
+# stage reads, nothing more. Transfers and merges read a Stage-A cell's best.pt; the collector reads only
+# result.json. For the paper study: 2.4 GB of weights kept instead of 413 GB (benchmarks/checkpoints.py).
+KEEP = {"pretrain": "best", "transfer": "none", "distill": "none"}
+
+
 def cell_dataset(cell: Cell) -> str | None:
     """The dataset a cell trains on or standardizes (the store name); None for the collector."""
     if cell.kind == "standardize":
@@ -114,6 +120,7 @@ def pretrain_cell(st: Stage, store: str, name: str, init: str, seed: int) -> Cel
         pretrain_id(name, init, seed),
         "train",
         {
+            "keep": KEEP["pretrain"],
             **st.recipe,
             "store": store,
             "dataset": name,
@@ -154,6 +161,7 @@ def transfer_cell(st: Stage, store: str, init: str, source: str, target: str, mo
         f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}",
         "train",
         {
+            "keep": KEEP["transfer"],
             **st.recipe,
             "store": store,
             "dataset": target,
@@ -225,6 +233,7 @@ def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float) -> Cell:
         f"D-{m.name}-{target}-lr{lr_name(lr)}-s{m.seed}",
         "train",
         {
+            "keep": KEEP["distill"],
             **st.recipe,
             "store": store,
             "dataset": target,

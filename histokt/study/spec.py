@@ -24,7 +24,7 @@ from pathlib import Path
 
 from histokt.errors import UserError
 from histokt.ingest.cards import CARD_NAMES
-from histokt.train.config import STAGE_OFF, TrainConfig
+from histokt.train.config import STAGE_OFF, TrainConfig, kept_weights
 
 STAGES = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
 RULES = ("kg-select", "average", "kg-weighted")
@@ -52,6 +52,7 @@ class Resources:
     extra: list = field(default_factory=list)  # raw sbatch options, e.g. ["--exclusive", "--mail-type=END"]
     array_parallelism: int = 64
     nodes: int = 1
+    max_requeues: int = 0  # a cell checkpointed on a signal is requeued at most this often (0: no cap)
     per_dataset: dict = field(default_factory=dict)  # {dataset: {"time_min": .., "mem_gb": ..}}
 
     def for_dataset(self, name: str | None) -> "Resources":
@@ -99,6 +100,7 @@ class Spec:
     patch_size: int = 272
     target_mpp: float = 1.0
     stage_to: str | None = None  # node-local staging of every training cell (None: histokt train's default)
+    max_queued: int | None = None  # most of the study's tasks queued or running at once (None: the sweep's default)
     datasets: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     text: str = ""  # the file as read, stored in the run root
@@ -135,7 +137,12 @@ def load(path) -> Spec:
 def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     _keys(doc, {"study", "datasets", "stages"}, "", where)
     study = _table(doc, "study", where)
-    _keys(study, {"name", "store", "run_root", "container", "patch_size", "target_mpp", "stage_to"}, "study", where)
+    _keys(
+        study,
+        {"name", "store", "run_root", "container", "patch_size", "target_mpp", "stage_to", "max_queued"},
+        "study",
+        where,
+    )
     spec = Spec(
         name=_get(study, "name", str, "study", where),
         store=_get(study, "store", str, "study", where),
@@ -144,9 +151,12 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
         patch_size=_get(study, "patch_size", int, "study", where, default=272),
         target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
         stage_to=_get(study, "stage_to", str, "study", where, default=None),
+        max_queued=_get(study, "max_queued", int, "study", where, default=None),
         text=text,
     )
     _check_stage_to(spec.stage_to, where)
+    if spec.max_queued is not None and spec.max_queued < 1:
+        raise UserError(f"{where}: study.max_queued: {spec.max_queued} must be at least 1")
     if spec.patch_size < 8:
         raise UserError(f"{where}: study.patch_size: {spec.patch_size} must be at least 8")
     _positive(spec.target_mpp, "study.target_mpp", where, "µm/px")
@@ -268,6 +278,8 @@ def _resources(t, key, where) -> Resources:
             raise UserError(f"{where}: {key}.{name}: {getattr(r, name)} is impossible; must be at least 1")
     if r.gpus < 0:
         raise UserError(f"{where}: {key}.gpus: {r.gpus} is impossible; must be at least 0")
+    if r.max_requeues < 0:
+        raise UserError(f"{where}: {key}.max_requeues: {r.max_requeues} must be at least 0 (0: no cap)")
     _positive(r.mem_gb, f"{key}.mem_gb", where, "number of GB")
     return r
 
@@ -303,6 +315,11 @@ def _recipe(t, key, where) -> dict:
     for name, value in t.items():
         if name in CELL_OWNED:
             raise UserError(f"{where}: {key}.{name}: set per cell by the sweep; remove it from the recipe")
+        if name == "keep":
+            try:
+                kept_weights(value)
+            except UserError as exc:
+                raise UserError(f"{where}: {key}.keep: {exc}") from None
         if name == "stage_to":
             raise UserError(f"{where}: {key}.stage_to: where nodes stage data is set once, as study.stage_to")
         if name not in fields:

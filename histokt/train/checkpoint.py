@@ -2,12 +2,16 @@
 
 A save writes a temp file in the run directory, fsyncs it, moves the current ``last.pt`` to
 ``previous.pt`` and renames the temp file to ``last.pt``. A kill at any point leaves at least one
-complete checkpoint; a full disk fails on the temp file and leaves both intact. A load takes the newest
-file that loads; a truncated or corrupt ``last.pt`` falls back to ``previous.pt``.
+complete checkpoint. A full disk or an exceeded quota fails on the temp file, leaves both intact and
+raises a one-line UserError naming the checkpoint (histokt.errors.full_disk): free space and run the same
+command again, it resumes. A load takes the newest file that loads; a truncated or corrupt ``last.pt``
+falls back to ``previous.pt``.
 """
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +19,65 @@ import numpy as np
 import torch
 
 from histokt import atomic
+from histokt.errors import FULL_DISK, full_disk
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
+_PROBE = 1 << 20  # bytes appended to a failed checkpoint's temp file to learn whether the disk is full
 
 
 def save(run_dir: Path, state: dict[str, Any]) -> None:
     last = run_dir / LAST
-    with atomic.atomic_path(last) as tmp:
-        torch.save(state, tmp)
+    with full_disk_names(last), atomic.atomic_path(last) as tmp:
+        _write(state, tmp)
         if last.exists():  # keep the one good checkpoint until the new one is complete
             os.replace(last, run_dir / PREVIOUS)
 
 
 def save_weights(path: Path, state: dict[str, Any]) -> None:
-    """best.pt and friends: ``{"model": state_dict, ...}``, atomically."""
-    with atomic.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """best.pt and friends: ``{"model": state_dict, ...}``, atomically; a full disk as ``save``."""
+    with full_disk_names(path), atomic.atomic_path(path) as tmp:
+        _write(state, tmp)
+
+
+@contextlib.contextmanager
+def full_disk_names(path: Path) -> Iterator[None]:
+    """A full disk or an exceeded quota inside the block becomes the one-line UserError of
+    histokt.errors.full_disk naming ``path`` (the file being written, not its temp file); other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        error = full_disk(OSError(exc.errno, exc.strerror), path)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _write(state: dict[str, Any], tmp: Path) -> None:
+    """torch.save into a file object we own, flushed and fsynced. Given a path, torch's own writer turns a
+    full disk into ``RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos ...`` and the errno
+    is lost; through a Python file the OSError (ENOSPC, EDQUOT) surfaces. Should a RuntimeError come all the
+    same, a probe write to the temp file tells whether the disk is full."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except RuntimeError:
+        _raise_if_full(tmp)
+        raise
+
+
+def _raise_if_full(tmp: Path) -> None:
+    """Raise the OSError of a full disk or quota if ``tmp`` cannot grow by a MiB (the failed write's partial
+    file still holds its space, so a disk that filled up is still full here); return otherwise."""
+    try:
+        with open(tmp, "ab") as f:
+            f.write(bytes(_PROBE))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise OSError(exc.errno, os.strerror(exc.errno)) from None
 
 
 def load(path: Path) -> dict[str, Any]:

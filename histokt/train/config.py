@@ -10,7 +10,12 @@ from typing import Optional
 from histokt.errors import UserError
 
 # Options that change how a run executes, not what it computes: they may differ on a resume.
-OPERATIONAL = ("workers", "progress", "ckpt_every_steps", "ckpt_every_min", "nproc", "device")
+OPERATIONAL = ("workers", "progress", "ckpt_every_steps", "ckpt_every_min", "nproc", "device", "keep")
+
+# --keep: the weights a done cell keeps (best.pt, final.pt); the training state (last.pt, previous.pt) never stays
+KEEP_DEFAULT = "best,final"
+KEEP_CHOICES = ("best", "final")
+KEEP_NONE = "none"
 
 
 @dataclass
@@ -82,7 +87,21 @@ class TrainConfig:
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
     eval_batch_size: int = field(default=128, metadata={"help": "per-rank batch size for validation and test"})
     ckpt_every_steps: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: off)"})
-    ckpt_every_min: float = field(default=10.0, metadata={"help": "also checkpoint every M minutes (0: off)"})
+    ckpt_every_min: float = field(
+        default=10.0,
+        metadata={
+            "help": "checkpoint the training state every M minutes of wall time (0: off); a stop signal "
+            "(SIGUSR2, SIGTERM) also checkpoints, an epoch's end does not"
+        },
+    )
+    keep: str = field(
+        default=KEEP_DEFAULT,
+        metadata={
+            "help": "the weights a done cell keeps: best,final (default), best, final or none; the training "
+            "state (last.pt, previous.pt) is dropped whatever the choice. Later stages read best.pt (transfers "
+            "and merges start from a Stage-A cell's); the collector reads only result.json"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto (cuda if present), cpu or cuda"})
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal (--no-progress to hide)"})
     stage_to: Optional[str] = field(
@@ -110,6 +129,16 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     if values["lr"] is None:
         values["lr"] = 0.03 if stage_a else TARGET_LR.get(cfg.dataset, 1e-4)
     return TrainConfig(**values)
+
+
+def kept_weights(keep: str) -> frozenset[str]:
+    """The files --keep names, as a subset of KEEP_CHOICES ("best", "final"); a one-line UserError otherwise."""
+    words = [w.strip() for w in str(keep).split(",")]
+    if words == [KEEP_NONE]:
+        return frozenset()
+    if not all(w in KEEP_CHOICES for w in words):
+        raise UserError(f"--keep {keep!r}: choose best,final (the default), best, final or none")
+    return frozenset(words)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

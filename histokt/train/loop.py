@@ -1,8 +1,15 @@
 """The Trainer: everything one rank holds while it trains a cell, and the loop that runs its epochs.
 
 Built in named steps (dataset, seeds, model, optimizer, normalization, data), then resumed from the run
-directory's newest checkpoint; ``fit`` trains to the last epoch, checkpoints on a stop signal, and writes
-best.pt, final.pt and result.json (the run directory: histokt.train.rundir; started by histokt.train.launch).
+directory's newest checkpoint; ``fit`` trains to the last epoch and writes best.pt, final.pt and result.json
+(the run directory: histokt.train.rundir; started by histokt.train.launch).
+
+Checkpoint policy: the training state (last.pt, with the optimizer's) is written every ``ckpt_every_min``
+minutes of wall time (default 10), every ``ckpt_every_steps`` steps where set, and on a stop signal; never
+at an epoch's end, so a cell of short epochs writes none at all. A resume replays what followed its
+checkpoint, epoch ends included (validation, best.pt, metrics.jsonl), bit for bit. A done cell drops the
+training state and keeps the weights ``keep`` names. A file that cannot be written for a full disk or quota
+stops every rank with one line naming it; the files written before stay, and the same command resumes.
 """
 
 import json
@@ -26,7 +33,7 @@ from histokt.store.reader import PatchDataset, make_loader
 from histokt.store.sampler import GlobalBatchSampler, eval_shards
 from histokt.store.schema import open_attrs
 from histokt.train import checkpoint, distributed, rundir
-from histokt.train.config import TrainConfig, config_dict
+from histokt.train.config import TrainConfig, config_dict, kept_weights
 from histokt.train.outcome import Outcome
 from histokt.train.signals import StopRequested
 
@@ -189,7 +196,8 @@ class Trainer:
         if self.world.main:
             self.state["seconds"] += time.time() - self.t0
             self.t0 = time.time()
-            checkpoint.save(
+        self.on_main(
+            lambda: checkpoint.save(
                 self.run_dir,
                 {
                     "model": self.model.state_dict(),
@@ -203,7 +211,29 @@ class Trainer:
                     **self.state,
                 },
             )
-        distributed.barrier()
+        )
+
+    def on_main(self, write: Callable[[], object]) -> None:
+        """Rank 0 runs ``write`` while the others wait. Should it fail, every rank stops: a UserError (a full
+        disk: one line naming the file) with the same message on each, any other error as a RuntimeError
+        naming rank 0's (which raises its own), never a rank left waiting for a collective."""
+        failed: BaseException | None = None
+        error: tuple[bool, str] | None = None
+        if self.world.main:
+            try:
+                write()
+            except Exception as exc:
+                failed = exc
+                user = isinstance(exc, UserError)
+                error = (user, str(exc) if user else f"rank 0 failed to write: {type(exc).__name__}: {exc}")
+        box = [error]
+        if distributed.active():
+            torch.distributed.broadcast_object_list(box, src=0)
+        if failed is not None:
+            raise failed
+        if box[0] is not None:
+            user, message = box[0]
+            raise UserError(message) if user else RuntimeError(message)
 
     # -- loop --------------------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -213,8 +243,7 @@ class Trainer:
                 epoch = self.state["epoch"]
                 if self.train_epoch(epoch, stop):
                     return Outcome.stopped(self.state["step"])
-                self.end_epoch(epoch)
-                self.last_save = time.time()
+                self.end_epoch(epoch)  # no checkpoint here: a resume replays the epoch end
         return Outcome.finished(self.finish())
 
     def train_epoch(self, epoch: int, stop: StopRequested) -> bool:
@@ -298,9 +327,13 @@ class Trainer:
         self.scheduler.step()
         valid = self.evaluate("valid", self.model)
         line = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"], "valid": valid}
-        if is_new_best(valid["top1"], self.state["best"]):
+        new_best = is_new_best(valid["top1"], self.state["best"])
+        if new_best:
             self.state["best"] = {"top1": valid["top1"], "epoch": epoch}
-            if self.world.main:
+        self.state["history"].append(line)
+
+        def write() -> None:
+            if new_best:
                 checkpoint.save_weights(
                     self.run_dir / rundir.BEST,
                     {
@@ -311,17 +344,19 @@ class Trainer:
                         "classes": self.classes,
                     },
                 )
-        self.state["history"].append(line)
-        if self.world.main:
             text = "".join(json.dumps(h, sort_keys=True) + "\n" for h in self.state["history"])
-            atomic.write_bytes(self.run_dir / rundir.METRICS, text.encode())
+            with checkpoint.full_disk_names(self.run_dir / rundir.METRICS):
+                atomic.write_bytes(self.run_dir / rundir.METRICS, text.encode())
             print(f"epoch {epoch}: valid top1 {valid['top1']:.4f} loss {valid['loss']:.4f}", file=sys.stderr)
+
+        self.on_main(write)
         self.state["epoch"], self.state["batch"] = epoch + 1, 0
-        self.save()
 
     def finish(self) -> CellResult:
-        # the last epoch's weights, before best.pt's replace them (only rank 0 writes final.pt)
-        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.world.main else None
+        # the last epoch's weights, before best.pt's replace them (only rank 0 writes final.pt, where kept)
+        kept = kept_weights(self.cfg.keep)
+        keep_final = self.world.main and "final" in kept
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if keep_final else None
         best_pt = checkpoint.load(self.run_dir / rundir.BEST) if self.world.main else None
         box = [best_pt["model"] if best_pt else None]
         if distributed.active():
@@ -346,9 +381,12 @@ class Trainer:
             seconds=seconds,
             histokt_version=__version__,
         )
-        if self.world.main:
-            checkpoint.save_weights(self.run_dir / rundir.FINAL, {"model": final, "epoch": self.state["epoch"] - 1})
+
+        def write() -> None:
+            if "final" in kept:
+                checkpoint.save_weights(self.run_dir / rundir.FINAL, {"model": final, "epoch": self.state["epoch"] - 1})
             rundir.write_result(self.run_dir, result)
-            rundir.drop_training_state(self.run_dir)
-        distributed.barrier()
+            rundir.drop_training_state(self.run_dir, self.cfg.keep)
+
+        self.on_main(write)
         return result

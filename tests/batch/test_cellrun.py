@@ -186,7 +186,7 @@ def test_two_run_cells_of_one_cell_at_once_one_trains_the_other_names_it(runs, s
     assert not (cell / LEASE).exists()
     alone, _ = solo
     assert comparable(cell / "result.json") == comparable(alone / "result.json")
-    assert same_weights(cell / "final.pt", alone / "final.pt")
+    assert same_weights(cell / "best.pt", alone / "best.pt")  # a Stage-A cell keeps best.pt (plan.KEEP)
 
 
 def test_a_ddp_cell_of_nproc_2_shares_one_lease(runs):
@@ -353,6 +353,38 @@ def test_interrupted_exits_75_asks_for_the_requeue_and_releases_the_lease(runs, 
     state = json.loads((cell / "state.json").read_text())
     assert state["status"] == "interrupted" and state["job"] == "4250"  # as squeue spells it
     assert not (cell / LEASE).exists()
+
+
+def test_the_requeue_cap_stops_requeueing_but_keeps_the_checkpoint(runs, no_job, monkeypatch, capsys):
+    no_job.setenv("SLURM_JOB_ID", "4251")
+    no_job.setenv("SLURM_RESTART_COUNT", "3")
+    monkeypatch.setenv("HISTOKT_MAX_REQUEUES", "3")
+    monkeypatch.setattr(cellrun, "_execute", lambda *args: EXIT_REQUEUE)
+    task = CellTask(str(runs), "pretrain", index(runs, "pretrain", PRETRAIN))
+    with pytest.raises(SystemExit) as exit_:
+        task()
+    assert exit_.value.code == EXIT_REQUEUE  # SLURM records it as failed; the sweep resumes it
+    assert not (runs / ".requeue" / "4251_0").exists()
+    assert "requeued 3 times already (max_requeues 3): not requeued again" in capsys.readouterr().err
+    monkeypatch.setenv("HISTOKT_MAX_REQUEUES", "4")  # under the cap: requeued
+    with pytest.raises(SystemExit):
+        task()
+    assert (runs / ".requeue" / "4251_0").exists()
+
+
+def test_a_stale_requeue_marker_is_cleared_when_the_task_starts(runs, no_job):
+    """Left by the task's previous run, which SLURM requeued itself before the teardown ran: one requeue
+    too many if it stayed."""
+    no_job.setenv("SLURM_ARRAY_JOB_ID", "4260")
+    no_job.setenv("SLURM_ARRAY_TASK_ID", "2")
+    marker = runs / ".requeue" / "4260_2"
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text("")
+    other = runs / ".requeue" / "4260_3"  # another task's: not ours to clear
+    other.write_text("")
+    i = index(runs, "standardize", "std-crc-0of2")
+    assert CellTask(str(runs), "standardize", i)() == 0  # done already: returns at once
+    assert not marker.exists() and other.exists()
 
 
 def test_a_done_cell_returns_0_without_a_lease(runs, no_job):

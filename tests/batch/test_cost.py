@@ -59,8 +59,8 @@ def test_requested_and_estimated_gpu_hours_by_hand(spec):
     one = (10 * (800 + 100) + 100) / 100 / 3600 * 2
     assert c.estimated_gpu_h == pytest.approx(3 * one)
     assert c.unknown == {"b"}  # no estimate and not standardized: left out, and named
-    saves = 1  # a cell of under 10 minutes saves once, at its end
-    assert c.bytes_written == pytest.approx(3 * (saves * cost.CKPT_BYTES + (cost.BEST_WRITES + 1) * cost.WEIGHTS_BYTES))
+    # a cell of under 10 minutes writes no full checkpoint (by wall time only); Stage A keeps best.pt, not final
+    assert c.bytes_written == pytest.approx(3 * cost.BEST_WRITES * cost.WEIGHTS_BYTES)
     assert c.files == 6 * cost.CELL_FILES
 
 

@@ -202,3 +202,56 @@ def test_status_counts_each_column(study, monkeypatch):
     assert report["preempted"] == {"cells": 1, "times": 1} and report["scheduler"] is True
     text = status.render(report)
     assert f"failed standardize/{std[2].id}: bad" in text and "1/10 cells done" in text
+
+
+# -- waves under a queue budget ------------------------------------------------------------------------------------
+
+
+def test_waves_respect_the_budget_the_inputs_and_block_what_reads_a_failed_cell(study, monkeypatch):
+    fake = fake_sbatch.install(monkeypatch, max_array_size=3)
+    queue: dict[str, str] = {}
+    monkeypatch.setattr(slurm, "own_queue", lambda: dict(queue))
+    cfg = sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False, max_queued=3)
+    first = sweep.sweep(cfg)
+    run_root = Path(first["run_root"])
+    cells = plan.read(run_root)
+    ids = {stage: [c.id for c in cs] for stage, cs in cells.items()}
+    # three places: the three standardize cells, and nothing that reads the store they are making
+    assert [(r["stage"], r["cells"], r["queued_before"]) for r in first["records"]] == [
+        ("standardize", ids["standardize"][:2], 0),
+        ("standardize", ids["standardize"][2:], 2),
+    ]
+    assert (first["left"], first["blocked"]) == (7, 0)
+    queue.update({task: "RUNNING" for task in slurm.cell_jobs(run_root).values()})
+    second = sweep.sweep(cfg)  # the budget is used up: nothing more, the rest waits
+    assert second["status"] == "waiting" and second["left"] == 7 and len(fake.scripts) == 2
+    # crc's store is made; mhist's standardize cell failed (and is not retried by this watcher)
+    queue.clear()
+    for c in cells["standardize"]:
+        if c.id.startswith("std-crc"):
+            finish(run_root, c)
+    failed = next(c for c in cells["standardize"] if c.id.startswith("std-mhist"))
+    plan.cell_dir(run_root, failed).mkdir(parents=True, exist_ok=True)
+    (plan.cell_dir(run_root, failed) / "state.json").write_text(json.dumps({"status": "failed", "error": "x"}))
+    third = sweep.sweep(cfg, skip=frozenset([failed.id]))
+    submitted = {r["stage"]: r["cells"] for r in third["records"]}
+    # everything that reads mhist's store or a model trained on it is blocked: no GPU, no place in the queue
+    assert submitted == {"pretrain": ["A-crc-random-s0"], "collect": ["collect"]}
+    assert third["blocked"] == len(ids["pretrain"]) - 1 + len(ids["transfer"]) + len(ids["merge"]) + len(ids["distill"])
+    assert third["left"] == 0
+
+
+def test_the_running_task_cap_holds_for_the_whole_stage_across_its_arrays(study, monkeypatch):
+    fake = fake_sbatch.install(monkeypatch, max_array_size=3)  # arrays of at most 2 tasks
+    monkeypatch.setattr(slurm, "own_queue", lambda: {})
+    spec = tmp = Path("cap.toml")
+    tmp.write_text(
+        SPEC.read_text().replace(
+            "[stages.standardize.resources]\n", "[stages.standardize.resources]\narray_parallelism = 2\n"
+        )
+    )
+    out = sweep.sweep(sweep.SweepConfig(spec=spec, executor="slurm", progress=False, only="standardize"))
+    scripts = [text for _, text in fake.scripts]
+    assert len(out["records"]) == 2  # 3 standardize cells in arrays of 2 and 1
+    assert "#SBATCH --array=0-1%1" in scripts[0]  # %2 for the stage, shared by its two arrays
+    assert all("%2" not in text for text in scripts)

@@ -37,6 +37,7 @@ constraint = "a100&ib"
 partition = "gpu"
 extra = ["--exclusive", "--mail-type=END"]
 per_dataset.mhist = {{ time_min = 15, mem_gb = 8 }}
+max_requeues = 3
 """
 
 
@@ -61,6 +62,9 @@ def test_every_option_reaches_the_job_script(tmp_path):
     ):
         assert line in script.splitlines(), (line, script)
     assert "--gpus-per-node" not in script  # the typed gres replaces the plain count
+    assert "export HISTOKT_MAX_REQUEUES=3" in script.splitlines()
+    # the batch shell survives a SIGTERM (scancel --batch) until its teardown has requeued the task
+    assert "trap 'echo \"histokt: SIGTERM: the cell checkpoints and asks to be requeued\" >&2' TERM" in script
 
 
 def test_per_dataset_overrides_go_into_arrays_of_their_own(tmp_path):

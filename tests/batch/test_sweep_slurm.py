@@ -1,5 +1,5 @@
 """`histokt sweep --executor slurm` on the real single-node cluster (slurm/local/start.sh): the demo study as
-job arrays, one task preempted with USR2 mid-training that requeues and resumes to the uninterrupted result,
+job arrays, one task preempted with SIGTERM mid-training that requeues and resumes to the uninterrupted result,
 a failing cell that does not stop the collector, a re-run that submits only what is missing, then nothing."""
 
 import json
@@ -77,12 +77,14 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     runs = tmp_path / "demo" / "runs"
     crc = runs / "cells" / "pretrain" / "A-crc-random-s0"
 
-    # preempt the crc pretraining task once it has checkpointed a step: USR2, as a preempting cluster sends
+    # preempt the crc pretraining task once it has checkpointed a step, with SIGTERM to its tasks (as a
+    # preempting cluster's grace time, or scancel --signal=TERM, sends it; USR2, the time limit's signal, takes
+    # the same path in the cell): the cell checkpoints, exits 75, and the batch script's teardown requeues it
     wait_until(lambda: (crc / "last.pt").exists() and state(crc).get("status") == "running", "A-crc to train")
     from histokt.batch.slurm import cell_jobs
 
     task = cell_jobs(runs)["A-crc-random-s0"]
-    subprocess.run(["scancel", "--signal=USR2", task], check=True)
+    subprocess.run(["scancel", "--signal=TERM", task], check=True)
     wait_until(
         lambda: state(crc).get("status") == "interrupted" or (crc / "result.json").exists(), "the checkpoint-and-exit"
     )
@@ -126,7 +128,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
         histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    a, b = checkpoint.load(crc / "final.pt")["model"], checkpoint.load(ref / "final.pt")["model"]
+    a, b = checkpoint.load(crc / "best.pt")["model"], checkpoint.load(ref / "best.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # the cells read their data from a node-local copy ($SLURM_TMPDIR), removed when its last user left
@@ -233,3 +235,42 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
     assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c for c in calls)
     assert str(runs) in calls[0]
     assert all(c.split()[3].endswith(f",{node_local}") for c in calls), calls  # --bind a,b,$SLURM_TMPDIR
+
+
+def test_a_study_larger_than_the_queue_budget_completes_with_one_command(slurm_cluster, tmp_path):  # noqa: F811
+    """max_queued = 4: `histokt sweep --watch` submits wave after wave as the queue drains, and at no moment
+    are more than 4 of the study's tasks queued or running (sampled from squeue while it runs, and checked
+    from the log of submissions)."""
+    import threading
+
+    from histokt.batch.slurm import cell_jobs, submissions
+
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    runs = tmp_path / "demo" / "runs"
+    seen: list[int] = []
+    done = threading.Event()
+
+    def sample():  # this study's tasks in the queue, as squeue lists them
+        while not done.is_set():
+            tasks = set(cell_jobs(runs).values()) if (runs / "submissions.jsonl").exists() else set()
+            listed = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
+            seen.append(len(tasks & set(listed)))
+            done.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = subprocess.run(
+            histokt_cmd("sweep", SPEC, "--executor", "slurm", "--max-queued", "4", "--watch", "--watch-interval", "2"),
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    finally:
+        done.set()
+        sampler.join()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (runs / "cells" / "collect" / "collect" / "done.json").exists()
+    assert max(seen) <= 4 and max(seen) >= 2, seen
+    records = submissions(runs)
+    assert len(records) >= 3  # several waves
+    assert all(r["queued_before"] + len(r["cells"]) <= 4 for r in records), records
+    assert "nothing to do" in sweep(tmp_path)

@@ -178,3 +178,17 @@ def test_reading_a_run_root_without_a_plan(tmp_path):
     with pytest.raises(UserError) as info:
         plan.read(tmp_path)
     assert str(info.value) == f"{tmp_path}: no plan.json here; run 'histokt sweep SPEC' first"
+
+
+def test_each_stage_keeps_only_the_weights_a_later_stage_reads(make_spec):
+    """Stage A keeps best.pt (transfers and merges read it); transfers keep nothing but their result.json."""
+    cells = plan.expand(make_spec('\n[stages.transfer]\nsources = ["colon"]\ntargets = ["breast"]\n'))
+    assert {c.args["keep"] for c in cells["pretrain"]} == {"best"} == {plan.KEEP["pretrain"]}
+    assert {c.args["keep"] for c in cells["transfer"]} == {"none"}
+    # a recipe says otherwise where the user wants the final weights too
+    kept = plan.expand(
+        make_spec('\n[stages.transfer]\nsources = ["colon"]\n[stages.transfer.recipe]\nkeep = "final"\n')
+    )
+    assert {c.args["keep"] for c in kept["transfer"]} == {"final"}
+    with pytest.raises(UserError, match=r"stages.transfer.recipe.keep: --keep 'all': choose best,final"):
+        make_spec('\n[stages.transfer]\nsources = ["colon"]\n[stages.transfer.recipe]\nkeep = "all"\n')

@@ -66,7 +66,8 @@ CASES = [
     case({"study": "t"}, "[study]: missing table", "study-not-table"),
     case(
         {"study.colour": "red"},
-        "study.colour: unknown key; allowed here: container, name, patch_size, run_root, stage_to, store, target_mpp",
+        "study.colour: unknown key; allowed here: container, max_queued, name, patch_size, run_root, stage_to, store, "
+        "target_mpp",
         "study-unknown",
     ),
     case({"study.name": DEL}, "study.name: missing", "name-missing"),
@@ -165,8 +166,8 @@ CASES = [
     case(
         {f"{RES}.gpu": 1},
         f"{RES}.gpu: unknown key; allowed here: "
-        "account, array_parallelism, constraint, cpus, extra, gpus, gres, mem_gb, nodes, partition, per_dataset, qos, "
-        "time_floor_min, time_min",
+        "account, array_parallelism, constraint, cpus, extra, gpus, gres, max_requeues, mem_gb, nodes, partition, "
+        "per_dataset, qos, time_floor_min, time_min",
         "resources-unknown",
     ),
     case({f"{RES}.gpus": "1"}, f"{RES}.gpus: '1' is not a int", "gpus-str"),

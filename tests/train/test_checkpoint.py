@@ -1,10 +1,15 @@
-"""Checkpoints: atomic rotation, fallback from a damaged last.pt, a full disk leaves the old one intact."""
+"""Checkpoints: atomic rotation, fallback from a damaged last.pt, a full disk (or quota) leaves the old one intact
+and is named in one line."""
 
 import errno
+import os
+import re
+import subprocess
 
 import pytest
 import torch
 
+from histokt.errors import FULL_DISK, UserError
 from histokt.train import checkpoint
 
 
@@ -33,22 +38,91 @@ def test_damaged_last_falls_back_to_previous(tmp_path, damage):
     assert len(notes) == 1 and "last.pt" in notes[0] and "skipped" in notes[0]
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code,name", [(errno.ENOSPC, "ENOSPC"), (errno.EDQUOT, "EDQUOT")])
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code, name):
     checkpoint.save(tmp_path, state(1))
     before = (tmp_path / "last.pt").read_bytes()
     real_save = torch.save
 
     def full_disk(obj, f, *a, **kw):
         real_save(obj, f, *a, **kw)
-        with open(f, "ab") as fh:  # pretend the device filled up halfway through
-            fh.truncate(10)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        f.truncate(10)  # pretend the device filled up halfway through
+        raise OSError(code, os.strerror(code))  # as a failed write() raises it: no file named
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError) as caught:
         checkpoint.save(tmp_path, state(2))
+    assert str(caught.value) == (
+        f"{tmp_path / 'last.pt'}: {FULL_DISK[code]}; free space or raise the quota, then run the same command "
+        "again: it resumes"
+    )
+    assert f"({name})" in str(caught.value) and "\n" not in str(caught.value)
     assert (tmp_path / "last.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'best.pt'))}: .*\({name}\)"):
+        checkpoint.save_weights(tmp_path / "best.pt", state(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_other_errors_of_a_save_pass_unchanged(tmp_path, monkeypatch):
+    def broken(obj, f, *a, **kw):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError) as caught:
+        checkpoint.save(tmp_path, state(1))
+    assert caught.value.errno == errno.EIO and not isinstance(caught.value, UserError)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only), or the test is skipped."""
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_real_full_disk_is_named_and_keeps_the_previous_checkpoint(small_disk):
+    """On a real full tmpfs: torch.save given a path would say 'unexpected pos' (no errno); ours names ENOSPC."""
+    checkpoint.save(small_disk, state(1))
+    before = (small_disk / "last.pt").read_bytes()
+    big = {"model": {"w": torch.zeros(1 << 20)}, "step": 2}  # 4 MiB: more than the disk holds
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # what a cell printed before, as a traceback
+        torch.save(big, small_disk / "plain.pt")
+    (small_disk / "plain.pt").unlink()
+    with pytest.raises(UserError, match=rf"^{re.escape(str(small_disk / 'last.pt'))}: .*\(ENOSPC\); free space"):
+        checkpoint.save(small_disk, big)
+    assert (small_disk / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.pt"]
+
+
+def test_a_runtime_error_on_a_full_disk_is_still_named(small_disk, monkeypatch):
+    """Should torch.save hide the errno even when writing to our file, a probe write finds the full disk; on a
+    disk with room the RuntimeError passes unchanged."""
+    checkpoint.save(small_disk, state(1))
+    before = (small_disk / "last.pt").read_bytes()
+
+    def enforce_fail(obj, f, *a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", enforce_fail)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        checkpoint.save(small_disk, state(2))  # 2 MiB, most of it free: not a full disk
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.pt"]
+    ballast = small_disk / "ballast"
+    with pytest.raises(OSError), open(ballast, "wb") as f:  # fill the disk
+        f.write(bytes(4 << 20))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(small_disk / 'last.pt'))}: .*\(ENOSPC\)"):
+        checkpoint.save(small_disk, state(2))
+    assert (small_disk / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ballast", "last.pt"]
 
 
 def test_rng_state_round_trips_through_weights_only(tmp_path):
