@@ -60,6 +60,16 @@ def _two_fields(line: str) -> tuple[str, str]:
     return task, state
 
 
+def cancel(task: str) -> None:
+    """scancel one task (``<array>_<i>`` or a job id); a UserError where scancel fails."""
+    try:
+        r = subprocess.run(["scancel", task], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"scancel {task}: {exc}") from None
+    if r.returncode != 0:
+        raise UserError(f"scancel {task} failed: {(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+
+
 def max_submit_jobs() -> int | None:
     """This user's MaxSubmitJobs (the cap on queued and running jobs, array tasks counted), where sacctmgr
     answers and one is set; None otherwise (no accounting, as on the local cluster)."""

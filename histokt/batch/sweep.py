@@ -176,30 +176,47 @@ def queue_budget(cfg: SweepConfig, spec) -> int:
     return DEFAULT_MAX_QUEUED
 
 
+class Inputs:
+    """Which cells a cell reads from (the cells of its inputs, and the standardize cells of the dataset it
+    trains on: their store), and whether such a cell has failed or is blocked (its state.json says so)."""
+
+    def __init__(self, run_root: Path, cells: dict):
+        self.run_root = run_root
+        self.by_id = {c.id: c for cs in cells.values() for c in cs}
+        self.producer = {plan.cell_dir(run_root, c): c.id for c in self.by_id.values()}
+        self.stores: dict[str | None, set[str]] = {}
+        for c in cells.get("standardize", []):
+            self.stores.setdefault(plan.cell_dataset(c), set()).add(c.id)
+        self.dead: set[str] = set()  # blocked by this sweep
+
+    def needs(self, cell: plan.Cell) -> set[str]:
+        parents = {Path(plan.fill_run_root(p, self.run_root)).parent for p in cell.inputs}
+        needs = {self.producer[d] for d in parents if d in self.producer}
+        if cell.kind == "train":
+            needs |= self.stores.get(plan.cell_dataset(cell), set())
+        return needs
+
+    def is_dead(self, cell_id: str) -> bool:
+        if cell_id in self.dead:
+            return True
+        state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
+        return state.get("status") in ("failed", "blocked")
+
+    def done(self) -> set[str]:
+        return {i for i, c in self.by_id.items() if plan.is_done(self.run_root, c)}
+
+
 def next_wave(
     run_root: Path, cells: dict, work: dict, queued: dict, budget: int
 ) -> tuple[dict[str, list[int]], int, int]:
     """The cells to submit now, how many wait for a later wave, and how many are blocked.
 
     In stage order, at most ``budget`` cells, and a cell only where every cell it reads from is done, still
-    queued or in this wave: its inputs' cells, and the standardize cells of the dataset it trains on. A wave
-    never holds a cell that would start before its inputs can exist. A cell reading from a failed or blocked
-    cell that is not submitted again now is blocked: it does not take a GPU or a place in the queue. The
-    collector goes in the last wave."""
-    by_id = {c.id: c for cs in cells.values() for c in cs}
-    producer = {plan.cell_dir(run_root, c): c.id for c in by_id.values()}
-    stores: dict[str | None, set[str]] = {}
-    for c in cells.get("standardize", []):
-        stores.setdefault(plan.cell_dataset(c), set()).add(c.id)
-    ready = set(queued) | {i for i, c in by_id.items() if plan.is_done(run_root, c)}
-    dead: set[str] = set()
-
-    def is_dead(cell_id: str) -> bool:
-        if cell_id in dead:
-            return True
-        state = atomic.read_json(plan.cell_dir(run_root, by_id[cell_id]) / "state.json") or {}
-        return state.get("status") in ("failed", "blocked")
-
+    queued or in this wave (``Inputs``). A wave never holds a cell that would start before its inputs can
+    exist. A cell reading from a failed or blocked cell that is not submitted again now is blocked: it does
+    not take a GPU or a place in the queue. The collector goes in the last wave."""
+    inputs = Inputs(run_root, cells)
+    ready = set(queued) | inputs.done()
     wave: dict[str, list[int]] = {}
     left = blocked = 0
     for stage, indices in work.items():
@@ -207,13 +224,9 @@ def next_wave(
             continue
         for i in indices:
             cell = cells[stage][i]
-            parents = {Path(plan.fill_run_root(p, run_root)).parent for p in cell.inputs}
-            needs = {producer[d] for d in parents if d in producer}
-            if cell.kind == "train":
-                needs |= stores.get(plan.cell_dataset(cell), set())
-            missing = needs - ready
-            if any(is_dead(n) for n in missing):
-                dead.add(cell.id)
+            missing = inputs.needs(cell) - ready
+            if any(inputs.is_dead(n) for n in missing):
+                inputs.dead.add(cell.id)
                 blocked += 1
             elif budget > 0 and not missing:
                 wave.setdefault(stage, []).append(i)
@@ -229,6 +242,38 @@ def next_wave(
     return {s: wave.get(s, []) for s in work}, left, blocked
 
 
+def cancel_blocked(run_root: Path, cells: dict) -> list[str]:
+    """Pending tasks of cells that read from a failed or blocked cell: cancelled (with ``afterany`` they would
+    start only to exit 4, and under ``afterok`` sit in the queue forever), and recorded as blocked, naming
+    the cell that blocks them. Returns their cell ids."""
+    queue, jobs = slurm.own_queue(), slurm.cell_jobs(run_root)
+    inputs = Inputs(run_root, cells)
+    queued = {cell for cell, task in jobs.items() if task in queue}
+    ready = queued | inputs.done()
+    cancelled = []
+    for members in cells.values():
+        for cell in members:
+            task = jobs.get(cell.id)
+            if task is None or queue.get(task) != "PENDING":
+                continue
+            dead = sorted(n for n in inputs.needs(cell) - ready if inputs.is_dead(n))
+            if not dead:
+                continue
+            slurm.cancel(task)
+            inputs.dead.add(cell.id)
+            ready.discard(cell.id)
+            by = inputs.by_id[dead[0]]
+            directory = plan.cell_dir(run_root, cell)
+            directory.mkdir(parents=True, exist_ok=True)
+            state = atomic.read_json(directory / "state.json") or {"attempts": 0}
+            state.update(
+                status="blocked", blocked_by=f"{by.stage}/{by.id}", error=f"input cell {by.stage}/{by.id} failed"
+            )
+            atomic.write_json(directory / "state.json", state)
+            cancelled.append(cell.id)
+    return cancelled
+
+
 def watch(cfg: SweepConfig, report=print) -> dict:
     """Sweep, then, while cells run or wait for a later wave, look again every ``watch_interval`` seconds
     (one squeue, and sbatch only for a new wave) and submit what the budget allows: one command for a study
@@ -240,6 +285,9 @@ def watch(cfg: SweepConfig, report=print) -> dict:
         submitted.update(cell for record in out.get("records", []) for cell in record["cells"])
         for stage, job, n in out.get("arrays", []):
             report(f"submitted {stage}: job {job} ({n} cells)")
+        blocked = cancel_blocked(Path(out["run_root"]), plan.read(out["run_root"]))
+        if blocked:
+            report(f"cancelled {len(blocked)} pending cells that read from a failed cell: {', '.join(blocked)}")
         if not out.get("queued") and not out.get("arrays") and not out.get("left"):
             return out
         report(

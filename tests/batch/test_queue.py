@@ -255,3 +255,36 @@ def test_the_running_task_cap_holds_for_the_whole_stage_across_its_arrays(study,
     assert len(out["records"]) == 2  # 3 standardize cells in arrays of 2 and 1
     assert "#SBATCH --array=0-1%1" in scripts[0]  # %2 for the stage, shared by its two arrays
     assert all("%2" not in text for text in scripts)
+
+
+def test_pending_cells_that_read_a_failed_cell_are_cancelled_and_recorded_blocked(study, monkeypatch):
+    fake_sbatch.install(monkeypatch)
+    monkeypatch.setattr(slurm, "own_queue", lambda: {})
+    run_root = Path(sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))["run_root"])
+    cells = plan.read(run_root)
+    jobs = slurm.cell_jobs(run_root)
+    failed = "std-mhist-0of1"
+    cell = next(c for c in cells["standardize"] if c.id == failed)
+    plan.cell_dir(run_root, cell).mkdir(parents=True, exist_ok=True)
+    (plan.cell_dir(run_root, cell) / "state.json").write_text(json.dumps({"status": "failed", "error": "x"}))
+    for c in cells["standardize"]:
+        if c.id != failed:
+            finish(run_root, c)
+    queue = {task: "PENDING" for cid, task in jobs.items() if not cid.startswith("std-")}
+    queue[jobs["A-crc-random-s0"]] = "RUNNING"
+    monkeypatch.setattr(slurm, "own_queue", lambda: queue)
+    cancelled: list[str] = []
+    monkeypatch.setattr(slurm, "cancel", cancelled.append)
+    blocked = sweep.cancel_blocked(run_root, cells)
+    # mhist's Stage A, everything trained on mhist or from its model: never started, never queued again
+    expected = [
+        c.id for s in ("pretrain", "transfer", "merge", "distill") for c in cells[s] if c.id != "A-crc-random-s0"
+    ]
+    assert blocked == expected and cancelled == [jobs[c] for c in expected]
+    state = json.loads((plan.cell_dir(run_root, cells["pretrain"][1]) / "state.json").read_text())
+    assert state["status"] == "blocked" and state["blocked_by"] == f"standardize/{failed}"
+    chained = next(c for c in cells["distill"])
+    assert json.loads((plan.cell_dir(run_root, chained) / "state.json").read_text())["blocked_by"].startswith("merge/")
+    for task in cancelled:  # scancel took them off the queue
+        del queue[task]
+    assert sweep.cancel_blocked(run_root, cells) == []  # the next look finds nothing more to cancel

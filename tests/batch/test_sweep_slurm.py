@@ -141,6 +141,12 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     assert "A-mhist-random-s0" in report
     status = subprocess.run(histokt_cmd("status", runs), env=env(), capture_output=True, text=True).stdout
     assert "failed standardize/std-mhist-0of1" in status
+    # SLURM's own record agrees: the failed cell's task ended FAILED with the cell's exit code (2: a user
+    # error), not COMPLETED (no accounting on the local cluster: scontrol keeps it for MinJobAge)
+    record = subprocess.run(
+        ["scontrol", "show", "job", cell_jobs(runs)["std-mhist-0of1"]], capture_output=True, text=True
+    ).stdout
+    assert "JobState=FAILED" in record and "ExitCode=2:0" in record, record
     assert "preempted 1 time(s), 1 cell(s)" in status
 
     # fix the download: a re-run submits only the cells that are not done
