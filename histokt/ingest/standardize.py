@@ -49,7 +49,7 @@ from histokt.ingest.repair import repair
 from histokt.ingest.splits import SPLIT_RULES, check_split_plan, grouped_splits
 from histokt.ingest.tiling import FilterParams, is_low_contrast, mirror_pad, rescale, tile_boxes
 from histokt.store.schema import FORMAT, SPLITS, staging_dir
-from histokt.store.shards import SHARD_SIZE, shard_count, shard_path
+from histokt.store.shards import SHARD_SIZE, shard_count, shard_nbytes, shard_path
 
 # a part lease of another host whose heartbeat (every tenth of this) is this old belongs to a dead writer
 PART_STALE_S = lease.DEFAULT_STALE_S
@@ -486,10 +486,9 @@ def _damaged(final: Path, attrs: dict) -> bool:
     if not isinstance(counts, dict) or not isinstance(content, list):
         return False
     size = int(attrs.get("shard_size", SHARD_SIZE))
-    chunk = content[0] * content[1] * 3 + 4
     for split, n in counts.items():
         for s in range(shard_count(n, size)):
-            expected = min(size, n - s * size) * chunk + size * 16 + 4
+            expected = shard_nbytes(min(size, n - s * size), content[0], content[1], size)
             try:
                 if os.stat(shard_path(final / split / "images", s)).st_size != expected:
                     return True

@@ -96,6 +96,12 @@ def _index_nbytes(shard_size: int) -> int:
     return shard_size * _ENTRY + _CRC
 
 
+def shard_nbytes(count: int, h: int, w: int, shard_size: int = SHARD_SIZE) -> int:
+    """The size of a sound shard file of ``count`` patches of (h, w, 3) content: each patch and its CRC32C,
+    then the index of ``shard_size`` entries and its CRC32C."""
+    return count * (h * w * 3 + _CRC) + _index_nbytes(shard_size)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """One written shard file: its path, patch count, size in bytes and sha256 (hex), for a later check."""
@@ -324,6 +330,11 @@ class ShardedReader:
     def shard_path(self, shard: int) -> Path:
         return shard_path(self.path, shard)
 
+    def shard_nbytes(self, shard: int) -> int:
+        """The size shard file ``shard`` has when it is sound."""
+        _, h, w, _ = self.shape
+        return shard_nbytes(self.expected_count(shard), h, w, self.shard_size)
+
     def expected_count(self, shard: int) -> int:
         """How many patches shard ``shard`` holds (S, or fewer in the last shard)."""
         n = self.shape[0]
@@ -347,7 +358,7 @@ class ShardedReader:
     def _shard_index(self, shard: int, index: int, fd: int) -> tuple[list, int]:
         path = self.shard_path(shard)
         size = os.fstat(fd).st_size
-        expected = self.expected_count(shard) * self._chunk_nbytes + self._index_nbytes
+        expected = self.shard_nbytes(shard)
         if size < self._index_nbytes:
             raise ShardDamaged(path, index, f"the shard file is truncated ({size} of {expected} bytes; no index)")
         raw = os.pread(fd, self._index_nbytes, size - self._index_nbytes)

@@ -35,7 +35,6 @@ from histokt.store.shards import ShardedReader, shard_count
 
 META_ARRAYS = ("labels", "source_id", "box")
 _SHARD_FILE = re.compile(r"c\.(\d+)\.0\.0\.0")
-_CRC, _ENTRY = 4, 16  # bytes of a CRC32C, of an index entry (as shards.py writes them)
 
 
 @dataclass
@@ -239,9 +238,7 @@ def _plan_dataset(store: Path, name: str, attrs: dict, report: VerifyReport) -> 
                 report.damage.append(Damage(name, split, None, str(images.parent / array), bad))
         count = shard_count(shape[0], reader.shard_size)
         report.damage += _stray_shards(name, split, images, count, shape[0])
-        chunk = shape[1] * shape[2] * 3 + _CRC
-        index = reader.shard_size * _ENTRY + _CRC
-        tasks += [_Task(name, split, s, reader, reader.expected_count(s) * chunk + index) for s in range(count)]
+        tasks += [_Task(name, split, s, reader, reader.shard_nbytes(s)) for s in range(count)]
     return tasks
 
 
