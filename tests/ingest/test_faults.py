@@ -191,21 +191,9 @@ def test_finalize_without_redo_names_the_part_to_delete(tmp_path, raw, reference
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB tmpfs (root only); yields (folder, grow) where grow() remounts it at 64 MiB."""
-    where = tmp_path / "small"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip() or r.returncode}")
-
-    def grow():
-        subprocess.run(["mount", "-o", "remount,size=64m", str(where)], check=True)
-
-    try:
-        yield where, grow
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+def small_disk(tmpfs):
+    """A 3 MiB tmpfs; (folder, grow) where grow() remounts it at 64 MiB."""
+    return tmpfs.mount(3), lambda: tmpfs.grow(64)
 
 
 def test_a_full_disk_ends_in_one_clear_line_and_the_same_command_resumes(small_disk, raw, reference, cli_env):

@@ -24,7 +24,7 @@ from histokt.train import checkpoint, loop
 from histokt.train.config import OPERATIONAL, TrainConfig, kept_weights
 from histokt.train.launch import train
 from histokt.train.loop import Trainer
-from tests.conftest import ROOT, histokt_cmd
+from tests.conftest import histokt_cmd
 from tests.fixtures.trainstore import make_store
 
 # 38 train patches / batch 8: 5 steps an epoch, so the epochs end at steps 5, 10 and 15
@@ -217,43 +217,15 @@ def test_keep_is_checked_before_anything_is_written(store, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of the given size in MiB (root only); yields (mount, folder, grow(MiB)), or skips the test."""
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = []
-
-    def mount(mib: int) -> None:
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(where)], capture_output=True, text=True
-        )
-        if r.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip() or r.returncode}")
-        mounted.append(where)
-
-    def grow(mib: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={mib}m", str(where)], check=True)
-
-    try:
-        yield mount, where, grow
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def test_a_full_disk_ends_the_cell_in_one_line_and_the_same_command_resumes(store, reference, small_disk):
+def test_a_full_disk_ends_the_cell_in_one_line_and_the_same_command_resumes(store, reference, tmpfs, cli_env):
     """The run directory on a tmpfs that holds one checkpoint (2 x best.pt: weights and momentum), best.pt and
     half a checkpoint more: the step-3 save and epoch 0's best.pt fit, the step-6 save meets the full disk."""
-    mount, where, grow = small_disk
     best = (reference[0] / "best.pt").stat().st_size
-    mount(-(-4 * best // 2**20) + 1)
-    out = where / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmpfs.mount(-(-4 * best // 2**20) + 1) / "run"
     args = ["train", "--store", store, "--dataset", "toy", "--out", out, "--ckpt-every-steps", "3"]
     for k, v in FAST.items():
         args += [f"--{k.replace('_', '-')}", v] if v is not False else [f"--no-{k.replace('_', '-')}"]
-    full = subprocess.run(histokt_cmd(*args), env=env, capture_output=True, text=True)
+    full = subprocess.run(histokt_cmd(*args), env=cli_env, capture_output=True, text=True)
     assert full.returncode == 2, full.stderr
     assert "Traceback" not in full.stderr and "enforce fail" not in full.stderr
     assert full.stderr.splitlines()[-1] == (
@@ -263,7 +235,7 @@ def test_a_full_disk_ends_the_cell_in_one_line_and_the_same_command_resumes(stor
     assert checkpoint.load(out / "last.pt")["step"] == 3  # the previous checkpoint, intact
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
 
-    grow(-(-8 * best // 2**20))
+    tmpfs.grow(-(-8 * best // 2**20))
     assert not train(cfg(store, out, ckpt_every_steps=3)).interrupted
     assert_same_run(out, reference[0])
     assert sorted(p.name for p in out.iterdir()) == DONE
