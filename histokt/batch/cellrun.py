@@ -170,10 +170,7 @@ def _blocker(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell) -> tu
     if not missing:
         return None
     root = Path(run_root).absolute()
-    owner = next(
-        (c for cs in cells.values() for c in cs if missing[0].is_relative_to(plan.cell_dir(root, c))),
-        None,
-    )
+    owner = plan.writers(root, cells).get(missing[0].parent)
     if owner is None:
         return f"input missing: {missing[0]} (no cell of the plan writes it)", None
     by = f"{owner.stage}/{owner.id}"

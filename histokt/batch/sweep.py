@@ -183,7 +183,7 @@ class Inputs:
     def __init__(self, run_root: Path, cells: dict):
         self.run_root = run_root
         self.by_id = {c.id: c for cs in cells.values() for c in cs}
-        self.producer = {plan.cell_dir(run_root, c): c.id for c in self.by_id.values()}
+        self.producer = {d: c.id for d, c in plan.writers(run_root, cells).items()}
         self.stores: dict[str | None, set[str]] = {}
         for c in cells.get("standardize", []):
             self.stores.setdefault(plan.cell_dataset(c), set()).add(c.id)

@@ -42,6 +42,12 @@ def cell_dataset(cell: Cell) -> str | None:
     return cell.args.get("dataset") if cell.kind == "train" else None
 
 
+def writers(run_root, cells: dict[str, list[Cell]]) -> dict[Path, Cell]:
+    """Each cell by its run directory: the cell that writes an input file is ``writers[path.parent]``."""
+    root = Path(run_root).absolute()
+    return {cell_dir(root, c): c for cs in cells.values() for c in cs}
+
+
 def lr_name(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
