@@ -137,6 +137,8 @@ def _sweep(argv):
                 f"at once): run the same command again as the queue drains, or add --watch to stay and do it"
             )
         print(f"follow it with: histokt status {out['run_root']}")
+    elif cfg.rehearse:
+        print(f"{out['run_root']}: rehearsal {out['status']}; see histokt status {out['run_root']}")
     else:
         print(f"{out['run_root']}: {out['status']}; summary in {out['run_root']}/summary/")
     return 0 if out.get("not_done", 0) == 0 else 1

@@ -1,9 +1,9 @@
 """Running one cell of a plan: `histokt run-cell RUN_ROOT --stage S --index I`, and the submitit job around it.
 
-A cell checks its own inputs (sweeps chain stages with `afterany`, never `afterok`), records its state in
-``state.json`` (running, failed with the last error line, blocked by an input cell, interrupted =
-checkpointed and waiting to be requeued) and ends with its done marker (a train cell's ``result.json``,
-else ``done.json``).
+A cell checks its own inputs (a sweep makes it wait for its input cells with `afterany`, never `afterok`),
+records its state in ``state.json`` (running, failed with the last error line, blocked by an input cell,
+interrupted = checkpointed and waiting to be requeued) and ends with its done marker (a train cell's
+``result.json``, else ``done.json``).
 
 One writer per cell: a cell runs only while its job holds the cell's lease, ``CELL/cell.lease``
 (histokt.lease: host, pid, job, heartbeat; it beats while the cell runs and is released at the end, also
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from histokt import atomic, lease
+from histokt.batch import rehearse
 from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key
 from histokt.errors import EXIT_BLOCKED, EXIT_BUSY, EXIT_REQUEUE, UserError, full_disk
 from histokt.study import plan
@@ -152,7 +153,12 @@ def _run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, directory
     state = atomic.read_json(directory / "state.json") or {}
     set_state(directory, status="running", attempts=state.get("attempts", 0) + 1, error=None, blocked_by=None)
     try:
-        code = _execute(run_root, cell, directory)
+        rules = rehearse.settings(run_root)
+        if rules is None:
+            code = _execute(run_root, cell, directory)
+        else:  # a rehearsal: the same path, no work (histokt.batch.rehearse)
+            rehearse.run(run_root, cells, cell, rules)
+            code = 0
     except UserError as exc:
         set_state(directory, status="failed", error=str(exc))
         raise

@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from histokt import atomic
@@ -94,6 +95,25 @@ def max_array_size() -> int:
     return DEFAULT_MAX_ARRAY_SIZE
 
 
+class Pace:
+    """At most ``per_s`` sbatch calls a second after a burst of ``burst`` (a token bucket): a wave of hundreds
+    of arrays must not flood the controller, which every user of the cluster shares."""
+
+    def __init__(self, burst: int = 20, per_s: float = 10.0):
+        self.tokens, self.burst, self.per_s = float(burst), burst, per_s
+        self.last = time.monotonic()
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.per_s)
+        self.last = now
+        if self.tokens < 1:
+            time.sleep((1 - self.tokens) / self.per_s)
+            self.last = time.monotonic()
+            self.tokens = 1.0
+        self.tokens -= 1
+
+
 # -- the submission ledger ---------------------------------------------------------------------------------------
 
 
@@ -121,13 +141,14 @@ def cell_jobs(run_root) -> dict[str, str]:
     return out
 
 
-def queued_cells(run_root) -> dict[str, str]:
-    """Cells whose task is still pending or running (never submitted twice): cell id -> array job id. A
-    UserError where squeue cannot tell."""
-    queue = own_queue()
+def queued_cells(run_root, queue: dict[str, str] | None = None) -> dict[str, str]:
+    """Cells whose task is still pending or running (never submitted twice): cell id -> its task id
+    (``<array>_<i>``, or a job id). ``queue``: an answer of ``own_queue`` (asked here where not given: a
+    UserError where squeue cannot tell)."""
+    queue = own_queue() if queue is None else queue
     if not queue:
         return {}
-    return {cell: task.split("_")[0] for cell, task in cell_jobs(run_root).items() if task in queue}
+    return {cell: task for cell, task in cell_jobs(run_root).items() if task in queue}
 
 
 # -- the environment of a task -----------------------------------------------------------------------------------

@@ -1,9 +1,17 @@
 """`histokt sweep SPEC`: a study's cells submitted as SLURM job arrays through submitit, or run locally.
 
 Idempotent: every run re-plans the spec, skips cells that are done (their marker exists) or still queued
-from an earlier submission (``RUN_ROOT/submissions.jsonl`` + ``squeue``), and submits the rest. Stages are
-chained with ``afterany`` (a failed cell never blocks the collector; each cell checks its own inputs), and
-arrays are cut below the cluster's MaxArraySize.
+from an earlier submission (``RUN_ROOT/submissions.jsonl`` + ``squeue``), and submits the rest, in waves
+under the queue budget (``next_wave``).
+
+Dependencies are per task: a cell waits (``afterany``) only for the tasks of the cells whose outputs it reads
+(its model's Stage-A cell, its merge, its dataset's standardize cells), so a transfer starts as soon as its
+one source model is trained. Cells with the same dependencies share an array. ``afterany``, not ``afterok``:
+with ``afterok`` a dependant of a failed task would stay pending forever (DependencyNeverSatisfied) and hold
+a place in the user's queue limit until someone cancels it; with ``afterany`` it starts, finds its input
+missing and exits 4 (blocked) at once, without loading anything, and a watching sweep cancels it before it
+starts where it can (``cancel_blocked``). The collector waits for every array of the study. Arrays are cut
+below the cluster's MaxArraySize.
 """
 
 import math
@@ -18,7 +26,7 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from histokt import atomic
-from histokt.batch import slurm
+from histokt.batch import rehearse, slurm
 from histokt.batch.cellrun import CellTask
 from histokt.batch.cost import IMG_PER_S, render, study_cost
 from histokt.errors import UserError
@@ -58,6 +66,18 @@ class SweepConfig:
         default=IMG_PER_S,
         metadata={"help": f"--dry-run: training images/s per GPU for the estimate (default {IMG_PER_S:,.0f}, H100)"},
     )
+    rehearse: bool = field(
+        default=False,
+        metadata={
+            "help": "run the whole plan with cells that do no work (each writes the files later cells read, "
+            "then its marker), in its own run root (default: the spec's run_root + '-rehearsal'): checks waves, "
+            "dependencies and failures at full size before a GPU-hour is spent"
+        },
+    )
+    rehearse_fail: Optional[str] = field(
+        default=None,
+        metadata={"help": "--rehearse: cells whose id matches one of these comma-separated globs fail, as planted"},
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
 
 
@@ -65,10 +85,15 @@ class SweepConfig:
 
 
 def prepare(cfg: SweepConfig):
+    if cfg.rehearse_fail and not cfg.rehearse:
+        raise UserError("--rehearse-fail: only with --rehearse")
     spec = load(cfg.spec)
-    run_root = Path(cfg.run_root or spec.run_root).absolute()
+    default = f"{spec.run_root}-rehearsal" if cfg.rehearse else spec.run_root
+    run_root = Path(cfg.run_root or default).absolute()
     cells = plan.expand(spec)
     if not cfg.dry_run:
+        globs = [g.strip() for g in (cfg.rehearse_fail or "").split(",") if g.strip()]
+        rehearse.claim(run_root, cfg.rehearse, globs)
         plan.write(run_root, spec, cells, force=cfg.force)
     stages = [cfg.only] if cfg.only else list(cells)
     if cfg.only and cfg.only not in cells:
@@ -82,8 +107,9 @@ def todo(run_root: Path, cells: dict, stages: list, queued: set) -> dict[str, li
         for s in stages
         if s != "collect"
     }
-    if "collect" in stages:
-        out["collect"] = [0] if collect_stale(run_root, cells, any(out.values())) else []
+    if "collect" in stages:  # not again while one is queued: it waits for every array queued before it
+        stale = collect_stale(run_root, cells, any(out.values()))
+        out["collect"] = [0] if stale and cells["collect"][0].id not in queued else []
     return out
 
 
@@ -133,7 +159,14 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
         raise UserError(f"--throughput {cfg.throughput}: must be a positive number of images per second")
     spec, run_root, cells, stages = prepare(cfg)
     max_queued = queue_budget(cfg, spec)
-    queued = slurm.queued_cells(run_root) if cfg.executor == "slurm" and not cfg.dry_run else {}
+    queued: dict[str, str] = {}
+    cancelled: list[str] = []
+    if cfg.executor == "slurm" and not cfg.dry_run:
+        queue = slurm.own_queue()  # one look per pass: what to skip, and what to cancel
+        cancelled = cancel_blocked(run_root, cells, queue)
+        jobs = slurm.cell_jobs(run_root)
+        gone = {jobs[c] for c in cancelled}
+        queued = slurm.queued_cells(run_root, {t: s for t, s in queue.items() if t not in gone})
     work = todo(run_root, cells, stages, set(queued) | set(skip))
     counts = {s: {"total": len(cells[s]), "todo": len(work[s])} for s in stages}
     summary = {
@@ -141,12 +174,15 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
         "stages": counts,
         "queued": len(queued),
         "warnings": raw_warnings(cfg.spec, cells, work),
+        "cancelled": cancelled,
     }
     if cfg.dry_run:
+        # as if every input cell not done were queued: one array per resource group and set of input cells
+        inputs, done = Inputs(run_root, cells), set()
+        if run_root.exists():
+            done = inputs.done()
         size = slurm.DEFAULT_MAX_ARRAY_SIZE - 1
-        arrays = {
-            s: sum(math.ceil(len(m) / size) for _, m in resource_groups(spec, s, cells[s], work[s])) for s in work
-        }
+        arrays = {s: len(arrays_of(spec, s, cells[s], work[s], lambda c: inputs.needs(c) - done, size)) for s in work}
         costs = study_cost(spec, cells, work, arrays, max_queued, cfg.throughput)
         return {
             **summary,
@@ -157,7 +193,9 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
         return {**summary, "status": "nothing to do"}
     if cfg.executor == "local":
         return {**summary, **run_local(spec, run_root, cells, work, cfg)}
-    wave, left, blocked = next_wave(run_root, cells, work, queued, max_queued - len(queued))
+    caps = {s: resources(spec, s).array_parallelism - sum(c.id in queued for c in cells[s]) for s in work}
+    gave_up = set(skip) - set(queued)  # submitted by this watch and ended undone: never retried by it
+    wave, left, blocked = next_wave(run_root, cells, work, queued, max_queued - len(queued), caps, gave_up)
     summary.update(left=left, blocked=blocked, max_queued=max_queued)
     if not any(wave.values()):
         return {**summary, "status": "waiting", "arrays": []}
@@ -177,24 +215,18 @@ def queue_budget(cfg: SweepConfig, spec) -> int:
 
 
 class Inputs:
-    """Which cells a cell reads from (the cells of its inputs, and the standardize cells of the dataset it
-    trains on: their store), and whether such a cell has failed or is blocked (its state.json says so)."""
+    """Which cells a cell reads from (the cells that write its input files: its dataset's standardize cells,
+    its model's cell), and whether such a cell has failed or is blocked (its state.json says so)."""
 
     def __init__(self, run_root: Path, cells: dict):
         self.run_root = run_root
         self.by_id = {c.id: c for cs in cells.values() for c in cs}
         self.producer = {d: c.id for d, c in plan.writers(run_root, cells).items()}
-        self.stores: dict[str | None, set[str]] = {}
-        for c in cells.get("standardize", []):
-            self.stores.setdefault(plan.cell_dataset(c), set()).add(c.id)
-        self.dead: set[str] = set()  # blocked by this sweep
+        self.dead: set[str] = set()  # blocked by this sweep, or given up on by this watch
 
     def needs(self, cell: plan.Cell) -> set[str]:
         parents = {Path(plan.fill_run_root(p, self.run_root)).parent for p in cell.inputs}
-        needs = {self.producer[d] for d in parents if d in self.producer}
-        if cell.kind == "train":
-            needs |= self.stores.get(plan.cell_dataset(cell), set())
-        return needs
+        return {self.producer[d] for d in parents if d in self.producer}
 
     def is_dead(self, cell_id: str) -> bool:
         if cell_id in self.dead:
@@ -207,16 +239,26 @@ class Inputs:
 
 
 def next_wave(
-    run_root: Path, cells: dict, work: dict, queued: dict, budget: int
+    run_root: Path,
+    cells: dict,
+    work: dict,
+    queued: dict,
+    budget: int,
+    caps: dict[str, int] | None = None,
+    gave_up: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[dict[str, list[int]], int, int]:
     """The cells to submit now, how many wait for a later wave, and how many are blocked.
 
-    In stage order, at most ``budget`` cells, and a cell only where every cell it reads from is done, still
-    queued or in this wave (``Inputs``). A wave never holds a cell that would start before its inputs can
-    exist. A cell reading from a failed or blocked cell that is not submitted again now is blocked: it does
-    not take a GPU or a place in the queue. The collector goes in the last wave."""
+    In stage order, at most ``budget`` cells, at most ``caps[stage]`` of a stage (what is left of its running-
+    task cap, %N, after its tasks still queued: so the cap holds across its arrays, each getting a share), and
+    a cell only where every cell it reads from is done, still queued or in this wave (``Inputs``): a wave never
+    holds a cell that would start before its inputs can exist. A cell reading from a failed or blocked cell
+    (or one in ``gave_up``) that is not submitted again now is blocked: it takes no GPU and no place in the
+    queue. The collector goes in the last wave."""
     inputs = Inputs(run_root, cells)
+    inputs.dead |= set(gave_up)
     ready = set(queued) | inputs.done()
+    caps = dict(caps or {})
     wave: dict[str, list[int]] = {}
     left = blocked = 0
     for stage, indices in work.items():
@@ -228,10 +270,12 @@ def next_wave(
             if any(inputs.is_dead(n) for n in missing):
                 inputs.dead.add(cell.id)
                 blocked += 1
-            elif budget > 0 and not missing:
+            elif budget > 0 and not missing and caps.get(stage, 1) > 0:
                 wave.setdefault(stage, []).append(i)
                 ready.add(cell.id)
                 budget -= 1
+                if stage in caps:
+                    caps[stage] -= 1
             else:
                 left += 1
     collect = work.get("collect", [])
@@ -242,11 +286,11 @@ def next_wave(
     return {s: wave.get(s, []) for s in work}, left, blocked
 
 
-def cancel_blocked(run_root: Path, cells: dict) -> list[str]:
-    """Pending tasks of cells that read from a failed or blocked cell: cancelled (with ``afterany`` they would
-    start only to exit 4, and under ``afterok`` sit in the queue forever), and recorded as blocked, naming
-    the cell that blocks them. Returns their cell ids."""
-    queue, jobs = slurm.own_queue(), slurm.cell_jobs(run_root)
+def cancel_blocked(run_root: Path, cells: dict, queue: dict[str, str]) -> list[str]:
+    """Pending tasks (in ``queue``, one squeue's answer) of cells that read from a failed or blocked cell:
+    cancelled (they would start only to exit 4), and recorded as blocked, naming the cell that blocks them.
+    Returns their cell ids."""
+    jobs = slurm.cell_jobs(run_root)
     inputs = Inputs(run_root, cells)
     queued = {cell for cell, task in jobs.items() if task in queue}
     ready = queued | inputs.done()
@@ -283,11 +327,11 @@ def watch(cfg: SweepConfig, report=print) -> dict:
     while True:
         out = sweep(cfg, skip=frozenset(submitted))
         submitted.update(cell for record in out.get("records", []) for cell in record["cells"])
+        if out.get("cancelled"):
+            n = len(out["cancelled"])
+            report(f"cancelled {n} pending cells that read from a failed cell: {', '.join(out['cancelled'][:10])}")
         for stage, job, n in out.get("arrays", []):
             report(f"submitted {stage}: job {job} ({n} cells)")
-        blocked = cancel_blocked(Path(out["run_root"]), plan.read(out["run_root"]))
-        if blocked:
-            report(f"cancelled {len(blocked)} pending cells that read from a failed cell: {', '.join(blocked)}")
         if not out.get("queued") and not out.get("arrays") and not out.get("left"):
             return out
         report(
@@ -405,20 +449,28 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], da
 
 
 def dry_run_scripts(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict[str, str]:
-    """The sbatch script of each stage's first array, as submitit would write it (nothing is written)."""
+    """The sbatch script of each stage's first array, as submitit would write it (nothing is written); the
+    dependency names no job id (none exists yet)."""
     python = python_command(cfg.container or spec.container, run_root, spec.store) or shlex.quote(sys.executable)
     folder = submitit_folder(run_root)
+    inputs = Inputs(run_root, cells)
+    done = inputs.done() if run_root.exists() else set()
     scripts: dict[str, str] = {}
-    previous: list[str] = []
     for stage, indices in work.items():
         if not indices:
             continue
-        group, members = resource_groups(spec, stage, cells[stage], indices)[0]
-        params = slurm_parameters(spec, stage, run_root, previous, group)
-        size = min(len(members), slurm.DEFAULT_MAX_ARRAY_SIZE - 1)
+        if stage == "collect":
+            group, deps, members = None, ("<every array of the study>",), indices
+        else:
+            size = slurm.DEFAULT_MAX_ARRAY_SIZE - 1
+            group, deps, members = arrays_of(
+                spec, stage, cells[stage], indices, lambda c: inputs.needs(c) - done, size
+            )[0]
+        after = ["<the tasks of its input cells>"] if deps and stage != "collect" else list(deps)
+        params = slurm_parameters(spec, stage, run_root, after, group)
+        params["array_parallelism"] = min(params["array_parallelism"], len(members))
         command = slurm.submit_command(python, folder)
-        scripts[stage] = slurm.sbatch_script(command, folder, size if len(members) > 1 else None, params)
-        previous = [f"<{stage} arrays>"]
+        scripts[stage] = slurm.sbatch_script(command, folder, len(members) if len(members) > 1 else None, params)
     return scripts
 
 
@@ -427,29 +479,59 @@ def submitit_folder(run_root: Path) -> Path:
     return run_root / "submitit" / "%j"
 
 
+def arrays_of(spec, stage: str, cells: list, indices: list[int], needs, size: int) -> list[tuple]:
+    """A stage's cells as arrays: one per resource group (dataset overrides) and set of dependencies
+    (``needs(cell)``: the task ids it waits for), cut at ``size`` tasks; [(group, dependencies, indices)]."""
+    groups: dict[tuple, list[int]] = {}
+    for group, members in resource_groups(spec, stage, cells, indices):
+        for i in members:
+            groups.setdefault((group, tuple(sorted(needs(cells[i])))), []).append(i)
+    return [(g, deps, chunk) for (g, deps), members in groups.items() for chunk in chunks(members, size)]
+
+
+def shares(cap: int, sizes: list[int]) -> list[int]:
+    """The stage's running-task cap split over its arrays (each array's %N): at least 1 and at most its size
+    each, the smallest arrays served first so that no share is wasted; the sum is at most ``cap`` where
+    ``cap >= len(sizes)`` (next_wave sees to it: never more cells in a wave than what is left of the cap)."""
+    out = [0] * len(sizes)
+    left = cap
+    for k, i in enumerate(sorted(range(len(sizes)), key=lambda i: sizes[i])):
+        out[i] = max(1, min(sizes[i], left // (len(sizes) - k)))
+        left -= out[i]
+    return out
+
+
 def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: dict) -> dict:
+    """Submit one wave: stage by stage, each cell depending on the tasks of its input cells (queued before, or
+    in this wave); ``queued``: cell id -> task id of the cells still queued."""
     import submitit
 
     size = max(1, slurm.max_array_size() - 1)
     python = python_command(cfg.container or spec.container, run_root, spec.store)
+    inputs = Inputs(run_root, cells)
+    task_of = dict(queued)  # cell id -> its task, for the dependencies of the cells that read from it
+    pace = slurm.Pace()
     submitted: list[dict] = []
-    previous = sorted(set(queued.values()))
     in_queue = len(queued)
     for stage, indices in work.items():
-        ids = sorted({queued[c.id] for c in cells[stage] if c.id in queued})
-        arrays = [
-            (g, c) for g, members in resource_groups(spec, stage, cells[stage], indices) for c in chunks(members, size)
-        ]
-        # the stage's running-task cap (%N) holds across its arrays: each gets its share of what is left of it
+        if stage == "collect":  # it reads every cell: it waits for every array of the study still queued
+            every = sorted({t.split("_")[0] for t in task_of.values()})
+            arrays = [(None, tuple(every), indices)] if indices else []
+        else:
+
+            def after(cell):
+                return [task_of[n] for n in inputs.needs(cell) if n in task_of]
+
+            arrays = arrays_of(spec, stage, cells[stage], indices, after, size)
         cap = resources(spec, stage).array_parallelism - sum(c.id in queued for c in cells[stage])
-        share = max(1, cap // max(1, len(arrays)))
-        for group, chunk in arrays:
+        for (group, deps, chunk), share in zip(arrays, shares(cap, [len(c) for _, _, c in arrays])):
             executor = submitit.SlurmExecutor(
                 folder=str(submitit_folder(run_root)), max_num_timeout=1000, python=python
             )
-            params = slurm_parameters(spec, stage, run_root, previous, group)
+            params = slurm_parameters(spec, stage, run_root, list(deps), group)
             params["array_parallelism"] = min(params["array_parallelism"], share)
             executor.update_parameters(**params)
+            pace.wait()
             with executor.batch():
                 jobs = [executor.submit(CellTask(str(run_root), stage, i)) for i in chunk]
             array = jobs[0].job_id.split("_")[0]
@@ -458,15 +540,15 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
                 "stage": stage,
                 "cells": [cells[stage][i].id for i in chunk],
                 "array": len(chunk) > 1,
+                "after": list(deps),
                 "time": time.time(),
                 "queued_before": in_queue,  # this study's tasks already queued or running: with these, the budget
             }
             in_queue += len(chunk)
             slurm.record_submission(run_root, record)
             submitted.append(record)
-            ids.append(array)
-        if ids:
-            previous = ids
+            for k, cell in enumerate(record["cells"]):
+                task_of[cell] = f"{array}_{k}" if record["array"] else array
     return {
         "status": "submitted",
         "arrays": [(r["stage"], r["job"], len(r["cells"])) for r in submitted],

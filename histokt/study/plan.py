@@ -75,12 +75,26 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
     if "distill" in spec.stages:
         out["merge"], out["distill"] = distill_cells(spec, store)
     out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
+    read_stores(out)
     if spec.stage_to is not None:  # where a node stages the data: an argument of the run, not in the id
         for cells in out.values():
             for cell in cells:
                 if cell.kind == "train":
                     cell.args["stage_to"] = spec.stage_to
     return {s: out[s] for s in STAGES if s in out}
+
+
+def read_stores(cells: dict[str, list[Cell]]) -> None:
+    """A training cell reads its dataset from the store: the done markers of that dataset's standardize cells
+    come first among its inputs, so a cell whose store failed is blocked by the cell that failed, like one
+    whose model failed (a spec without a standardize stage reads a store made before)."""
+    markers: dict[str, list[str]] = {}
+    for c in cells.get("standardize", []):
+        markers.setdefault(c.args["name"], []).append(f"{{run_root}}/cells/standardize/{c.id}/done.json")
+    for members in cells.values():
+        for cell in members:
+            if cell.kind == "train":
+                cell.inputs = [*markers.get(cell.args["dataset"], []), *cell.inputs]
 
 
 def target_lrs(spec: Spec, stage: Stage, target: str) -> list[float]:

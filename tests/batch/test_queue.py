@@ -63,13 +63,22 @@ def test_a_second_sweep_skips_exactly_the_queued_and_the_done_cells(study, monke
     assert resubmitted == {s: m for s, m in expected.items() if m}
     assert second["queued"] == 4  # the three queued cells and the one whose task is completing
     assert {s: c["todo"] for s, c in second["stages"].items()} == {s: len(m) for s, m in expected.items()}
-    # each stage waits (afterany) for the arrays of the stage before: those still queued and the new ones
+    # each cell waits (afterany) for the tasks of the cells it reads from that are still queued, those of
+    # earlier submissions and those of this one; the collector for every array of the study
     scripts = dict(fake.scripts)
     by_stage = {r["stage"]: r["job"] for r in new}
-    assert new[0]["stage"] == "pretrain"  # standardize has nothing left to submit, but its array is still queued
-    assert "#SBATCH --dependency=afterany:4242\n" in scripts[by_stage["pretrain"]]
-    pretrain_arrays = f"{jobs[pending].split('_')[0]}:{by_stage['pretrain']}"
-    assert f"#SBATCH --dependency=afterany:{pretrain_arrays}\n" in scripts[by_stage["transfer"]]
+    now = slurm.cell_jobs(run_root)
+    crc_store = f"{jobs[running]}:{jobs[done_and_still_listed]}"  # the done one's task is still listed
+    assert f"#SBATCH --dependency=afterany:{crc_store}\n" in scripts[by_stage["pretrain"]]
+    # B-random-mhist-crc: crc's store, and the mhist model of a pretrain task still pending
+    assert f"#SBATCH --dependency=afterany:{crc_store}:{jobs[pending]}\n" in scripts[by_stage["transfer"]]
+    # the distill cell: its target's store (done: no dependency) and the merge, queued alone as a plain job
+    assert f"#SBATCH --dependency=afterany:{jobs[single]}\n" in scripts[by_stage["distill"]]
+    still = [jobs[c] for c in (running, pending, single, done_and_still_listed)]
+    every = sorted({t.split("_")[0] for t in still} | {r["job"] for r in new if r["stage"] != "collect"})
+    assert now[running] == jobs[running] and len(every) == 6
+    assert f"#SBATCH --dependency=afterany:{':'.join(every)}\n" in scripts[by_stage["collect"]]
+    assert [r["after"] for r in new if r["stage"] == "pretrain"] == [crc_store.split(":")]
 
 
 @pytest.mark.parametrize(
@@ -241,20 +250,63 @@ def test_waves_respect_the_budget_the_inputs_and_block_what_reads_a_failed_cell(
     assert third["left"] == 0
 
 
-def test_the_running_task_cap_holds_for_the_whole_stage_across_its_arrays(study, monkeypatch):
-    fake = fake_sbatch.install(monkeypatch, max_array_size=3)  # arrays of at most 2 tasks
-    monkeypatch.setattr(slurm, "own_queue", lambda: {})
-    spec = tmp = Path("cap.toml")
-    tmp.write_text(
+def test_the_running_task_cap_holds_for_the_whole_stage_across_its_waves(study, monkeypatch):
+    """array_parallelism = 2: never more than 2 of the stage's tasks queued, so never more than 2 running,
+    however many arrays (the rest wait for a later wave)."""
+    fake = fake_sbatch.install(monkeypatch)
+    queue: dict[str, str] = {}
+    monkeypatch.setattr(slurm, "own_queue", lambda: dict(queue))
+    spec = Path("cap.toml")
+    spec.write_text(
         SPEC.read_text().replace(
             "[stages.standardize.resources]\n", "[stages.standardize.resources]\narray_parallelism = 2\n"
         )
     )
-    out = sweep.sweep(sweep.SweepConfig(spec=spec, executor="slurm", progress=False, only="standardize"))
-    scripts = [text for _, text in fake.scripts]
-    assert len(out["records"]) == 2  # 3 standardize cells in arrays of 2 and 1
-    assert "#SBATCH --array=0-1%1" in scripts[0]  # %2 for the stage, shared by its two arrays
-    assert all("%2" not in text for text in scripts)
+    cfg = sweep.SweepConfig(spec=spec, executor="slurm", progress=False, only="standardize")
+    first = sweep.sweep(cfg)
+    ids = [c.id for c in plan.read(first["run_root"])["standardize"]]
+    assert [r["cells"] for r in first["records"]] == [ids[:2]] and first["left"] == 1
+    assert "#SBATCH --array=0-1%2\n" in fake.scripts[0][1]
+    run_root = Path(first["run_root"])
+    jobs = slurm.cell_jobs(run_root)
+    queue.update({jobs[ids[0]]: "RUNNING", jobs[ids[1]]: "RUNNING"})
+    assert sweep.sweep(cfg)["status"] == "waiting" and len(fake.scripts) == 1  # both places taken
+    del queue[jobs[ids[0]]]
+    finish(run_root, plan.read(run_root)["standardize"][0])
+    third = sweep.sweep(cfg)
+    assert [r["cells"] for r in third["records"]] == [ids[2:]] and third["left"] == 0
+
+
+@pytest.mark.parametrize(
+    "cap,sizes,expected",
+    [
+        (5, [4, 1, 2], [2, 1, 2]),  # the small arrays get what they can use, the big one the rest
+        (128, [80, 80], [64, 64]),
+        (10, [3, 3, 3], [3, 3, 3]),  # room for every task: each array runs all of its own
+        (3, [1, 1, 1], [1, 1, 1]),
+    ],
+)
+def test_the_cap_is_shared_over_the_arrays_of_a_wave(cap, sizes, expected):
+    got = sweep.shares(cap, sizes)
+    assert got == expected and sum(got) <= cap
+
+
+def test_a_cell_waits_for_its_input_tasks_only(study, monkeypatch):
+    """Per-task dependencies at the size of a stage: each transfer array depends on the one Stage-A task it
+    reads from (and its target's store), not on the whole pretrain stage; cells with the same inputs share
+    an array."""
+    fake = fake_sbatch.install(monkeypatch)
+    monkeypatch.setattr(slurm, "own_queue", lambda: {})
+    out = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
+    run_root = Path(out["run_root"])
+    cells, jobs = plan.read(run_root), slurm.cell_jobs(run_root)
+    by_cells = {tuple(r["cells"]): r for r in out["records"]}
+    for cell in cells["transfer"]:
+        source, target = cell.meta["source"], cell.meta["target"]
+        store = [jobs[c.id] for c in cells["standardize"] if c.args["name"] == target]
+        assert by_cells[(cell.id,)]["after"] == sorted([*store, jobs[f"A-{source}-random-s0"]])
+    assert by_cells[tuple(c.id for c in cells["standardize"])]["after"] == []
+    assert len(fake.scripts) == len(out["records"]) == 8  # std, 2 pretrain, 2 transfer, merge, distill, collect
 
 
 def test_pending_cells_that_read_a_failed_cell_are_cancelled_and_recorded_blocked(study, monkeypatch):
@@ -275,7 +327,7 @@ def test_pending_cells_that_read_a_failed_cell_are_cancelled_and_recorded_blocke
     monkeypatch.setattr(slurm, "own_queue", lambda: queue)
     cancelled: list[str] = []
     monkeypatch.setattr(slurm, "cancel", cancelled.append)
-    blocked = sweep.cancel_blocked(run_root, cells)
+    blocked = sweep.cancel_blocked(run_root, cells, queue)
     # mhist's Stage A, everything trained on mhist or from its model: never started, never queued again
     expected = [
         c.id for s in ("pretrain", "transfer", "merge", "distill") for c in cells[s] if c.id != "A-crc-random-s0"
@@ -287,4 +339,12 @@ def test_pending_cells_that_read_a_failed_cell_are_cancelled_and_recorded_blocke
     assert json.loads((plan.cell_dir(run_root, chained) / "state.json").read_text())["blocked_by"].startswith("merge/")
     for task in cancelled:  # scancel took them off the queue
         del queue[task]
-    assert sweep.cancel_blocked(run_root, cells) == []  # the next look finds nothing more to cancel
+    assert sweep.cancel_blocked(run_root, cells, queue) == []  # the next look finds nothing more to cancel
+
+    # a watching sweep's pass: one squeue, the same cancellations, and the failed cell not retried by it
+    queue.update({jobs[c]: "PENDING" for c in expected})
+    asked: list[int] = []
+    monkeypatch.setattr(slurm, "own_queue", lambda: asked.append(1) or dict(queue))
+    out = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False), skip=frozenset([failed]))
+    assert out["cancelled"] == expected and len(asked) == 1
+    assert out["blocked"] == len(expected) and out.get("records", []) == [], out.get("records")

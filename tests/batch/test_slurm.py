@@ -135,10 +135,9 @@ def test_queued_cells_are_those_whose_latest_task_is_listed(tmp_path, monkeypatc
     slurm.record_submission(tmp_path, {"stage": "s", "job": "10", "array": True, "cells": ["a", "b", "c"]})
     slurm.record_submission(tmp_path, {"stage": "s", "job": "11", "array": False, "cells": ["c"]})
     monkeypatch.setattr(slurm, "own_queue", lambda: {"10_1": "PENDING", "10_2": "RUNNING", "11": "RUNNING"})
-    # c's old task 10_2 is still listed, but its latest is 11: the array job id of its latest task
-    assert slurm.queued_cells(tmp_path) == {"b": "10", "c": "11"}
-    monkeypatch.setattr(slurm, "own_queue", lambda: {"10_0": "COMPLETING"})
-    assert slurm.queued_cells(tmp_path) == {"a": "10"}
+    # c's old task 10_2 is still listed, but its latest is 11: the id of its latest task
+    assert slurm.queued_cells(tmp_path) == {"b": "10_1", "c": "11"}
+    assert slurm.queued_cells(tmp_path, {"10_0": "COMPLETING"}) == {"a": "10_0"}  # a queue asked before
 
 
 def test_nothing_is_queued_in_an_empty_queue_and_an_unanswered_query_is_an_error(tmp_path, monkeypatch, fake_run):
@@ -253,3 +252,26 @@ def test_teardown_line_requeues_the_task_that_asked_and_only_once(tmp_path, task
     assert log.read_text() == f"requeue {requeued}\n" and not marker.exists()
     third = teardown()  # the marker is gone: requeued once
     assert third.stdout == "" and log.read_text() == f"requeue {requeued}\n"
+
+
+def test_sbatch_calls_are_paced_after_a_burst(monkeypatch):
+    clock = [0.0]
+    slept: list[float] = []
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+
+    def sleep(s):
+        slept.append(s)
+        clock[0] += s
+
+    monkeypatch.setattr(slurm.time, "sleep", sleep)
+    pace = slurm.Pace(burst=3, per_s=10.0)
+    for _ in range(3):
+        pace.wait()
+    assert slept == []  # the burst is free
+    pace.wait()
+    pace.wait()
+    assert slept == pytest.approx([0.1, 0.1])  # then 10 a second
+    clock[0] += 10.0  # a quiet minute refills the bucket, up to the burst
+    for _ in range(3):
+        pace.wait()
+    assert len(slept) == 2

@@ -50,21 +50,22 @@ def test_dry_run_scripts_are_what_submitit_submits(study, monkeypatch):
     fake = fake_sbatch.install(monkeypatch)
     out = sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False))
     assert out["status"] == "submitted"
-    arrays = out["arrays"]  # (stage, job, cells): one submission per stage here, in stage order
+    # (stage, job, cells) of the first array of each stage (one per set of input cells), in stage order
+    arrays = list({stage: (stage, job, n) for stage, job, n in reversed(out["arrays"])}.values())[::-1]
     assert (
         [stage for stage, _, _ in arrays]
         == list(dry)
         == ["standardize", "pretrain", "transfer", "merge", "distill", "collect"]
     )
     real = dict(fake.scripts)
-    previous, prev_stage = None, None
     for stage, job, n in arrays:
         submitted = real[job]
         assert ("#SBATCH --array=" in submitted) == (n > 1)
-        if previous is None:
+        if stage == "standardize":
             assert submitted == dry[stage]  # byte for byte
-        else:  # the dry run cannot know job ids: it names the stage it waits for
-            assert f"#SBATCH --dependency=afterany:{previous}\n" in submitted
-            assert f"#SBATCH --dependency='afterany:<{prev_stage} arrays>'\n" in dry[stage]
+        else:  # the dry run cannot know job ids: it says what the array waits for
+            record = next(r for r in out["records"] if r["job"] == job)
+            assert f"#SBATCH --dependency=afterany:{':'.join(record['after'])}\n" in submitted
+            placeholder = "<every array of the study>" if stage == "collect" else "<the tasks of its input cells>"
+            assert f"#SBATCH --dependency='afterany:{placeholder}'\n" in dry[stage]
             assert DEPENDENCY.sub("", submitted) == DEPENDENCY.sub("", dry[stage]), stage
-        previous, prev_stage = job, stage

@@ -137,8 +137,8 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     assert not any((tmp_path / "node-local" / "histokt-stage").iterdir())
 
     report = (runs / "summary" / "report.md").read_text()
-    assert "failed" in report and "std-mhist" not in report  # the report lists training cells
-    assert "A-mhist-random-s0" in report
+    # the report lists training cells: mhist's, blocked, each naming the failed cell that blocks it
+    assert "A-mhist-random-s0" in report and "blocked by standardize/std-mhist-0of1" in report
     status = subprocess.run(histokt_cmd("status", runs), env=env(), capture_output=True, text=True).stdout
     assert "failed standardize/std-mhist-0of1" in status
     # SLURM's own record agrees: the failed cell's task ended FAILED with the cell's exit code (2: a user
@@ -147,6 +147,15 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
         ["scontrol", "show", "job", cell_jobs(runs)["std-mhist-0of1"]], capture_output=True, text=True
     ).stdout
     assert "JobState=FAILED" in record and "ExitCode=2:0" in record, record
+    # its dependants never trained: each started (afterany on its one input task), found its input missing
+    # and ended at once with exit code 4, blocked, naming the failed cell
+    mhist = runs / "cells" / "pretrain" / "A-mhist-random-s0"
+    assert state(mhist)["blocked_by"] == "standardize/std-mhist-0of1" and not (mhist / "config.json").exists()
+    assert "blocked pretrain/A-mhist-random-s0: blocked by standardize/std-mhist-0of1" in status
+    record = subprocess.run(
+        ["scontrol", "show", "job", cell_jobs(runs)["A-mhist-random-s0"]], capture_output=True, text=True
+    ).stdout
+    assert "JobState=FAILED" in record and "ExitCode=4:0" in record, record
     assert "preempted 1 time(s), 1 cell(s)" in status
 
     # fix the download: a re-run submits only the cells that are not done
@@ -181,19 +190,20 @@ def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatc
             by_stage.setdefault(r["stage"], []).append(len(r["cells"]))
         assert by_stage == {
             "standardize": [2, 1],
-            "pretrain": [2],
-            "transfer": [2],
+            "pretrain": [1, 1],  # one array per set of input tasks: crc's store, mhist's store
+            "transfer": [1, 1],
             "merge": [1],
             "distill": [1],
             "collect": [1],
         }
-        assert all(n <= 2 for sizes in by_stage.values() for n in sizes)
         queue = slurm.squeue()
         deps = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
-        first_pretrain = next(r["job"] for r in records if r["stage"] == "pretrain")
-        std_jobs = [r["job"] for r in records if r["stage"] == "standardize"]
-        line = next(x for x in deps.splitlines() if x.startswith(first_pretrain))
-        assert all(f"afterany:{j}" in line for j in std_jobs), line  # chained on every chunk of the stage before
+        crc_pretrain = next(r["job"] for r in records if r["cells"] == ["A-crc-random-s0"])
+        crc_store, mhist_store = (r["job"] for r in records if r["stage"] == "standardize")
+        line = next(x for x in deps.splitlines() if x.startswith(crc_pretrain))
+        # it waits for the two tasks that standardize crc, and for nothing of mhist's
+        assert f"afterany:{crc_store}_0" in line and f"afterany:{crc_store}_1" in line, line
+        assert mhist_store not in line, line
         assert queue is not None
     finally:
         subprocess.run(["scancel", *[r["job"] for r in records]], check=False)

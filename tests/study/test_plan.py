@@ -42,7 +42,9 @@ def test_paper_study_cell_counts(paper):
 def test_transfer_cells_read_their_source_and_normalize_like_histokt(paper):
     cells = {c.id: c for c in plan.expand(paper)["transfer"]}
     r = cells["B-random-crc-bach-deep-lr5e-4-s1"]
-    assert r.args["init"] == "{run_root}/cells/pretrain/A-crc-random-s1/best.pt" == r.inputs[0]
+    assert r.args["init"] == "{run_root}/cells/pretrain/A-crc-random-s1/best.pt" == r.inputs[-1]
+    # and, first, the store of its target: every standardize cell of bach
+    assert r.inputs[:-1] == [f"{{run_root}}/cells/standardize/std-bach-{i}of4/done.json" for i in range(4)]
     assert r.args["norm"] == "crc" and r.args["dataset"] == "bach" and r.args["lr"] == 5e-4
     i = cells["B-imagenet-crc-bach-fine-lr1e-3-s0"]
     assert i.args["norm"] == "imagenet" and i.args["mode"] == "fine"
@@ -82,9 +84,10 @@ def test_array_chunks_stay_below_max_array_size():
 
 # Computed from the plan of jobs/paper.toml before expand() was split into one function per stage: the ids, and
 # every cell's fields (the run root's temporary path written as TMP). A change of either means re-planned studies
-# lose their cells' directories: change them only on purpose, with a note in the release.
+# lose their cells' directories: change them only on purpose, with a note in the release. The fields changed once,
+# on purpose: a training cell's inputs list its dataset's standardize markers first (ids unchanged).
 PAPER_IDS_SHA256 = "5925a5b3ab74738415b1ddc8348282c9b8d789b5ab5491ed74f7d2f495220f02"
-PAPER_CELLS_SHA256 = "a64b4dffe0f11b9cc11647528cb538e8b42b28a9d3484eb8894c5c4d6de3e2bc"
+PAPER_CELLS_SHA256 = "a98ab9ead032aaef646c62e583a8278cfed9d2df55d165db5007399febd41a78"
 
 
 def test_paper_cell_ids_and_fields_are_unchanged(paper, tmp_path):
@@ -104,6 +107,6 @@ def test_pretrain_id_is_the_one_spelling(paper):
     pretrain = {c.id for c in cells["pretrain"]}
     assert plan.pretrain_id("crc", "imagenet", 2) == "A-crc-imagenet-s2" in pretrain
     for c in cells["transfer"]:  # every transfer and merge input is a pretrain cell's best.pt
-        assert c.inputs[0].split("/")[-2] in pretrain
+        assert c.inputs[-1].split("/")[-2] in pretrain
     for c in cells["merge"]:
         assert {p.split("/")[-2] for p in c.inputs} <= pretrain
