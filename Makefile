@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench mutation venv clean
+.PHONY: demo test lint bench mutation venv clean image
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 mutation: $(STAMP)
 	$(VENV)/bin/mutmut run
 	$(PY) benchmarks/mutation.py
+
+# histokt.sif here, from the local Debian base and a wheelhouse, cached in ~/.cache/histokt (containers/build.sh)
+image:
+	bash containers/build.sh histokt.sif
 
 clean:
 	rm -rf $(VENV) build *.egg-info mutants

@@ -73,7 +73,9 @@ def set_state(directory: Path, **fields) -> None:
     if not is_rank0():
         return
     state = atomic.read_json(directory / "state.json") or {"attempts": 0}
-    state.update(fields, host=socket.gethostname(), pid=os.getpid(), job=lease.current_job(), time=time.time())
+    # where it ran: the host, and the image where Apptainer runs it (Apptainer sets APPTAINER_CONTAINER inside)
+    where = {"host": socket.gethostname(), "container": os.environ.get("APPTAINER_CONTAINER")}
+    state.update(fields, **where, pid=os.getpid(), job=lease.current_job(), time=time.time())
     atomic.write_json(directory / "state.json", state)
 
 

@@ -17,6 +17,7 @@ below the cluster's MaxArraySize.
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -395,14 +396,53 @@ def chunks(indices: list[int], size: int) -> list[list[int]]:
     return [indices[a : a + size] for a in range(0, len(indices), size)]
 
 
-def python_command(container: str | None, run_root: Path, store: str) -> str | None:
-    """The interpreter submitit runs in each task: the host's, or Apptainer's around the image's."""
+def python_command(container: str | None, run_root: Path, spec) -> str | None:
+    """The interpreter submitit runs in each task: the host's, or Apptainer's around the image's, with every
+    path of the study bound (``bind_paths``) and the node-local staging folder where the site sets one."""
     if not container:
         return None
-    binds = sorted({str(run_root), str(Path(store).absolute().parent)})
-    # the node-local staging folder, where the site sets one: expanded by the job's shell, on the node
-    node_local = "${SLURM_TMPDIR:+,$SLURM_TMPDIR}"
-    return f"apptainer exec --nv --bind {','.join(binds)}{node_local} {shlex.quote(container)} python"
+    binds = ",".join(bind_paths(run_root, spec))
+    # expanded by the job's shell, on the node: $SLURM_TMPDIR (staging) and a $TORCH_HOME of staged weights
+    node = "${SLURM_TMPDIR:+,$SLURM_TMPDIR}${TORCH_HOME:+,$TORCH_HOME}"
+    # the image's histokt, never the host's: no PYTHONPATH from the host, and no submission folder first on
+    # sys.path (-P; a checkout of histokt there would shadow the image's)
+    return f"apptainer exec --nv --bind {binds}{node} --env PYTHONPATH= {shlex.quote(container)} python -P"
+
+
+def check_image(container: str) -> None:
+    """The image runs this histokt on this Python minor version, or a UserError before anything is submitted:
+    submitit pickles each task here and the image's Python unpickles it (another minor version, or another
+    histokt, fails in every task instead)."""
+    import histokt
+
+    if not Path(container).is_file():
+        raise UserError(f"--container {container}: no such image (make image builds one)")
+    probe = "import sys, histokt; print(f'{sys.version_info[0]}.{sys.version_info[1]} {histokt.__version__}')"
+    command = ["apptainer", "exec", "--env", "PYTHONPATH=", container, "python", "-P", "-c", probe]
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd="/")
+    except FileNotFoundError:
+        raise UserError("apptainer: not found on this host; --container needs Apptainer >= 1.1 here") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"--container {container}: the image did not answer in 300 s") from None
+    ours = f"{sys.version_info[0]}.{sys.version_info[1]} {histokt.__version__}"
+    theirs = r.stdout.strip()
+    if r.returncode != 0 or theirs != ours:
+        why = theirs or (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        raise UserError(
+            f"--container {container}: the image has Python and histokt {why!r}, this host {ours!r}: submitit "
+            f"needs both equal; rebuild the image from this checkout (make image)"
+        )
+
+
+def bind_paths(run_root: Path, spec) -> list[str]:
+    """The folders the cells read or write: the run root, the store's folder and every raw folder that exists
+    now (Apptainer refuses to bind a missing one; a purged raw folder is needed by no cell that runs), none
+    inside another."""
+    paths = {Path(run_root).absolute(), Path(spec.store).absolute().parent}
+    paths |= {Path(d.raw).absolute() for d in spec.datasets.values() if Path(d.raw).is_dir()}
+    ordered = sorted(paths)
+    return [str(p) for p in ordered if not any(q != p and p.is_relative_to(q) for q in ordered)]
 
 
 def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], dataset: str | None = None) -> dict:
@@ -451,7 +491,7 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], da
 def dry_run_scripts(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict[str, str]:
     """The sbatch script of each stage's first array, as submitit would write it (nothing is written); the
     dependency names no job id (none exists yet)."""
-    python = python_command(cfg.container or spec.container, run_root, spec.store) or shlex.quote(sys.executable)
+    python = python_command(cfg.container or spec.container, run_root, spec) or shlex.quote(sys.executable)
     folder = submitit_folder(run_root)
     inputs = Inputs(run_root, cells)
     done = inputs.done() if run_root.exists() else set()
@@ -507,7 +547,10 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
     import submitit
 
     size = max(1, slurm.max_array_size() - 1)
-    python = python_command(cfg.container or spec.container, run_root, spec.store)
+    container = cfg.container or spec.container
+    if container:
+        check_image(container)
+    python = python_command(container, run_root, spec)
     inputs = Inputs(run_root, cells)
     task_of = dict(queued)  # cell id -> its task, for the dependencies of the cells that read from it
     pace = slurm.Pace()

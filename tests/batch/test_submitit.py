@@ -8,8 +8,10 @@ cancelling anything.
 """
 
 import importlib.metadata
+import os
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,49 @@ def test_dry_run_scripts_are_what_submitit_submits(study, monkeypatch):
             placeholder = "<every array of the study>" if stage == "collect" else "<the tasks of its input cells>"
             assert f"#SBATCH --dependency='afterany:{placeholder}'\n" in dry[stage]
             assert DEPENDENCY.sub("", submitted) == DEPENDENCY.sub("", dry[stage]), stage
+
+
+def test_the_container_binds_every_path_of_the_study(study, tmp_path):
+    """The run root, the store's folder, each raw folder that exists (none inside another: the demo's raw
+    folders live beside its store), the node-local folder and staged weights, expanded on the node."""
+    spec = sweep.load(SPEC)
+    elsewhere = tmp_path / "elsewhere" / "crc"
+    elsewhere.mkdir(parents=True)
+    spec.datasets["crc"].raw = str(elsewhere)
+    spec.datasets["mhist"].raw = str(tmp_path / "purged")  # absent: Apptainer would refuse to bind it
+    runs = tmp_path / "runs"
+    assert sweep.bind_paths(runs, spec) == sorted([str(elsewhere), str(runs), str(Path(spec.store).absolute().parent)])
+    command = sweep.python_command("/images/h.sif", runs, spec)
+    binds = ",".join(sweep.bind_paths(runs, spec))
+    assert command == (
+        f"apptainer exec --nv --bind {binds}${{SLURM_TMPDIR:+,$SLURM_TMPDIR}}${{TORCH_HOME:+,$TORCH_HOME}} "
+        "--env PYTHONPATH= /images/h.sif python -P"
+    )
+    inside = tmp_path / "runs" / "raw"  # a raw folder inside the run root is bound with it
+    inside.mkdir(parents=True)
+    spec.datasets["mhist"].raw = str(inside)
+    assert str(inside) not in sweep.bind_paths(runs, spec)
+
+
+@pytest.mark.parametrize(
+    "answer,message",
+    [
+        ('echo "3.12 0.1.0"', r"the image has Python and histokt '3.12 0.1.0', this host '3\.11 "),
+        ('echo "Traceback" >&2; echo "ModuleNotFoundError: histokt" >&2; exit 1', r"'ModuleNotFoundError: histokt'"),
+    ],
+)
+def test_an_image_of_another_python_or_histokt_is_refused_before_submitting(study, monkeypatch, answer, message):
+    fake = fake_sbatch.install(monkeypatch)
+    monkeypatch.setattr(sweep.slurm, "own_queue", lambda: {})
+    bin_dir = study / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(f"#!/bin/sh\n{answer}\n")
+    (bin_dir / "apptainer").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    image = study / "old.sif"
+    image.write_bytes(b"stand-in")
+    with pytest.raises(sweep.UserError, match=message):
+        sweep.sweep(sweep.SweepConfig(spec=SPEC, executor="slurm", progress=False, container=str(image)))
+    assert fake.scripts == []
+    with pytest.raises(sweep.UserError, match=r"--container .*/none\.sif: no such image \(make image builds one\)"):
+        sweep.check_image(str(study / "none.sif"))

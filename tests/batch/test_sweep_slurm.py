@@ -14,6 +14,7 @@ import torch
 from histokt.batch.demo import write_collection
 from histokt.train import checkpoint
 from tests.conftest import ROOT, histokt_cmd
+from tests.container_image import image  # noqa: F401  (fixture)
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 SPEC = ROOT / "tests" / "fixtures" / "small_study.toml"
@@ -222,19 +223,19 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
         f'echo "$@" >> {log}\n'
         '[ "$1" = exec ] || exit 64\n'
         "shift\n"
-        'while [ "${1#-}" != "$1" ]; do case "$1" in --bind) shift 2;; *) shift;; esac; done\n'
+        'while [ "${1#-}" != "$1" ]; do case "$1" in --bind|--env) shift 2;; *) shift;; esac; done\n'
         "image=$1; shift\n"
         '[ -f "$image" ] || { echo "no image $image" >&2; exit 65; }\n'
         f'exec env PATH=/nonexistent {Path(__import__("sys").executable).parent}/"$@"\n'
     )
     fake.chmod(0o755)
-    image = tmp_path / "histokt.sif"
-    image.write_bytes(b"stand-in")
+    stand_in_image = tmp_path / "histokt.sif"
+    stand_in_image.write_bytes(b"stand-in")
     node_local = tmp_path / "node-local"  # the site's $SLURM_TMPDIR: bound into the container too
     node_local.mkdir()
     run_env = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_TMPDIR": str(node_local)}
     r = subprocess.run(
-        histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container", image),
+        histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container", stand_in_image),
         cwd=tmp_path,
         env=run_env,
         capture_output=True,
@@ -246,9 +247,12 @@ def test_container_wraps_every_task(slurm_cluster, tmp_path, monkeypatch):  # no
     wait_until(lambda: queue_empty_for(runs), "the standardize tasks")
     cells = runs / "cells" / "standardize"
     assert all((cells / c / "done.json").exists() for c in ("std-crc-0of2", "std-crc-1of2", "std-mhist-0of1"))
-    calls = log.read_text().splitlines()
+    probes = [c for c in log.read_text().splitlines() if " -c " in c]  # the sweep's check of the image
+    assert len(probes) == 1 and "histokt.__version__" in probes[0]
+    calls = [c for c in log.read_text().splitlines() if c not in probes]
     assert len(calls) == 3
-    assert all(c.startswith("exec --nv --bind ") and f"{image} python -u -m submitit.core._submit" in c for c in calls)
+    wrapped = f"--env PYTHONPATH= {stand_in_image} python -P -u -m submitit.core._submit"
+    assert all(c.startswith("exec --nv --bind ") and wrapped in c for c in calls)
     assert str(runs) in calls[0]
     assert all(c.split()[3].endswith(f",{node_local}") for c in calls), calls  # --bind a,b,$SLURM_TMPDIR
 
@@ -290,3 +294,21 @@ def test_a_study_larger_than_the_queue_budget_completes_with_one_command(slurm_c
     assert len(records) >= 3  # several waves
     assert all(r["queued_before"] + len(r["cells"]) <= 4 for r in records), records
     assert "nothing to do" in sweep(tmp_path)
+
+
+def test_cells_run_inside_the_real_image(slurm_cluster, image, tmp_path):  # noqa: F811
+    """--container with the image containers/build.sh built: every task is `apptainer exec ... python` around
+    the image's own Python and histokt, in real array tasks; each cell's state.json names the image."""
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    r = subprocess.run(
+        histokt_cmd("sweep", SPEC, "--executor", "slurm", "--only", "standardize", "--container", image),
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = tmp_path / "demo" / "runs"
+    wait_until(lambda: queue_empty_for(runs), "the standardize tasks")
+    for cell in ("std-crc-0of2", "std-crc-1of2", "std-mhist-0of1"):
+        directory = runs / "cells" / "standardize" / cell
+        assert (directory / "done.json").exists(), state(directory)
+        assert state(directory)["container"] == str(image), state(directory)
+    assert (tmp_path / "demo" / "store.zarr" / "crc").is_dir()
