@@ -14,10 +14,12 @@ The file (keys sorted, as ``histokt.atomic.write_json`` writes them)::
     world_size       processes that trained the cell
     seconds          training wall time (all attempts, resumes included)
     histokt_version  the histokt that wrote it
+    runtime          where it ran (histokt.provenance): python, torch, histokt, container {image, sif_id} or
+                     null; {} in files written before it was recorded
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ class CellResult:
     world_size: int
     seconds: float
     histokt_version: str
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of result.json (new containers, the values as given)."""
@@ -71,6 +74,7 @@ class CellResult:
             "world_size": self.world_size,
             "seconds": self.seconds,
             "histokt_version": self.histokt_version,
+            "runtime": dict(self.runtime),
         }
 
     @classmethod
@@ -115,6 +119,7 @@ class CellResult:
             world_size=doc["world_size"],
             seconds=doc["seconds"],
             histokt_version=doc["histokt_version"],
+            runtime=runtime if isinstance(runtime := doc.get("runtime"), dict) else {},
         )
 
     @classmethod

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from histokt import atomic, lease
+from histokt import atomic, lease, provenance
 from histokt.batch import rehearse
 from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key
 from histokt.errors import EXIT_BLOCKED, EXIT_BUSY, EXIT_REQUEUE, UserError, full_disk
@@ -73,8 +73,9 @@ def set_state(directory: Path, **fields) -> None:
     if not is_rank0():
         return
     state = atomic.read_json(directory / "state.json") or {"attempts": 0}
-    # where it ran: the host, and the image where Apptainer runs it (Apptainer sets APPTAINER_CONTAINER inside)
-    where = {"host": socket.gethostname(), "container": os.environ.get("APPTAINER_CONTAINER")}
+    # where it ran: the host, and the image where Apptainer runs it (histokt.provenance)
+    image = provenance.container()
+    where = {"host": socket.gethostname(), "container": image["image"] if image else None}
     state.update(fields, **where, pid=os.getpid(), job=lease.current_job(), time=time.time())
     atomic.write_json(directory / "state.json", state)
 

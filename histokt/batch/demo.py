@@ -71,6 +71,10 @@ class DemoConfig:
         default=None,
         metadata={"help": "slurm: most of the demo's tasks queued or running at once; the rest follow in waves"},
     )
+    container: Optional[str] = field(
+        default=None,
+        metadata={"help": "slurm: Apptainer image (.sif) to run every cell in (make image builds one)"},
+    )
     raw_root: Optional[Path] = field(
         default=None,
         metadata={
@@ -191,6 +195,8 @@ def stage_imagenet_stand_in(out: Path) -> Path:
 def demo_spec(cfg: "DemoConfig") -> dict:
     """jobs/demo.toml with its paths pointed at OUT, its raw data at the synthetic collection or at --raw-root,
     and with --datasets, its stages re-pointed at those datasets. Writes nothing: bad input fails first."""
+    if cfg.container and cfg.executor != "slurm":
+        raise UserError("--container: only with --executor slurm (the local executor runs cells on this host)")
     out = Path(cfg.out).absolute()
     doc = tomllib.loads(TEMPLATE.read_text())
     doc["study"]["store"] = str(out / "store.zarr")
@@ -283,7 +289,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     spec_path = write_spec(cfg, doc)
     t = time.time()
     sweep_cfg = SweepConfig(
-        spec=spec_path, executor=cfg.executor, parallel=cfg.parallel, progress=cfg.progress, max_queued=cfg.max_queued
+        spec=spec_path,
+        executor=cfg.executor,
+        parallel=cfg.parallel,
+        progress=cfg.progress,
+        max_queued=cfg.max_queued,
+        container=cfg.container,
     )
     if cfg.executor == "slurm" and cfg.max_queued is not None:  # waves: stay and submit them as the queue drains
         result = watch(replace(sweep_cfg, watch_interval=5), report=lambda line: print(line, file=sys.stderr))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from histokt import __version__, atomic
+from histokt import __version__, atomic, provenance
 from histokt.errors import UserError
 from histokt.result import BestValid, CellResult
 from histokt.store.augment import Augment, warp_batch
@@ -380,6 +380,7 @@ class Trainer:
             world_size=self.world.size,
             seconds=seconds,
             histokt_version=__version__,
+            runtime=provenance.runtime(torch.__version__),
         )
 
         def write() -> None:

@@ -189,3 +189,10 @@ def test_demo_on_the_shared_real_data(shared_data, tmp_path):
         diagonal = [d for d in csv.DictReader(f) if d["source"] == d["target"] == "lung"]
     # real tissue is learned: LC25000's three classes (chance 1/3), about 32 training images of each
     assert diagonal and all(float(d["test_top1_mean"]) > 0.5 for d in diagonal), diagonal
+
+
+def test_demo_container_needs_slurm_and_writes_nothing(tmp_path):
+    from histokt import cli
+
+    assert cli.main(["demo", "--out", str(tmp_path / "out"), "--container", str(tmp_path / "x.sif")]) == 2
+    assert not (tmp_path / "out").exists()

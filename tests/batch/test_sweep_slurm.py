@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from histokt import provenance
 from histokt.batch.demo import write_collection
 from histokt.train import checkpoint
 from tests.conftest import ROOT, histokt_cmd
@@ -25,11 +26,11 @@ def env():
     return dict(os.environ, PYTHONPATH=str(ROOT))
 
 
-def sweep(cwd, spec=SPEC):
+def sweep(cwd, spec=SPEC, *options):
     node_local = Path(cwd) / "node-local"  # the site's $SLURM_TMPDIR: every training cell stages its data there
     node_local.mkdir(exist_ok=True)
     r = subprocess.run(
-        histokt_cmd("sweep", spec, "--executor", "slurm"),
+        histokt_cmd("sweep", spec, "--executor", "slurm", *options),
         cwd=cwd,
         env={**env(), "SLURM_TMPDIR": str(node_local)},
         capture_output=True,
@@ -61,7 +62,12 @@ def state(cell_dir: Path) -> dict:
         return {}
 
 
-def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("where", ["host", "image"])
+def test_demo_study_on_slurm(slurm_cluster, tmp_path, request, where):  # noqa: F811
+    """On the host, and inside the real image (every cell through `apptainer exec`: the preempted cell
+    checkpoints inside the container, the host's teardown requeues it, it resumes to the same weights as an
+    uninterrupted run on the host)."""
+    options = ("--container", str(request.getfixturevalue("image"))) if where == "image" else ()
     write_collection(tmp_path / "demo", per_class=4, seed=0)
     annotations = tmp_path / "demo" / "raw" / "mhist" / "annotations.csv"
     good = annotations.read_text()
@@ -73,7 +79,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
     assert text.count("epochs = 2\n") == 1  # the pretrain recipe's
     spec = tmp_path / "study.toml"
     spec.write_text(text.replace("epochs = 2\n", "epochs = 20\n"))
-    out = sweep(tmp_path, spec)
+    out = sweep(tmp_path, spec, *options)
     assert "submitted standardize" in out and "submitted collect" in out
     runs = tmp_path / "demo" / "runs"
     crc = runs / "cells" / "pretrain" / "A-crc-random-s0"
@@ -99,6 +105,10 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
 
     s = state(crc)
     assert (crc / "result.json").exists() and s["attempts"] == 2, s
+    assert s["container"] == (options[1] if options else None), s
+    ran = json.loads((crc / "result.json").read_text())["runtime"]["container"]
+    assert ran == ({"image": options[1], "sif_id": provenance.sif_id(options[1])} if options else None), ran
+    assert not options or ran["sif_id"]  # a real SIF: its build's ID
     assert interrupted_at < json.loads((crc / "result.json").read_text())["steps"]
     # the resumed result equals an uninterrupted run of the same cell, on the same threads
     config = json.loads((crc / "config.json").read_text())
@@ -161,7 +171,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
 
     # fix the download: a re-run submits only the cells that are not done
     annotations.write_text(good)
-    out = sweep(tmp_path, spec)
+    out = sweep(tmp_path, spec, *options)
     assert "pretrain          1 to run of      2 cells" in out and "standardize       1 to run of      3" in out
     wait_until(
         lambda: (
@@ -171,7 +181,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
         "the missing cells",
     )
     wait_until(lambda: queue_empty_for(runs), "the collector")
-    assert "nothing to do" in sweep(tmp_path, spec)
+    assert "nothing to do" in sweep(tmp_path, spec, *options)
 
 
 def test_arrays_are_cut_below_max_array_size(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811

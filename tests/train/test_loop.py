@@ -100,7 +100,8 @@ def test_run_directory_contract(reference):
     text = (reference / "result.json").read_text()
     result = json.loads(text)
     # the schema of histokt.result is exactly what the trainer writes, byte for byte once parsed and re-dumped
-    assert tuple(sorted(result)) == tuple(sorted(result_schema.KEYS))
+    assert tuple(sorted(result)) == tuple(sorted([*result_schema.KEYS, "runtime"]))
+    assert result["runtime"]["torch"] == torch.__version__ and result["runtime"]["container"] is None
     parsed = CellResult.from_json(result)
     assert parsed.to_json() == result
     assert json.dumps(parsed.to_json(), indent=1, sort_keys=True) + "\n" == text
