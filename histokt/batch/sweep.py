@@ -197,7 +197,10 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
     caps = {s: resources(spec, s).array_parallelism - sum(c.id in queued for c in cells[s]) for s in work}
     gave_up = set(skip) - set(queued)  # submitted by this watch and ended undone: never retried by it
     wave, left, blocked = next_wave(run_root, cells, work, queued, max_queued - len(queued), caps, gave_up)
-    summary.update(left=left, blocked=blocked, max_queued=max_queued)
+    by_id = {c.id: c for cs in cells.values() for c in cs}
+    for cell, by in blocked.items():  # never submitted: recorded, for histokt status and the collector's report
+        record_blocked(run_root, by_id[cell], by_id[by])
+    summary.update(left=left, blocked=len(blocked), max_queued=max_queued)
     if not any(wave.values()):
         return {**summary, "status": "waiting", "arrays": []}
     return {**summary, **submit_slurm(spec, run_root, cells, wave, cfg, queued)}
@@ -247,8 +250,9 @@ def next_wave(
     budget: int,
     caps: dict[str, int] | None = None,
     gave_up: set[str] = frozenset(),  # type: ignore[assignment]
-) -> tuple[dict[str, list[int]], int, int]:
-    """The cells to submit now, how many wait for a later wave, and how many are blocked.
+) -> tuple[dict[str, list[int]], int, dict[str, str]]:
+    """The cells to submit now, how many wait for a later wave, and the blocked ones (cell id -> the id of the
+    failed or blocked cell it reads from).
 
     In stage order, at most ``budget`` cells, at most ``caps[stage]`` of a stage (what is left of its running-
     task cap, %N, after its tasks still queued: so the cap holds across its arrays, each getting a share), and
@@ -261,16 +265,18 @@ def next_wave(
     ready = set(queued) | inputs.done()
     caps = dict(caps or {})
     wave: dict[str, list[int]] = {}
-    left = blocked = 0
+    left = 0
+    blocked: dict[str, str] = {}
     for stage, indices in work.items():
         if stage == "collect":
             continue
         for i in indices:
             cell = cells[stage][i]
             missing = inputs.needs(cell) - ready
-            if any(inputs.is_dead(n) for n in missing):
+            dead = sorted(n for n in missing if inputs.is_dead(n))
+            if dead:
                 inputs.dead.add(cell.id)
-                blocked += 1
+                blocked[cell.id] = dead[0]
             elif budget > 0 and not missing and caps.get(stage, 1) > 0:
                 wave.setdefault(stage, []).append(i)
                 ready.add(cell.id)
@@ -307,16 +313,22 @@ def cancel_blocked(run_root: Path, cells: dict, queue: dict[str, str]) -> list[s
             slurm.cancel(task)
             inputs.dead.add(cell.id)
             ready.discard(cell.id)
-            by = inputs.by_id[dead[0]]
-            directory = plan.cell_dir(run_root, cell)
-            directory.mkdir(parents=True, exist_ok=True)
-            state = atomic.read_json(directory / "state.json") or {"attempts": 0}
-            state.update(
-                status="blocked", blocked_by=f"{by.stage}/{by.id}", error=f"input cell {by.stage}/{by.id} failed"
-            )
-            atomic.write_json(directory / "state.json", state)
+            record_blocked(run_root, cell, inputs.by_id[dead[0]])
             cancelled.append(cell.id)
     return cancelled
+
+
+def record_blocked(run_root: Path, cell: plan.Cell, by: plan.Cell) -> None:
+    """state.json of a cell that will not run because ``by``, a cell it reads from, failed or is blocked (the
+    file is left alone where it says so already: a watch records thousands of such cells on every pass)."""
+    directory = plan.cell_dir(run_root, cell)
+    state = atomic.read_json(directory / "state.json") or {"attempts": 0}
+    blocker = f"{by.stage}/{by.id}"
+    if state.get("status") == "blocked" and state.get("blocked_by") == blocker:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    state.update(status="blocked", blocked_by=blocker, error=f"input cell {blocker} failed or is blocked")
+    atomic.write_json(directory / "state.json", state)
 
 
 def watch(cfg: SweepConfig, report=print) -> dict:

@@ -248,6 +248,25 @@ def test_waves_respect_the_budget_the_inputs_and_block_what_reads_a_failed_cell(
     assert submitted == {"pretrain": ["A-crc-random-s0"], "collect": ["collect"]}
     assert third["blocked"] == len(ids["pretrain"]) - 1 + len(ids["transfer"]) + len(ids["merge"]) + len(ids["distill"])
     assert third["left"] == 0
+    # and recorded so, each naming the cell it reads from that failed or is blocked (status, the report)
+    ends = {c.id: json.loads((plan.cell_dir(run_root, c) / "state.json").read_text()) for c in cells["pretrain"][1:]}
+    assert ends == {
+        "A-mhist-random-s0": {
+            "attempts": 0,
+            "status": "blocked",
+            "blocked_by": f"standardize/{failed.id}",
+            "error": f"input cell standardize/{failed.id} failed or is blocked",
+        }
+    }
+    distill = json.loads((plan.cell_dir(run_root, cells["distill"][0]) / "state.json").read_text())
+    assert distill["blocked_by"] == f"merge/{ids['merge'][0]}"
+    report = status.status(run_root)
+    assert report["stages"]["transfer"]["blocked"] == len(ids["transfer"])
+    before = {c.id: plan.cell_dir(run_root, c).joinpath("state.json").stat().st_mtime_ns for c in cells["transfer"]}
+    sweep.sweep(cfg, skip=frozenset([failed.id]))  # the next pass leaves the records alone
+    assert before == {
+        c.id: plan.cell_dir(run_root, c).joinpath("state.json").stat().st_mtime_ns for c in cells["transfer"]
+    }
 
 
 def test_the_running_task_cap_holds_for_the_whole_stage_across_its_waves(study, monkeypatch):
