@@ -29,6 +29,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from histokt import provenance
 from tests.container_image import image  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -506,5 +507,9 @@ def test_the_image_holds_this_trees_histokt_and_the_hosts_python(image, tmp_path
     root = ROOT / "histokt"
     ours = sorted(f"{p.relative_to(root)}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in root.rglob("*.py"))
     assert files.split() == ours
+    # the identity result.json records (histokt.provenance) is the one `apptainer sif header` prints
+    r = subprocess.run(["apptainer", "sif", "header", image], capture_output=True, text=True, timeout=300)
+    ident = next(line.split()[-1] for line in r.stdout.splitlines() if line.startswith("ID:"))
+    assert provenance.sif_id(str(image)) == ident
     r = subprocess.run(["apptainer", "run", image, "--version"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("histokt "), r.stdout + r.stderr

@@ -33,6 +33,11 @@ COVERAGE = [
         ],
     ),
     (r"apptainer test histokt\.sif", ["test_container.py::test_apptainer_test_passes"]),
+    (r"apptainer sif header", ["test_container.py::test_the_image_holds_this_trees_histokt_and_the_hosts_python"]),
+    (
+        r"histokt sweep jobs/paper\.toml --executor slurm --rehearse.*",
+        ["batch/test_rehearse.py::test_a_rehearsal_runs_every_cell_and_trains_nothing"],
+    ),
     (r"\.ci/run", ["test_readme.py::test_ci_runs_the_cluster_script_then_make_test"]),
     (r"(sudo )?slurm/local/start\.sh", ["test_slurm_local.py::test_two_task_array_runs_both_tasks"]),
     (r"histokt demo", ["batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
