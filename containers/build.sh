@@ -9,7 +9,7 @@
 # built from, so a fresh clone (CI) rebuilds only when the definitions, setup.cfg or the sources change:
 #     images/debian-<key>.sif     the base              (containers/debian.def, the Debian archive)
 #     wheelhouse-<key>/           the pinned wheels      (setup.cfg's install_requires)
-#     images/histokt-<key>.sif    the image              (both definitions, setup.cfg, setup.py, README, histokt/)
+#     images/histokt-<key>.sif    the image              (both definitions, setup.cfg, setup.py, histokt/)
 # Needs Apptainer (as root here: bash containers/install-apptainer.sh) and debootstrap.
 # MIRROR=URL: the Debian archive (default: the one this machine's apt sources name).
 set -euo pipefail
@@ -19,14 +19,15 @@ OUT=${1:-histokt.sif}
 log() { echo "histokt-image: $*" >&2; }
 die() { log "error: $*"; exit 2; }
 command -v apptainer >/dev/null || die "apptainer not found: install it (bash containers/install-apptainer.sh, as root) or load your site's module"
-command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install debootstrap): the local base is bootstrapped from Debian's archive"
 PY=${PYTHON:-python3}
 mirror=${MIRROR:-$( { cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/{print $2}';
     cat /etc/apt/sources.list 2>/dev/null | awk '$1=="deb"{print $2}'; } | head -n1 || true)}
 [ -n "$mirror" ] || die "no Debian archive in this machine's apt sources: set MIRROR=URL"
 
 key() { sha256sum | cut -c1-16; }
-sources_key=$( { cat containers/debian.def containers/histokt.def setup.cfg setup.py README.md;
+# README.md is copied in (setup.cfg's long_description) but not part of the key: a README edit alone does not
+# rebuild a 3 GB image (the image's package description may lag behind it)
+sources_key=$( { cat containers/debian.def containers/histokt.def setup.cfg setup.py;
     find histokt -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 cat; } | key)
 base_key=$( { cat containers/debian.def; echo "$mirror"; } | key)
 wheels_key=$( { cat setup.cfg; "$PY" -c 'import sys; print(sys.version_info[:2])'; } | key)
@@ -40,6 +41,8 @@ if [ -f "$image" ]; then
 else
     t0=$(date +%s)
     if [ ! -f "$base" ]; then
+        command -v debootstrap >/dev/null ||
+            die "debootstrap not found (apt-get install debootstrap): the local base is bootstrapped from Debian's archive"
         log "building the Debian base from $mirror"
         apptainer build --force --build-arg "MIRROR=$mirror" "$base.tmp" containers/debian.def >&2
         mv "$base.tmp" "$base"
