@@ -64,9 +64,9 @@ def state(cell_dir: Path) -> dict:
 
 @pytest.mark.parametrize("where", ["host", "image"])
 def test_demo_study_on_slurm(slurm_cluster, tmp_path, request, where):  # noqa: F811
-    """On the host, and inside the real image (every cell through `apptainer exec`: the preempted cell
-    checkpoints inside the container, the host's teardown requeues it, it resumes to the same weights as an
-    uninterrupted run on the host)."""
+    """On the host, and inside the real image (every cell through `apptainer exec`: the cell preempted with
+    USR2 checkpoints inside the container, the host's teardown requeues it, it resumes to the same weights as
+    an uninterrupted run on the host)."""
     options = ("--container", str(request.getfixturevalue("image"))) if where == "image" else ()
     write_collection(tmp_path / "demo", per_class=4, seed=0)
     annotations = tmp_path / "demo" / "raw" / "mhist" / "annotations.csv"
@@ -91,7 +91,8 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path, request, where):  # noqa: 
     from histokt.batch.slurm import cell_jobs
 
     task = cell_jobs(runs)["A-crc-random-s0"]
-    subprocess.run(["scancel", "--signal=TERM", task], check=True)
+    # SIGTERM on the host (a preemption's grace time), USR2 in the image (the time limit's warning): one path
+    subprocess.run(["scancel", f"--signal={'USR2' if options else 'TERM'}", task], check=True)
     wait_until(
         lambda: state(crc).get("status") == "interrupted" or (crc / "result.json").exists(), "the checkpoint-and-exit"
     )
