@@ -229,7 +229,7 @@ def test_ci_runs_the_cluster_script_then_make_test():
     ]
     assert steps == [
         "bash slurm/local/start.sh",
-        "bash containers/install-apptainer.sh",
+        "HISTOKT_APPTAINER_INSTALLER=../shared/tools/install-apptainer.sh bash containers/install-apptainer.sh",
         "bash containers/build.sh histokt.sif",
         "export HISTOKT_REQUIRE_SLURM=1 HISTOKT_REQUIRE_APPTAINER=1",
         "make test",
