@@ -14,6 +14,7 @@
 
 import configparser
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -29,6 +30,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+import histokt
 from histokt import provenance
 from tests.container_image import image  # noqa: F401  (fixture)
 
@@ -513,3 +515,28 @@ def test_the_image_holds_this_trees_histokt_and_the_hosts_python(image, tmp_path
     assert provenance.sif_id(str(image)) == ident
     r = subprocess.run(["apptainer", "run", image, "--version"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("histokt "), r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_apptainer_run_demo_runs_the_study_from_the_images_install(image, tmp_path):  # noqa: F811
+    """`apptainer run histokt.sif demo`: the whole demo study from the image's own (non-editable) histokt, in a
+    folder without a checkout, every cell recording the image it ran in."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TORCH_HOME")}
+    r = subprocess.run(
+        ["apptainer", "run", image, "demo", "--per-class", "4", "--no-progress", "--out", "demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "demo: finished in" in r.stdout and "transfer matrices:" in r.stdout, r.stdout
+    summary = tmp_path / "demo" / "runs" / "summary"
+    assert "training cells: 32; done 32, failed 0" in (summary / "report.md").read_text()
+    for name in ("matrix_random_deep.csv", "matrix_imagenet_fine.png", "distill.md"):
+        assert (summary / name).stat().st_size > 0, name
+    results = sorted((tmp_path / "demo" / "runs").rglob("result.json"))
+    assert len(results) >= 32
+    ident = provenance.sif_id(str(image))
+    for path in results:
+        runtime = json.loads(path.read_text())["runtime"]
+        assert runtime["container"] == {"image": str(image), "sif_id": ident}, path
+        assert runtime["python"].startswith(f"{sys.version_info[0]}.{sys.version_info[1]}.")  # the minor pinned
+        assert runtime["histokt"] == histokt.__version__ and runtime["commit"] is None  # installed, no checkout

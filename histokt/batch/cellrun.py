@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from histokt import atomic, lease, provenance
-from histokt.batch import rehearse
+from histokt.batch import rehearse, retry
 from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key
 from histokt.errors import EXIT_BLOCKED, EXIT_BUSY, EXIT_REQUEUE, UserError, full_disk
-from histokt.study import plan
+from histokt.study import plan, versions
 
 LEASE = "cell.lease"
 # An input cell failed or has not finished: not this cell's fault and nothing a rerun of it alone can fix,
@@ -156,6 +156,7 @@ def _run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, directory
     state = atomic.read_json(directory / "state.json") or {}
     set_state(directory, status="running", attempts=state.get("attempts", 0) + 1, error=None, blocked_by=None)
     try:
+        versions.check_cell(run_root, str(directory))  # a requeue into a rebuilt image, a changed checkout
         rules = rehearse.settings(run_root)
         if rules is None:
             code = _execute(run_root, cell, directory)
@@ -163,11 +164,18 @@ def _run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, directory
             rehearse.run(run_root, cells, cell, rules)
             code = 0
     except UserError as exc:
-        set_state(directory, status="failed", error=str(exc))
+        set_state(directory, status="failed", error=str(exc), crashed=False, retry=False)
         raise
     except BaseException as exc:
         line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        set_state(directory, status="failed", error=line)
+        if isinstance(exc, Exception):  # a crash: recorded, for a bounded retry (histokt.batch.retry)
+            before = retry.failures(atomic.read_json(directory / "state.json") or {})
+            record = retry.crash_record(line, lease.current_job())
+            tried = [*before, record]
+            retrying = len(tried) <= retry.max_retries()
+            set_state(directory, status="failed", error=line, crashed=True, failures=tried, retry=retrying)
+        else:
+            set_state(directory, status="failed", error=line, crashed=False, retry=False)
         raise
     set_state(directory, status="interrupted" if code == EXIT_REQUEUE else "done")
     return code
@@ -256,8 +264,12 @@ class CellTask:
         except OSError as exc:  # a full disk or an exceeded quota: the user's to fix, as `histokt run-cell` says
             error = full_disk(exc)
             if error is None:
+                self.retry_after_crash()
                 raise
             self._exit(error)
+        except Exception:
+            self.retry_after_crash()
+            raise
         if code == EXIT_REQUEUE:
             self.request_requeue()
             raise SystemExit(EXIT_REQUEUE)
@@ -283,6 +295,25 @@ class CellTask:
                 flush=True,
             )
             return
+        atomic.write_bytes(Path(self.run_root) / REQUEUE_DIR / key, b"")
+
+    def retry_after_crash(self) -> None:
+        """A SLURM task whose cell crashed at most max_retries times: requeued by its batch script, as after a
+        preemption (the sweep excludes the nodes it crashed on while it waits: histokt.batch.retry)."""
+        key = job_key()
+        if key is None or not is_rank0():
+            return
+        try:
+            cell = plan.read(self.run_root)[self.stage][self.index]
+        except (UserError, KeyError, IndexError):
+            return
+        state = atomic.read_json(plan.cell_dir(self.run_root, cell) / "state.json") or {}
+        cap = retry.max_retries()
+        n = len(retry.failures(state))
+        if not retry.wanted(state):
+            print(f"histokt run-cell: {cell.id}: crashed {n} time(s), max_retries {cap}: not retried", file=sys.stderr)
+            return
+        print(f"histokt run-cell: {cell.id}: crashed ({n} of at most {cap + 1} tries): requeued", file=sys.stderr)
         atomic.write_bytes(Path(self.run_root) / REQUEUE_DIR / key, b"")
 
     def clear_requeue_request(self) -> None:

@@ -9,7 +9,9 @@ before a GPU-hour is spent. What a rehearsal checks of the inputs:
 
 - a standardize cell fails, as the real one would, where its raw folder is absent;
 - ``--rehearse-fail GLOB[,GLOB]``: the cells whose id matches fail (a user error, exit 2), to see what a
-  study does when they do (which cells are blocked, what the watcher cancels).
+  study does when they do (which cells are blocked, what the watcher cancels);
+- ``--rehearse-crash GLOB[:N][,...]``: the cells whose id matches crash (an exception, exit 1), on their first
+  N tries only where N is given: a transient failure, to see the retries (``histokt.batch.retry``) at work.
 
 A rehearsal's run root is never mixed with a real one: a real sweep refuses a run root holding
 ``rehearsal.json``, and a rehearsal refuses a run root planned for real.
@@ -30,7 +32,7 @@ def settings(run_root) -> dict | None:
     return atomic.read_json(Path(run_root) / MARKER)
 
 
-def claim(run_root: Path, rehearse: bool, fail: list[str]) -> None:
+def claim(run_root: Path, rehearse: bool, fail: list[str], crash: list[str] = ()) -> None:  # type: ignore[assignment]
     """Make ``run_root`` a rehearsal's (writing its settings) or check it is a real study's; a UserError
     where the run root is already the other kind. Written before the plan, so a plan is never unmarked."""
     planned = (run_root / "plan.json").exists()
@@ -44,7 +46,7 @@ def claim(run_root: Path, rehearse: bool, fail: list[str]) -> None:
         )
     if rehearse:
         run_root.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(run_root / MARKER, {"fail": fail})
+        atomic.write_json(run_root / MARKER, {"fail": fail, "crash": list(crash)})
 
 
 def run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, rules: dict) -> None:
@@ -55,6 +57,11 @@ def run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, rules: dic
     planted = [g for g in rules.get("fail", []) if fnmatch(cell.id, g)]
     if planted:
         raise UserError(f"rehearsal: cell {cell.id} fails as planted (--rehearse-fail {planted[0]})")
+    tries = (atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}).get("attempts", 1)
+    for rule in rules.get("crash", []):
+        glob, n = crash_rule(rule)
+        if fnmatch(cell.id, glob) and (n is None or tries <= n):
+            raise RuntimeError(f"rehearsal: cell {cell.id} crashes as planted on try {tries} (--rehearse-crash {rule})")
     root = Path(run_root).absolute()
     directory = plan.cell_dir(root, cell)
     for path in outputs(root, cells, directory):
@@ -63,6 +70,16 @@ def run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, rules: dic
     if cell.kind == "collect":
         report["cells"] = tally(root, cells)
     atomic.write_json(plan.marker(root, cell), report)
+
+
+def crash_rule(rule: str) -> tuple[str, int | None]:
+    """(glob, N) of a --rehearse-crash rule ``GLOB:N`` (None for a plain ``GLOB``: every try crashes)."""
+    if ":" not in rule:
+        return rule, None
+    glob, _, n = rule.rpartition(":")
+    if not (glob and n.isdigit() and int(n) >= 1):
+        raise UserError(f"--rehearse-crash {rule}: expected GLOB or GLOB:N with N a number of tries >= 1")
+    return glob, int(n)
 
 
 def outputs(run_root: Path, cells: dict[str, list[plan.Cell]], directory: Path) -> list[Path]:

@@ -71,6 +71,37 @@ def cancel(task: str) -> None:
         raise UserError(f"scancel {task} failed: {(r.stderr.strip().splitlines() or ['no message'])[-1]}")
 
 
+def partition_nodes(partition: str = "") -> set[str] | None:
+    """The nodes of ``partition`` (every partition's where ""), or None where sinfo cannot tell."""
+    command = ["sinfo", "-h", "-N", "-o", "%N", *(["-p", partition] if partition else [])]
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(r.stdout.split()) if r.returncode == 0 else None
+
+
+def exclude_command(task: str, nodes: list[str]) -> list[str]:
+    """The scontrol call that keeps a pending task off ``nodes`` (a running one's list cannot change)."""
+    return ["scontrol", "update", f"JobId={task}", f"ExcNodeList={','.join(nodes)}"]
+
+
+def exclude(task: str, nodes: list[str], partition: str = "") -> bool:
+    """Keep the pending ``task`` off ``nodes`` where its partition has another node (excluding every node
+    would leave it pending forever); True where it was done. A UserError where scontrol refuses."""
+    available = partition_nodes(partition)
+    if not available or not available - set(nodes):
+        return False
+    command = exclude_command(task, nodes)
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"{' '.join(command)}: {exc}") from None
+    if r.returncode != 0:
+        raise UserError(f"{' '.join(command)} failed: {(r.stderr.strip().splitlines() or ['no message'])[-1]}")
+    return True
+
+
 def max_submit_jobs() -> int | None:
     """This user's MaxSubmitJobs (the cap on queued and running jobs, array tasks counted), where sacctmgr
     answers and one is set; None otherwise (no accounting, as on the local cluster)."""

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from histokt import atomic
-from histokt.batch import slurm
+from histokt.batch import retry, slurm
 from histokt.study import plan
 
 COLUMNS = ("done", "running", "pending", "requeued", "failed", "blocked", "lost")
@@ -49,7 +49,7 @@ def status(run_root) -> dict:
     run_root = Path(run_root)
     cells = plan.read(run_root)
     queue, jobs = slurm.squeue(), slurm.cell_jobs(run_root)
-    table, failures, preempted = {}, [], []
+    table, failures, preempted, crashes, states = {}, [], [], [], []
     for stage, members in cells.items():
         counts = dict.fromkeys(COLUMNS, 0)
         for cell in members:
@@ -60,13 +60,34 @@ def status(run_root) -> dict:
                 failures.append((stage, cell.id, error, s))
             if state.get("interrupted_at_steps"):
                 preempted.append(len(state["interrupted_at_steps"]))
+            if retry.failures(state):
+                crashes.append(crash_line(stage, cell.id, s, state, run_root))
+                states.append((cell.id, state))
         table[stage] = counts
     return {
         "stages": table,
         "failures": failures,
         "scheduler": queue is not None,
         "preempted": {"cells": len(preempted), "times": sum(preempted)},
+        "crashes": crashes,
+        "suspects": retry.suspects(states),
     }
+
+
+def crash_line(stage: str, cell: str, status: str, state: dict, run_root: Path) -> str:
+    """'crashed 2 time(s), retried (done): pretrain/A-x on gpu1, gpu2; logs: L1, L2' for one cell."""
+    tries = retry.failures(state)
+    if status == "done":
+        outcome = "retried, done"
+    elif retry.wanted(state):
+        outcome = "to be retried"
+    else:
+        outcome = "not retried again (max_retries)" if state.get("crashed") else "then failed otherwise"
+    logs = [f.get("log") or (str(log_of(run_root, f["job"])) if f.get("job") else "?") for f in tries]
+    return (
+        f"crashed {len(tries)} time(s), {outcome}: {stage}/{cell} on {', '.join(retry.crashed_on(state))}; "
+        f"logs: {', '.join(logs)}"
+    )
 
 
 def render(report: dict) -> str:
@@ -86,4 +107,10 @@ def render(report: dict) -> str:
         lines.append("(squeue not available: running/pending come from the cells' own state files)")
     for stage, cell, error, *kind in report["failures"]:
         lines.append(f"{kind[0] if kind else 'failed'} {stage}/{cell}: {error}")
+    lines += report.get("crashes", [])
+    for node, crashed in report.get("suspects", {}).items():
+        lines.append(
+            f"suspect node {node}: {len(crashed)} cells crashed there ({', '.join(crashed[:5])}"
+            f"{', …' if len(crashed) > 5 else ''}); ask your admins to drain it"
+        )
     return "\n".join(lines)

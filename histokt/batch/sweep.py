@@ -26,12 +26,12 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from histokt import atomic
-from histokt.batch import rehearse, slurm
+from histokt import atomic, provenance
+from histokt.batch import rehearse, retry, slurm
 from histokt.batch.cellrun import CellTask
 from histokt.batch.cost import IMG_PER_S, render, study_cost
 from histokt.errors import UserError
-from histokt.study import plan
+from histokt.study import plan, versions
 from histokt.study.spec import STAGES, Resources, load
 
 DEFAULT_MAX_QUEUED = 1000
@@ -79,6 +79,20 @@ class SweepConfig:
         default=None,
         metadata={"help": "--rehearse: cells whose id matches one of these comma-separated globs fail, as planted"},
     )
+    allow_version_change: bool = field(
+        default=False,
+        metadata={
+            "help": "go on although this histokt, Python, torch or image differs from the one the study started "
+            "with (RUN_ROOT/versions.json records both; the collector's report lists the cells of each)"
+        },
+    )
+    rehearse_crash: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "--rehearse: cells whose id matches one of these comma-separated globs crash, as planted; "
+            "GLOB:N crashes only on its first N tries (a transient failure: see the retries at work)"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars (--no-progress to hide)"})
 
 
@@ -88,14 +102,20 @@ class SweepConfig:
 def prepare(cfg: SweepConfig):
     if cfg.rehearse_fail and not cfg.rehearse:
         raise UserError("--rehearse-fail: only with --rehearse")
+    if cfg.rehearse_crash and not cfg.rehearse:
+        raise UserError("--rehearse-crash: only with --rehearse")
+    crashes = [g.strip() for g in (cfg.rehearse_crash or "").split(",") if g.strip()]
+    for rule in crashes:
+        rehearse.crash_rule(rule)  # a UserError where it is not GLOB or GLOB:N
     spec = load(cfg.spec)
     default = f"{spec.run_root}-rehearsal" if cfg.rehearse else spec.run_root
     run_root = Path(cfg.run_root or default).absolute()
     cells = plan.expand(spec)
     if not cfg.dry_run:
         globs = [g.strip() for g in (cfg.rehearse_fail or "").split(",") if g.strip()]
-        rehearse.claim(run_root, cfg.rehearse, globs)
+        rehearse.claim(run_root, cfg.rehearse, globs, crashes)
         plan.write(run_root, spec, cells, force=cfg.force)
+        versions.pin(run_root, cell_identity(cfg, spec), cfg.allow_version_change)
     stages = [cfg.only] if cfg.only else list(cells)
     if cfg.only and cfg.only not in cells:
         raise UserError(f"--only {cfg.only}: the spec has no such stage")
@@ -162,9 +182,11 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
     max_queued = queue_budget(cfg, spec)
     queued: dict[str, str] = {}
     cancelled: list[str] = []
+    excluded: dict[str, list[str]] = {}
     if cfg.executor == "slurm" and not cfg.dry_run:
         queue = slurm.own_queue()  # one look per pass: what to skip, and what to cancel
         cancelled = cancel_blocked(run_root, cells, queue)
+        excluded = exclude_crashed_nodes(spec, run_root, cells, queue)
         jobs = slurm.cell_jobs(run_root)
         gone = {jobs[c] for c in cancelled}
         queued = slurm.queued_cells(run_root, {t: s for t, s in queue.items() if t not in gone})
@@ -176,6 +198,7 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
         "queued": len(queued),
         "warnings": raw_warnings(cfg.spec, cells, work),
         "cancelled": cancelled,
+        "excluded": excluded,
     }
     if cfg.dry_run:
         # as if every input cell not done were queued: one array per resource group and set of input cells
@@ -236,7 +259,7 @@ class Inputs:
         if cell_id in self.dead:
             return True
         state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
-        return state.get("status") in ("failed", "blocked")
+        return state.get("status") in ("failed", "blocked") and not retry.wanted(state)  # a retry: not dead
 
     def done(self) -> set[str]:
         return {i for i, c in self.by_id.items() if plan.is_done(self.run_root, c)}
@@ -318,6 +341,23 @@ def cancel_blocked(run_root: Path, cells: dict, queue: dict[str, str]) -> list[s
     return cancelled
 
 
+def exclude_crashed_nodes(spec, run_root: Path, cells: dict, queue: dict[str, str]) -> dict[str, list[str]]:
+    """Pending tasks of crashed cells to be retried (requeued by their batch script): kept off the nodes they
+    crashed on, where their partition has another (histokt.batch.retry). {cell id: nodes excluded}."""
+    jobs = slurm.cell_jobs(run_root)
+    out = {}
+    for stage, members in cells.items():
+        for cell in members:
+            task = jobs.get(cell.id)
+            if task is None or queue.get(task) != "PENDING":
+                continue
+            state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
+            nodes = retry.crashed_on(state)
+            if retry.wanted(state) and nodes and slurm.exclude(task, nodes, resources(spec, stage).partition):
+                out[cell.id] = nodes
+    return out
+
+
 def record_blocked(run_root: Path, cell: plan.Cell, by: plan.Cell) -> None:
     """state.json of a cell that will not run because ``by``, a cell it reads from, failed or is blocked (the
     file is left alone where it says so already: a watch records thousands of such cells on every pass)."""
@@ -337,9 +377,14 @@ def watch(cfg: SweepConfig, report=print) -> dict:
     of any size. A cell submitted once is not submitted again by the same watch (a failed cell is not
     retried in a loop; its dependants are blocked). ``report`` gets a line per wave."""
     submitted: set[str] = set()
+    told: set[tuple] = set()  # retries kept off nodes, said once
     while True:
         out = sweep(cfg, skip=frozenset(submitted))
         submitted.update(cell for record in out.get("records", []) for cell in record["cells"])
+        for cell, nodes in out.get("excluded", {}).items():
+            if (cell, tuple(nodes)) not in told:
+                told.add((cell, tuple(nodes)))
+                report(f"{cell}: crashed on {', '.join(nodes)}; its retry waits for another node")
         if out.get("cancelled"):
             n = len(out["cancelled"])
             report(f"cancelled {n} pending cells that read from a failed cell: {', '.join(out['cancelled'][:10])}")
@@ -368,17 +413,22 @@ def run_local(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
         if not indices:
             continue
         executor.update_parameters(timeout_min=resources(spec, stage).time_min)
+        os.environ["HISTOKT_MAX_RETRIES"] = str(resources(spec, stage).max_retries)  # read by the crashed cell
         bar = tqdm(total=len(indices), desc=stage, unit="cell", file=sys.stderr, disable=None if cfg.progress else True)
         pending: list[int] = list(indices)
-        running: list[submitit.Job] = []
+        running: list[tuple[submitit.Job, int]] = []
         while pending or running:
             while pending and len(running) < cfg.parallel:
                 i = pending.pop(0)
-                running.append(executor.submit(CellTask(str(run_root), stage, i)))
+                running.append((executor.submit(CellTask(str(run_root), stage, i)), i))
             time.sleep(0.2)  # polling local processes; they report through their files, not through us
-            for job in [j for j in running if j.done()]:
-                running.remove(job)
-                bar.update()
+            for job, i in [(j, i) for j, i in running if j.done()]:
+                running.remove((job, i))
+                state = atomic.read_json(plan.cell_dir(run_root, cells[stage][i]) / "state.json") or {}
+                if retry.wanted(state):  # crashed, with tries left: again, after the cells waiting now
+                    pending.append(i)
+                else:
+                    bar.update()
         bar.close()
         failed += sum(1 for i in indices if not plan.is_done(run_root, cells[stage][i]))
     return {"status": "finished" if not failed else "finished with failures", "not_done": failed}
@@ -413,23 +463,30 @@ def python_command(container: str | None, run_root: Path, spec) -> str | None:
     path of the study bound (``bind_paths``) and the node-local staging folder where the site sets one."""
     if not container:
         return None
-    binds = ",".join(bind_paths(run_root, spec))
+    # the image's real path, its folder bound: APPTAINER_CONTAINER names it inside, and provenance reads its
+    # SIF ID from there (a symlink, or a folder not bound, would leave the result without the image's identity)
+    image = Path(container).resolve()
+    binds = ",".join(bind_paths(run_root, spec, image))
     # expanded by the job's shell, on the node: $SLURM_TMPDIR (staging) and a $TORCH_HOME of staged weights
     node = "${SLURM_TMPDIR:+,$SLURM_TMPDIR}${TORCH_HOME:+,$TORCH_HOME}"
     # the image's histokt, never the host's: no PYTHONPATH from the host, and no submission folder first on
     # sys.path (-P; a checkout of histokt there would shadow the image's)
-    return f"apptainer exec --nv --bind {binds}{node} --env PYTHONPATH= {shlex.quote(container)} python -P"
+    return f"apptainer exec --nv --bind {binds}{node} --env PYTHONPATH= {shlex.quote(str(image))} python -P"
 
 
-def check_image(container: str) -> None:
+def check_image(container: str) -> dict:
     """The image runs this histokt on this Python minor version, or a UserError before anything is submitted:
     submitit pickles each task here and the image's Python unpickles it (another minor version, or another
-    histokt, fails in every task instead)."""
+    histokt, fails in every task instead). Returns the identity its cells will record (``versions``)."""
     import histokt
 
     if not Path(container).is_file():
         raise UserError(f"--container {container}: no such image (make image builds one)")
-    probe = "import sys, histokt; print(f'{sys.version_info[0]}.{sys.version_info[1]} {histokt.__version__}')"
+    probe = (
+        "import sys, histokt; from histokt import provenance as p; "
+        "print(f'{sys.version_info[0]}.{sys.version_info[1]} {histokt.__version__}'); "
+        "print(p.torch_version(), p.commit())"
+    )
     command = ["apptainer", "exec", "--env", "PYTHONPATH=", container, "python", "-P", "-c", probe]
     try:
         r = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd="/")
@@ -438,20 +495,41 @@ def check_image(container: str) -> None:
     except subprocess.TimeoutExpired:
         raise UserError(f"--container {container}: the image did not answer in 300 s") from None
     ours = f"{sys.version_info[0]}.{sys.version_info[1]} {histokt.__version__}"
-    theirs = r.stdout.strip()
+    lines = r.stdout.strip().splitlines()
+    theirs = lines[0].strip() if lines else ""
     if r.returncode != 0 or theirs != ours:
         why = theirs or (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
         raise UserError(
             f"--container {container}: the image has Python and histokt {why!r}, this host {ours!r}: submitit "
             f"needs both equal; rebuild the image from this checkout (make image)"
         )
+    torch, commit = (lines[1].split() + ["None", "None"])[:2] if len(lines) > 1 else ("None", "None")
+    python, version = theirs.split()
+    return {
+        "histokt": version,
+        "commit": None if commit == "None" else commit,
+        "python": python,
+        "torch": None if torch == "None" else torch,
+        "image": provenance.sif_id(str(Path(container).resolve())),
+    }
 
 
-def bind_paths(run_root: Path, spec) -> list[str]:
+def cell_identity(cfg: SweepConfig, spec) -> dict:
+    """What will run the cells (``provenance.identity``): the image's with --container on SLURM, else this
+    host's."""
+    container = cfg.container or spec.container
+    if container and cfg.executor == "slurm":
+        return check_image(container)
+    return provenance.identity(provenance.runtime(provenance.torch_version()))
+
+
+def bind_paths(run_root: Path, spec, image: Path | None = None) -> list[str]:
     """The folders the cells read or write: the run root, the store's folder and every raw folder that exists
-    now (Apptainer refuses to bind a missing one; a purged raw folder is needed by no cell that runs), none
-    inside another."""
+    now (Apptainer refuses to bind a missing one; a purged raw folder is needed by no cell that runs), and the
+    image's folder where one is given, none inside another."""
     paths = {Path(run_root).absolute(), Path(spec.store).absolute().parent}
+    if image is not None:
+        paths.add(Path(image).parent)
     paths |= {Path(d.raw).absolute() for d in spec.datasets.values() if Path(d.raw).is_dir()}
     ordered = sorted(paths)
     return [str(p) for p in ordered if not any(q != p and p.is_relative_to(q) for q in ordered)]
@@ -492,6 +570,7 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], da
         extra["time_min"] = r.time_floor_min
     if r.max_requeues:
         params["setup"].append(f"export HISTOKT_MAX_REQUEUES={r.max_requeues}")
+    params["setup"].append(f"export HISTOKT_MAX_RETRIES={r.max_retries}")
     for option in r.extra:  # "--exclusive" -> exclusive: True, "--mail-type=END" -> mail_type: "END"
         name, _, value = option[2:].partition("=")
         extra[name.replace("-", "_")] = value or True
@@ -559,9 +638,7 @@ def submit_slurm(spec, run_root: Path, cells, work, cfg: SweepConfig, queued: di
     import submitit
 
     size = max(1, slurm.max_array_size() - 1)
-    container = cfg.container or spec.container
-    if container:
-        check_image(container)
+    container = cfg.container or spec.container  # checked by cell_identity (sweep): this histokt and Python
     python = python_command(container, run_root, spec)
     inputs = Inputs(run_root, cells)
     task_of = dict(queued)  # cell id -> its task, for the dependencies of the cells that read from it

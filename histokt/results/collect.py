@@ -48,7 +48,7 @@ from histokt.errors import UserError
 from histokt.result import CellResult, MalformedResult
 from histokt.results import figures, paper
 from histokt.results.matrix import MISSING, Matrix, Stat, diag_text, title
-from histokt.study import plan
+from histokt.study import plan, versions
 
 COLUMNS = ["init", "mode", "source", "target", "lr", "n", "valid_top1_mean", "test_top1_mean", "test_top1_std"]
 DISTILL_COLUMNS = [
@@ -151,6 +151,7 @@ class _Scan:
         default_factory=lambda: {s: [] for s in STATUSES}
     )  # -> [{"cell", "stage", "why"}]
     stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {status: count}
+    runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # done cell id -> its result.json runtime
 
 
 def _lr(value: Any) -> float | None:
@@ -231,6 +232,7 @@ def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | No
         if scores is None:
             return "corrupt", "incomplete result.json (no finite valid top1_best / test top1)"
         lr = _lr(m["lr"] if m.get("lr") is not None else result.config.get("lr", cell.args.get("lr")))
+        scan.runtimes[cell.id] = result.runtime
         if model is not None:
             scan.merged.setdefault(MergedKey(model, lr), []).append(scores)
         else:
@@ -301,6 +303,7 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     run_root = Path(run_root)
     out = Path(out) if out else run_root / "summary"
     scan = _scan(run_root, _read_plan(run_root))
+    mixed = _mixed_note(versions.by_version(scan.runtimes))
     files = {}
     rows = _transfer_rows(scan)
     files["transfer.csv"] = _csv(COLUMNS, rows)
@@ -308,11 +311,11 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     matrices = [_matrix(scan, init, mode) for init in inits for mode in MODES if MatrixKey(init, mode) in scan.pairs]
     for m in matrices:
         files[f"{m.name}.csv"] = _matrix_csv(m)
-        files[f"{m.name}.md"] = _matrix_md(m)
-        files[f"{m.name}.tex"] = figures.matrix_tex(m)
+        files[f"{m.name}.md"] = _matrix_md(m) + (f"\n**{mixed}**\n" if mixed else "")
+        files[f"{m.name}.tex"] = (f"% {mixed}\n" if mixed else "") + figures.matrix_tex(m)
     distill = _distill_rows(scan, {MatrixKey(m.init, m.mode): m for m in matrices})
     files["distill.csv"] = _csv(DISTILL_COLUMNS, [r.csv for r in distill])
-    files["distill.md"] = _distill_md(distill)
+    files["distill.md"] = _distill_md(distill) + (f"\n**{mixed}**\n" if mixed else "")
     if compare_paper:
         for m in matrices:
             if m.mode == "deep" and paper.MATRICES.get(m.init):
@@ -601,6 +604,13 @@ def _compare_md(m: Matrix, rows: list[list]) -> str:
 # ---- report ---------------------------------------------------------------------------------------------------
 
 
+def _mixed_note(groups: dict[str, list[str]]) -> str:
+    """The flag on every table of a study whose cells ran under more than one version ('' where one did)."""
+    if len(groups) < 2:
+        return ""
+    return f"Mixed versions: these results come from {len(groups)} versions of histokt/Python/torch/image (report.md)"
+
+
 def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: list, seconds: float) -> str:
     try:
         doc = atomic.read_json(run_root / "plan.json") or {}
@@ -628,6 +638,12 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         ["stage", "done", "running", "failed", "blocked", "corrupt", "not started", "total"],
         [[s, *(str(c[k]) for k in STATUSES), str(sum(c.values()))] for s, c in scan.stages.items()],
     )
+    groups = versions.by_version(scan.runtimes)
+    if len(groups) > 1:
+        lines += ["", f"## {_mixed_note(groups)}", ""]
+        for version, ids in sorted(groups.items(), key=lambda g: -len(g[1])):
+            named = ", ".join(f"`{c}`" for c in ids[:LISTED])
+            lines.append(f"- {version}: {len(ids)} cells: {named}" + (" …" if len(ids) > LISTED else ""))
     lines += ["", "## Matrices", ""]
     if not matrices:
         lines.append("No transfer cells in this plan.")

@@ -53,6 +53,7 @@ class Resources:
     array_parallelism: int = 64
     nodes: int = 1
     max_requeues: int = 0  # a cell checkpointed on a signal is requeued at most this often (0: no cap)
+    max_retries: int = 2  # a crashed cell is run again at most this often (histokt.batch.retry)
     per_dataset: dict = field(default_factory=dict)  # {dataset: {"time_min": .., "mem_gb": ..}}
 
     def for_dataset(self, name: str | None) -> "Resources":
@@ -280,6 +281,8 @@ def _resources(t, key, where) -> Resources:
         raise UserError(f"{where}: {key}.gpus: {r.gpus} is impossible; must be at least 0")
     if r.max_requeues < 0:
         raise UserError(f"{where}: {key}.max_requeues: {r.max_requeues} must be at least 0 (0: no cap)")
+    if r.max_retries < 0:
+        raise UserError(f"{where}: {key}.max_retries: {r.max_retries} must be at least 0 (0: never retried)")
     _positive(r.mem_gb, f"{key}.mem_gb", where, "number of GB")
     return r
 

@@ -25,7 +25,7 @@ from histokt import atomic, lease
 from histokt.batch import cellrun
 from histokt.batch.cellrun import LEASE, CellBlocked, CellBusy, CellTask
 from histokt.batch.demo import write_collection
-from histokt.errors import EXIT_BUSY, EXIT_REQUEUE
+from histokt.errors import EXIT_BUSY, EXIT_REQUEUE, UserError
 from histokt.study import plan
 from tests.conftest import ROOT, histokt_cmd
 
@@ -340,6 +340,36 @@ def test_a_crash_raises_and_releases_the_lease(runs, no_job, monkeypatch):
     state = json.loads((cell / "state.json").read_text())
     assert state["status"] == "failed" and state["error"] == "RuntimeError: boom"
     assert not (cell / LEASE).exists()
+
+
+def test_a_crash_is_recorded_and_requeued_until_max_retries(runs, no_job, monkeypatch, capsys):
+    """Each crash appends (node, job, error) to state.json; the task asks its batch script for a requeue
+    while the cell crashed at most max_retries times; a user error is no crash and never retried."""
+    no_job.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    no_job.setenv("SLURM_ARRAY_TASK_ID", "1")
+    no_job.setenv("SLURMD_NODENAME", "gpu7")
+    monkeypatch.setenv("HISTOKT_MAX_RETRIES", "1")
+    cell = cell_dir(runs, "pretrain", PRETRAIN)
+    (cell / "state.json").unlink(missing_ok=True)
+    monkeypatch.setattr(cellrun, "_execute", lambda *args: (_ for _ in ()).throw(RuntimeError("bad GPU")))
+    task = CellTask(str(runs), "pretrain", index(runs, "pretrain", PRETRAIN))
+    marker = runs / ".requeue" / "4240_1"
+    for n, retried in ((1, True), (2, False)):
+        marker.unlink(missing_ok=True)
+        with pytest.raises(RuntimeError, match="bad GPU"):
+            task()
+        state = json.loads((cell / "state.json").read_text())
+        assert state["crashed"] is True and len(state["failures"]) == n
+        assert state["failures"][-1] | {"time": 0, "log": None} == {
+            "node": "gpu7", "job": "4240_1", "error": "RuntimeError: bad GPU", "time": 0, "log": None
+        }  # fmt: skip
+        assert marker.exists() == retried, n
+    assert "crashed 2 time(s), max_retries 1: not retried" in capsys.readouterr().err
+    monkeypatch.setattr(cellrun, "_execute", lambda *args: (_ for _ in ()).throw(UserError("fix the spec")))
+    with pytest.raises(SystemExit):
+        task()
+    state = json.loads((cell / "state.json").read_text())
+    assert state["crashed"] is False and len(state["failures"]) == 2 and not marker.exists()
 
 
 def test_interrupted_exits_75_asks_for_the_requeue_and_releases_the_lease(runs, no_job, monkeypatch):

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import stat
 import subprocess
 
 import pytest
@@ -11,7 +12,7 @@ from tests.conftest import ROOT, histokt_cmd
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 
-def run_demo(out, *extra):
+def run_demo(out, *extra, umask=-1):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TORCH_HOME", None)
     return subprocess.run(
@@ -20,7 +21,19 @@ def run_demo(out, *extra):
         capture_output=True,
         text=True,
         timeout=1500,
+        umask=umask,
     )
+
+
+def check_modes(out, umask):
+    """Every file and folder of the store and the run root has the mode the umask gives: a lab reads them."""
+    wrong = []
+    for top in (out / "store.zarr", out / "runs"):
+        for path in [top, *top.rglob("*")]:
+            want = (0o777 if path.is_dir() else 0o666) & ~umask
+            if stat.S_IMODE(path.lstat().st_mode) != want:
+                wrong.append(f"{path.relative_to(out)}: {stat.S_IMODE(path.lstat().st_mode):o}, want {want:o}")
+    assert not wrong, wrong[:20]
 
 
 def check_outputs(out):
@@ -45,19 +58,21 @@ def check_outputs(out):
 
 
 def test_demo_runs_the_whole_study_locally(tmp_path):
-    r = run_demo(tmp_path)
+    r = run_demo(tmp_path, umask=0o002)  # a lab's group-writable umask (the SLURM demo runs under 022)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "SYNTHETIC" in r.stderr and "transfer matrices:" in r.stdout
     check_outputs(tmp_path)
+    check_modes(tmp_path, 0o002)
     again = run_demo(tmp_path)  # everything is done: nothing runs again
     assert again.returncode == 0 and "finished in 0.0 min" in again.stdout
 
 
 @pytest.mark.slurm
 def test_demo_on_slurm(slurm_cluster, tmp_path):  # noqa: F811
-    r = run_demo(tmp_path, "--executor", "slurm")
+    r = run_demo(tmp_path, "--executor", "slurm", umask=0o022)  # sbatch hands the umask to every task
     assert r.returncode == 0, r.stderr[-3000:]
     check_outputs(tmp_path)
+    check_modes(tmp_path, 0o022)
 
 
 # -- the demo spec on other data (--raw-root, --datasets) ------------------------------------------------------

@@ -3,6 +3,7 @@ work; failures where the real cells would fail (a raw folder absent) or where pl
 reads from them blocked. The rehearsal at full size on the local cluster is benchmarks/rehearse.py."""
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -104,3 +105,39 @@ def test_outputs_are_the_files_other_cells_read(study):
     assert rehearse.outputs(run_root, cells, a) == [a / "best.pt"]
     std = plan.cell_dir(run_root, cells["standardize"][0])
     assert rehearse.outputs(run_root, cells, std) == []  # its done.json is the marker, written last
+
+
+def test_crashed_cells_are_retried_up_to_max_retries(study, capsys):
+    """A cell that crashes on its first tries finishes on a later one; one that always crashes stops after
+    max_retries (2: three tries) and blocks what reads from it; status counts the crashes, names the logs
+    and the node where three cells crashed."""
+    crash = "std-crc-1of2:2,A-crc-*:1,A-mhist-*"
+    code = cli.main(["sweep", str(SPEC), "--rehearse", "--rehearse-crash", crash, "--parallel", "1", "--no-progress"])
+    assert code == 1
+    run_root = study / "demo" / "runs-rehearsal"
+    got = states(run_root)
+    assert {c for c, s in got.items() if s != "done"} == {
+        "A-mhist-random-s0",
+        "B-random-mhist-crc-deep-lr1e-3-s0",
+        "M-random-crc+mhist-kg-select-s0",
+        "D-random-crc+mhist-kg-select-mhist-lr1e-3-s0",
+    }
+    assert got["A-mhist-random-s0"] == "failed" and got["M-random-crc+mhist-kg-select-s0"] == "blocked"
+    tries = {}
+    for cells in plan.read(run_root).values():
+        for c in cells:
+            state = json.loads((plan.cell_dir(run_root, c) / "state.json").read_text())
+            if state.get("failures"):
+                tries[c.id] = (len(state["failures"]), state["attempts"], state["retry"])
+                assert all(Path(f["log"]).is_file() for f in state["failures"]), c.id  # the log of each try
+    assert tries == {"std-crc-1of2": (2, 3, True), "A-crc-random-s0": (1, 2, True), "A-mhist-random-s0": (3, 3, False)}
+    capsys.readouterr()
+    assert cli.main(["status", str(run_root)]) == 0
+    out = capsys.readouterr().out
+    assert "crashed 3 time(s), not retried again (max_retries): pretrain/A-mhist-random-s0 on " in out
+    assert "crashed 2 time(s), retried, done: standardize/std-crc-1of2 on " in out
+    line = next(x for x in out.splitlines() if "A-crc-random-s0 on" in x)
+    assert line.count("_log.out") == 1 and line.startswith("crashed 1 time(s), retried, done")
+    assert re.search(
+        r"suspect node \S+: 3 cells crashed there \(A-crc-random-s0, A-mhist-random-s0, std-crc-1of2\)", out
+    )

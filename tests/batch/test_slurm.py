@@ -85,6 +85,43 @@ MaxJobCount             = 10000
 """
 
 
+# -- node exclusion of a crashed cell's retry -------------------------------------------------------------------
+
+
+class Answers(FakeRun):
+    """sinfo answers the partition's nodes; scontrol answers ok."""
+
+    def __init__(self, nodes):
+        super().__init__()
+        self.nodes = nodes
+
+    def __call__(self, args, **kwargs):
+        self.calls.append((args, kwargs))
+        out = "\n".join(self.nodes) + "\n" if args[0] == "sinfo" else ""
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+
+def test_a_retry_is_kept_off_the_nodes_it_crashed_on_where_others_exist(monkeypatch):
+    fake = Answers(["gpu1", "gpu2", "gpu3"])
+    monkeypatch.setattr(slurm.subprocess, "run", fake)
+    assert slurm.exclude("4300_7", ["gpu1", "gpu3"], "preempt") is True
+    assert [args for args, _ in fake.calls] == [
+        ["sinfo", "-h", "-N", "-o", "%N", "-p", "preempt"],
+        ["scontrol", "update", "JobId=4300_7", "ExcNodeList=gpu1,gpu3"],
+    ]
+    fake.calls.clear()
+    fake.nodes = ["gpu1", "gpu3"]  # every node of the partition: excluding them would leave it pending forever
+    assert slurm.exclude("4300_7", ["gpu1", "gpu3"]) is False
+    assert [args for args, _ in fake.calls] == [["sinfo", "-h", "-N", "-o", "%N"]]
+
+
+def test_a_refused_exclusion_is_one_line(fake_run, monkeypatch):
+    monkeypatch.setattr(slurm, "partition_nodes", lambda partition: {"a", "b"})
+    fake_run(returncode=1)
+    with pytest.raises(UserError, match=r"^scontrol update JobId=9_1 ExcNodeList=a failed: no message$"):
+        slurm.exclude("9_1", ["a"])
+
+
 def test_max_array_size_is_read_from_scontrol(fake_run):
     fake = fake_run(stdout=CONFIG)
     assert slurm.max_array_size() == 40001

@@ -83,11 +83,15 @@ def test_the_container_binds_every_path_of_the_study(study, tmp_path):
     spec.datasets["mhist"].raw = str(tmp_path / "purged")  # absent: Apptainer would refuse to bind it
     runs = tmp_path / "runs"
     assert sweep.bind_paths(runs, spec) == sorted([str(elsewhere), str(runs), str(Path(spec.store).absolute().parent)])
-    command = sweep.python_command("/images/h.sif", runs, spec)
-    binds = ",".join(sweep.bind_paths(runs, spec))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "h-1234.sif").touch()
+    (tmp_path / "h.sif").symlink_to(images / "h-1234.sif")  # as make image links histokt.sif into the checkout
+    command = sweep.python_command(str(tmp_path / "h.sif"), runs, spec)
+    binds = sorted([*sweep.bind_paths(runs, spec), str(images)])  # the image's real folder: its SIF ID is read
     assert command == (
-        f"apptainer exec --nv --bind {binds}${{SLURM_TMPDIR:+,$SLURM_TMPDIR}}${{TORCH_HOME:+,$TORCH_HOME}} "
-        "--env PYTHONPATH= /images/h.sif python -P"
+        f"apptainer exec --nv --bind {','.join(binds)}${{SLURM_TMPDIR:+,$SLURM_TMPDIR}}${{TORCH_HOME:+,$TORCH_HOME}} "
+        f"--env PYTHONPATH= {images / 'h-1234.sif'} python -P"
     )
     inside = tmp_path / "runs" / "raw"  # a raw folder inside the run root is bound with it
     inside.mkdir(parents=True)

@@ -4,6 +4,7 @@ a killed sweep that continues, a failing cell that does not stop the rest, and `
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -139,3 +140,41 @@ def test_dry_run_of_the_paper_spec(tmp_path, monkeypatch, capsys):
     assert "#SBATCH --array=0-" in scripts[1] and "afterany" in scripts[1]  # pretrain waits for standardize
     assert out.rstrip().endswith("dry run: nothing submitted")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no run root, no plan
+
+
+def test_another_histokt_version_is_refused_then_allowed_and_flagged(study):
+    """A study started under this histokt; then a copy with an edited version file: the sweep refuses (one
+    line, both versions); with --allow-version-change the cell it re-runs runs under it, and the report says
+    which cells ran under which version."""
+    runs = study / "demo" / "runs"
+    for stage in ("standardize", "pretrain"):
+        assert sweep(study, "--only", stage).returncode == 0
+    edited = study / "edited"
+    shutil.copytree(ROOT / "histokt", edited / "histokt", ignore=shutil.ignore_patterns("__pycache__"))
+    init = edited / "histokt" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.0+edited"'))
+    cell = runs / "cells" / "pretrain" / "A-mhist-random-s0"
+    shutil.rmtree(cell)  # to be trained again, under the edited version
+    pinned = (runs / "versions.json").read_bytes()
+
+    def edited_sweep(*extra):
+        return subprocess.run(
+            histokt_cmd("sweep", SPEC, "--executor", "local", "--no-progress", "--only", "pretrain", *extra),
+            cwd=study, env=dict(os.environ, PYTHONPATH=str(edited)), capture_output=True, text=True,
+        )  # fmt: skip
+
+    r = edited_sweep()
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "this study runs histokt 0.1.0" in r.stderr and "this sweep would run histokt 0.1.0+edited" in r.stderr
+    assert (runs / "versions.json").read_bytes() == pinned and not cell.exists()
+    r = edited_sweep("--allow-version-change")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((cell / "result.json").read_text())["runtime"]["histokt"] == "0.1.0+edited"
+    assert [v["identity"]["histokt"] for v in json.loads((runs / "versions.json").read_text())["versions"]] == [
+        "0.1.0",
+        "0.1.0+edited",
+    ]
+    assert sweep(study, "--only", "collect").returncode == 0
+    report = (runs / "summary" / "report.md").read_text()
+    assert "## Mixed versions: these results come from 2 versions" in report
+    assert "- histokt 0.1.0+edited, Python" in report and "1 cells: `A-mhist-random-s0`" in report

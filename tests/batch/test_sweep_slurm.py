@@ -323,3 +323,39 @@ def test_cells_run_inside_the_real_image(slurm_cluster, image, tmp_path):  # noq
         assert (directory / "done.json").exists(), state(directory)
         assert state(directory)["container"] == str(image), state(directory)
     assert (tmp_path / "demo" / "store.zarr" / "crc").is_dir()
+
+
+def test_a_crashed_task_is_requeued_and_retried_by_slurm(slurm_cluster, tmp_path):  # noqa: F811
+    """A rehearsal on the real cluster, max_retries 1: a cell crashing on its first try is requeued by its
+    batch script (the same task, no new submission) and finishes, and the cells reading from it wait for
+    the retry (they are done, not blocked); one that always crashes ends failed after two tries; status names
+    each try's log."""
+    from histokt.batch.slurm import submissions
+
+    spec = tmp_path / "retry.toml"
+    spec.write_text(SPEC.read_text().replace("time_min = 20\n", "time_min = 20\nmax_retries = 1\n", 1))
+    for d in ("crc", "mhist"):
+        (tmp_path / "demo" / "raw" / d).mkdir(parents=True)
+    r = subprocess.run(
+        histokt_cmd("sweep", spec, "--executor", "slurm", "--rehearse", "--rehearse-crash", "A-crc-*:1,A-mhist-*",
+                    "--watch", "--watch-interval", "2"),
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = tmp_path / "demo" / "runs-rehearsal"
+    crc, mhist = (
+        state(runs / "cells" / "pretrain" / "A-crc-random-s0"),
+        state(runs / "cells" / "pretrain" / "A-mhist-random-s0"),
+    )
+    assert crc["status"] == "done" and len(crc["failures"]) == 1 and crc["attempts"] == 2
+    assert mhist["status"] == "failed" and len(mhist["failures"]) == 2 and mhist["retry"] is False
+    assert mhist["failures"][0]["job"] == mhist["failures"][1]["job"]  # the same task, requeued
+    assert sum("A-mhist-random-s0" in rec["cells"] for rec in submissions(runs)) == 1  # never resubmitted
+    assert (runs / "cells" / "transfer" / "B-random-crc-mhist-deep-lr1e-3-s0" / "result.json").exists()
+    assert state(runs / "cells" / "transfer" / "B-random-mhist-crc-deep-lr1e-3-s0")["status"] == "blocked"
+    status = subprocess.run(histokt_cmd("status", runs), env=env(), capture_output=True, text=True).stdout
+    line = next(x for x in status.splitlines() if "pretrain/A-mhist-random-s0 on" in x)
+    assert line.startswith("crashed 2 time(s), not retried again (max_retries)")
+    logs = line.split("logs: ")[1].split(", ")
+    assert len(logs) == 2 and all(Path(p).is_file() for p in logs), logs
+    assert "crashes as planted on try 2" in Path(logs[1]).read_text()

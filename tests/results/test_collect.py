@@ -452,3 +452,25 @@ def test_paper_tables_match_the_reference():
         rows = [line for line in part.splitlines() if line.startswith("| ") and "src" not in line]
         got = [[(float(a), float(b)) for a, b in re.findall(r"\**([\d.]+)\** \(([\d.]+)\)", r)] for r in rows]
         assert got == [list(paper.MATRICES[init][c]) for c in paper.CARDS]
+
+
+def test_results_of_two_versions_are_flagged_on_every_table(complete, tmp_path):
+    root, out, _ = complete
+    for name in ("report.md", "matrix_random_deep.md", "matrix_random_deep.tex", "distill.md"):
+        assert "Mixed versions" not in (out / name).read_text(), name  # one version: no flag
+    mixed = tmp_path / "runs"
+    shutil.copytree(root, mixed, ignore=shutil.ignore_patterns("summary"))
+    rt = {"python": "3.11.7", "torch": "2.14.1", "histokt": "0.1.0", "commit": None, "container": None}
+    paths = sorted(mixed.glob("cells/*/*/result.json"))
+    for k, path in enumerate(paths):
+        doc = json.loads(path.read_text())
+        doc["runtime"] = {**rt, "histokt": "0.2.0"} if k < 2 else rt
+        path.write_text(json.dumps(doc))
+    collect(mixed)
+    report = (mixed / "summary" / "report.md").read_text()
+    assert "## Mixed versions: these results come from 2 versions" in report
+    newer = next(line for line in report.splitlines() if line.startswith("- histokt 0.2.0,"))
+    assert newer.startswith("- histokt 0.2.0, Python 3.11, torch 2.14.1, image none: 2 cells: ")
+    assert all(f"`{p.parent.name}`" in newer for p in paths[:2]) and paths[2].parent.name not in newer
+    for name in ("matrix_random_deep.md", "matrix_random_deep.tex", "distill.md"):
+        assert "Mixed versions: these results come from 2 versions" in (mixed / "summary" / name).read_text(), name

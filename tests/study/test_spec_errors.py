@@ -166,7 +166,7 @@ CASES = [
     case(
         {f"{RES}.gpu": 1},
         f"{RES}.gpu: unknown key; allowed here: "
-        "account, array_parallelism, constraint, cpus, extra, gpus, gres, max_requeues, mem_gb, nodes, partition, "
+        "account, array_parallelism, constraint, cpus, extra, gpus, gres, max_requeues, max_retries, mem_gb, nodes, partition, "
         "per_dataset, qos, time_floor_min, time_min",
         "resources-unknown",
     ),
@@ -183,6 +183,7 @@ CASES = [
     case({f"{RES}.account": 1.5}, f"{RES}.account: 1.5 is not a str", "account-type"),
     case({f"{RES}.qos": ["x"]}, f"{RES}.qos: ['x'] is not a str", "qos-type"),
     case({f"{RES}.cpus": 0}, f"{RES}.cpus: 0 is impossible; must be at least 1", "cpus-0"),
+    case({f"{RES}.max_retries": -1}, f"{RES}.max_retries: -1 must be at least 0 (0: never retried)", "retries-neg"),
     case({f"{RES}.cpus": -1}, f"{RES}.cpus: -1 is impossible; must be at least 1", "cpus-neg"),
     case({f"{RES}.time_min": 0}, f"{RES}.time_min: 0 is impossible; must be at least 1", "time_min-0"),
     case({f"{RES}.array_parallelism": 0}, f"{RES}.array_parallelism: 0 is impossible; must be at least 1", "ap-0"),
