@@ -123,6 +123,10 @@ def _sweep(argv):
         for stage, script in out["scripts"].items():
             print(f"\n# ---- sbatch script of stage {stage} (first array) ----\n{script}")
         print(f"\n# ---- what it will cost ----\n{out['cost']}")
+        print(f"\n# ---- or as pools of {out['pool_workers']} workers each (--pool {out['pool_workers']}) ----")
+        print("\n".join(out["pools"]) or "nothing to pool")
+        for name, script in out["pool_scripts"].items():
+            print(f"\n# ---- sbatch script of pool {name} ----\n{script}")
         print("dry run: nothing submitted")
     elif out.get("status") == "nothing to do":
         print(f"{out['run_root']}: nothing to do: every cell is done or still queued")

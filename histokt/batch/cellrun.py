@@ -168,7 +168,9 @@ def _run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, directory
         raise
     except BaseException as exc:
         line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        if isinstance(exc, Exception):  # a crash: recorded, for a bounded retry (histokt.batch.retry)
+        if type(exc).__name__ == "UncompletedJobError":  # submitit's USR2/TERM handler, outside a training loop
+            set_state(directory, status="interrupted", error=line)
+        elif isinstance(exc, Exception):  # a crash: recorded, for a bounded retry (histokt.batch.retry)
             before = retry.failures(atomic.read_json(directory / "state.json") or {})
             record = retry.crash_record(line, lease.current_job())
             tried = [*before, record]

@@ -75,6 +75,10 @@ class DemoConfig:
         default=None,
         metadata={"help": "slurm: Apptainer image (.sif) to run every cell in (make image builds one)"},
     )
+    pool: Optional[int] = field(
+        default=None,
+        metadata={"help": "N workers that take cell after cell (sweep --pool), instead of one task per cell"},
+    )
     raw_root: Optional[Path] = field(
         default=None,
         metadata={
@@ -295,8 +299,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         progress=cfg.progress,
         max_queued=cfg.max_queued,
         container=cfg.container,
+        pool=cfg.pool,
     )
-    if cfg.executor == "slurm" and cfg.max_queued is not None:  # waves: stay and submit them as the queue drains
+    # waves, or pools whose workers may leave cells for new ones: stay and submit them as the queue drains
+    if cfg.executor == "slurm" and (cfg.max_queued is not None or cfg.pool):
         result = watch(replace(sweep_cfg, watch_interval=5), report=lambda line: print(line, file=sys.stderr))
     else:
         result = sweep(sweep_cfg)

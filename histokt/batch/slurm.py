@@ -164,22 +164,47 @@ def record_submission(run_root, record: dict) -> None:
 
 
 def cell_jobs(run_root) -> dict[str, str]:
-    """Cell id -> its latest SLURM task id (`<array>_<i>`, or the job id of a one-cell submission)."""
-    out = {}
+    """Cell id -> its latest SLURM task id (`<array>_<i>`, or the job id of a one-cell submission), for the
+    cells submitted one task each; a cell submitted to a pool since has none (``pool_jobs``)."""
+    out: dict[str, str] = {}
     for record in submissions(run_root):
         for i, cell in enumerate(record["cells"]):
-            out[cell] = f"{record['job']}_{i}" if record["array"] else record["job"]
+            if record.get("workers"):
+                out.pop(cell, None)
+            else:
+                out[cell] = f"{record['job']}_{i}" if record["array"] else record["job"]
     return out
 
 
+def pool_jobs(run_root) -> dict[str, str]:
+    """Cell id -> the job id of the pool of workers it was last submitted to (none where a one-task
+    submission came later)."""
+    out: dict[str, str] = {}
+    for record in submissions(run_root):
+        for cell in record["cells"]:
+            if record.get("workers"):
+                out[cell] = record["job"]
+            else:
+                out.pop(cell, None)
+    return out
+
+
+def job_of(task: str) -> str:
+    """The job of a task id (``<array>_<i>`` -> ``<array>``)."""
+    return task.split("_")[0]
+
+
 def queued_cells(run_root, queue: dict[str, str] | None = None) -> dict[str, str]:
-    """Cells whose task is still pending or running (never submitted twice): cell id -> its task id
-    (``<array>_<i>``, or a job id). ``queue``: an answer of ``own_queue`` (asked here where not given: a
-    UserError where squeue cannot tell)."""
+    """Cells whose task, or a worker of whose pool, is still pending or running (never submitted twice):
+    cell id -> that task id (``<array>_<i>``, or a job id), or the pool's job id. ``queue``: an answer of
+    ``own_queue`` (asked here where not given: a UserError where squeue cannot tell)."""
     queue = own_queue() if queue is None else queue
     if not queue:
         return {}
-    return {cell: task for cell, task in cell_jobs(run_root).items() if task in queue}
+    jobs = {job_of(t) for t in queue}
+    out = {cell: task for cell, task in cell_jobs(run_root).items() if task in queue}
+    out.update({cell: job for cell, job in pool_jobs(run_root).items() if job in jobs})
+    return out
 
 
 # -- the environment of a task -----------------------------------------------------------------------------------

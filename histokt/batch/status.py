@@ -2,21 +2,27 @@
 
 from pathlib import Path
 
-from histokt import atomic
-from histokt.batch import retry, slurm
+from histokt import atomic, lease
+from histokt.batch import pool, retry, slurm
 from histokt.study import plan
 
 COLUMNS = ("done", "running", "pending", "requeued", "failed", "blocked", "lost")
 
 
-def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict, state: dict) -> tuple[str, str | None]:
+def cell_status(
+    run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict, state: dict, pools: dict | None = None
+) -> tuple[str, str | None]:
     """(status, what to say about it) of one cell; ``state`` is its state.json (or {}).
 
     blocked: an input cell failed or is not done (the cell names it, exit 4); lost: the cell said it was
     running, but its task is no longer queued and left no word (a node failure, the OOM killer, a time
-    limit without the signal): its log is the place to look."""
+    limit without the signal): its log is the place to look. ``pools``: cell id -> the job of the pool of
+    workers it was submitted to (histokt.batch.pool)."""
+    pools = pools or {}
     if plan.is_done(run_root, cell):
         return "done", None
+    if cell.id in pools and cell.id not in jobs:  # a pool's cell: its lease says whether a worker runs it
+        return pool_cell_status(run_root, cell, state)
     task = jobs.get(cell.id)
     in_queue = queue.get(task) if queue and task else None
     if in_queue == "RUNNING":
@@ -38,6 +44,25 @@ def cell_status(run_root: Path, cell: plan.Cell, queue: dict | None, jobs: dict,
     return "pending", None
 
 
+def pool_cell_status(run_root: Path, cell: plan.Cell, state: dict) -> tuple[str, str | None]:
+    """A pool's cell: running while a live worker holds its lease; lost where its worker left it running
+    without a word; failed, blocked or requeued as its state says; else pending (for the next free worker)."""
+    path = plan.cell_dir(run_root, cell) / "cell.lease"
+    status = state.get("status")
+    if status == "running":
+        holder = lease.read(path)
+        if holder is not None and not lease.is_stale(path):
+            return "running", None
+        return "lost", f"its worker ({(state.get('job') or 'no job')}) ended without a word; see its log"
+    if status == "failed" and not retry.wanted(state):
+        return "failed", state.get("error")
+    if status == "blocked":
+        return "blocked", f"blocked by {state.get('blocked_by') or 'an input cell'}"
+    if status == "interrupted":
+        return "requeued", None
+    return "pending", None
+
+
 def log_of(run_root: Path, task: str) -> Path:
     """Where submitit keeps the output of SLURM task ``task`` (``<array>_<i>`` or a job id)."""
     from submitit.core.utils import JobPaths
@@ -48,13 +73,13 @@ def log_of(run_root: Path, task: str) -> Path:
 def status(run_root) -> dict:
     run_root = Path(run_root)
     cells = plan.read(run_root)
-    queue, jobs = slurm.squeue(), slurm.cell_jobs(run_root)
+    queue, jobs, pools = slurm.squeue(), slurm.cell_jobs(run_root), slurm.pool_jobs(run_root)
     table, failures, preempted, crashes, states = {}, [], [], [], []
     for stage, members in cells.items():
         counts = dict.fromkeys(COLUMNS, 0)
         for cell in members:
             state = atomic.read_json(plan.cell_dir(run_root, cell) / "state.json") or {}
-            s, error = cell_status(run_root, cell, queue, jobs, state)
+            s, error = cell_status(run_root, cell, queue, jobs, state, pools)
             counts[s] += 1
             if s in ("failed", "blocked", "lost"):
                 failures.append((stage, cell.id, error, s))
@@ -71,7 +96,13 @@ def status(run_root) -> dict:
         "preempted": {"cells": len(preempted), "times": sum(preempted)},
         "crashes": crashes,
         "suspects": retry.suspects(states),
+        "workers": [w for w in pool.workers(run_root) if not w.get("ended") and worker_alive(w, queue)],
     }
+
+
+def worker_alive(w: dict, queue: dict | None) -> bool:
+    """A worker that has not said it ended, and whose task is running (where squeue answers)."""
+    return queue is None or queue.get(str(w.get("worker"))) == "RUNNING"
 
 
 def crash_line(stage: str, cell: str, status: str, state: dict, run_root: Path) -> str:
@@ -107,6 +138,9 @@ def render(report: dict) -> str:
         lines.append("(squeue not available: running/pending come from the cells' own state files)")
     for stage, cell, error, *kind in report["failures"]:
         lines.append(f"{kind[0] if kind else 'failed'} {stage}/{cell}: {error}")
+    for w in report.get("workers", []):
+        doing = f"runs {w['cell']}" if w.get("cell") else "waits for a ready cell"
+        lines.append(f"worker {w['worker']} (pool {w['pool']}) on {w['host']}: {doing}; {w['ran']} cells so far")
     lines += report.get("crashes", [])
     for node, crashed in report.get("suspects", {}).items():
         lines.append(

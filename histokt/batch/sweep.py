@@ -27,9 +27,10 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from histokt import atomic, provenance
-from histokt.batch import rehearse, retry, slurm
+from histokt.batch import pool, rehearse, retry, slurm
 from histokt.batch.cellrun import CellTask
 from histokt.batch.cost import IMG_PER_S, render, study_cost
+from histokt.batch.inputs import Inputs, record_blocked
 from histokt.errors import UserError
 from histokt.study import plan, versions
 from histokt.study.spec import STAGES, Resources, load
@@ -78,6 +79,13 @@ class SweepConfig:
     rehearse_fail: Optional[str] = field(
         default=None,
         metadata={"help": "--rehearse: cells whose id matches one of these comma-separated globs fail, as planted"},
+    )
+    pool: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "N workers per kind of resource that each take cell after cell (task farming: a few long "
+            "jobs instead of one per cell; default: study.pool, else 0 = one task per cell)"
+        },
     )
     allow_version_change: bool = field(
         default=False,
@@ -212,21 +220,39 @@ def sweep(cfg: SweepConfig, skip: frozenset = frozenset()) -> dict:
             **summary,
             "scripts": dry_run_scripts(spec, run_root, cells, work, cfg),
             "cost": render(costs, max_queued, cfg.throughput),
+            **dry_run_pools(spec, run_root, cells, work, cfg),
         }
     if not any(work.values()):
         return {**summary, "status": "nothing to do"}
+    workers = pool_size(cfg, spec)
+    if cfg.executor == "local" and workers:
+        return {**summary, **run_pool_local(spec, run_root, cells, work, cfg, workers)}
     if cfg.executor == "local":
         return {**summary, **run_local(spec, run_root, cells, work, cfg)}
-    caps = {s: resources(spec, s).array_parallelism - sum(c.id in queued for c in cells[s]) for s in work}
+    if workers:  # every cell at once: the workers see to the order; a cell reading from a failed one is blocked
+        caps, budget = None, 10**9
+    else:
+        caps = {s: resources(spec, s).array_parallelism - sum(c.id in queued for c in cells[s]) for s in work}
+        budget = max_queued - len(queued)
     gave_up = set(skip) - set(queued)  # submitted by this watch and ended undone: never retried by it
-    wave, left, blocked = next_wave(run_root, cells, work, queued, max_queued - len(queued), caps, gave_up)
+    wave, left, blocked = next_wave(run_root, cells, work, queued, budget, caps, gave_up)
     by_id = {c.id: c for cs in cells.values() for c in cs}
     for cell, by in blocked.items():  # never submitted: recorded, for histokt status and the collector's report
         record_blocked(run_root, by_id[cell], by_id[by])
     summary.update(left=left, blocked=len(blocked), max_queued=max_queued)
     if not any(wave.values()):
         return {**summary, "status": "waiting", "arrays": []}
+    if workers:
+        return {**summary, **submit_pools(spec, run_root, cells, wave, cfg, queued, workers, max_queued)}
     return {**summary, **submit_slurm(spec, run_root, cells, wave, cfg, queued)}
+
+
+def pool_size(cfg: SweepConfig, spec) -> int:
+    """Workers per pool: --pool, else study.pool, else 0 (one task per cell)."""
+    n = cfg.pool if cfg.pool is not None else (spec.pool or 0)
+    if n < 0:
+        raise UserError(f"--pool {n}: must be at least 0 (0: one task per cell)")
+    return n
 
 
 def queue_budget(cfg: SweepConfig, spec) -> int:
@@ -239,30 +265,6 @@ def queue_budget(cfg: SweepConfig, spec) -> int:
     if cfg.executor == "slurm" and not cfg.dry_run:
         return slurm.max_submit_jobs() or DEFAULT_MAX_QUEUED
     return DEFAULT_MAX_QUEUED
-
-
-class Inputs:
-    """Which cells a cell reads from (the cells that write its input files: its dataset's standardize cells,
-    its model's cell), and whether such a cell has failed or is blocked (its state.json says so)."""
-
-    def __init__(self, run_root: Path, cells: dict):
-        self.run_root = run_root
-        self.by_id = {c.id: c for cs in cells.values() for c in cs}
-        self.producer = {d: c.id for d, c in plan.writers(run_root, cells).items()}
-        self.dead: set[str] = set()  # blocked by this sweep, or given up on by this watch
-
-    def needs(self, cell: plan.Cell) -> set[str]:
-        parents = {Path(plan.fill_run_root(p, self.run_root)).parent for p in cell.inputs}
-        return {self.producer[d] for d in parents if d in self.producer}
-
-    def is_dead(self, cell_id: str) -> bool:
-        if cell_id in self.dead:
-            return True
-        state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
-        return state.get("status") in ("failed", "blocked") and not retry.wanted(state)  # a retry: not dead
-
-    def done(self) -> set[str]:
-        return {i for i, c in self.by_id.items() if plan.is_done(self.run_root, c)}
 
 
 def next_wave(
@@ -358,29 +360,29 @@ def exclude_crashed_nodes(spec, run_root: Path, cells: dict, queue: dict[str, st
     return out
 
 
-def record_blocked(run_root: Path, cell: plan.Cell, by: plan.Cell) -> None:
-    """state.json of a cell that will not run because ``by``, a cell it reads from, failed or is blocked (the
-    file is left alone where it says so already: a watch records thousands of such cells on every pass)."""
-    directory = plan.cell_dir(run_root, cell)
-    state = atomic.read_json(directory / "state.json") or {"attempts": 0}
-    blocker = f"{by.stage}/{by.id}"
-    if state.get("status") == "blocked" and state.get("blocked_by") == blocker:
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    state.update(status="blocked", blocked_by=blocker, error=f"input cell {blocker} failed or is blocked")
-    atomic.write_json(directory / "state.json", state)
-
-
 def watch(cfg: SweepConfig, report=print) -> dict:
     """Sweep, then, while cells run or wait for a later wave, look again every ``watch_interval`` seconds
     (one squeue, and sbatch only for a new wave) and submit what the budget allows: one command for a study
     of any size. A cell submitted once is not submitted again by the same watch (a failed cell is not
-    retried in a loop; its dependants are blocked). ``report`` gets a line per wave."""
+    retried in a loop; its dependants are blocked). A pool's cell is submitted again in a new pool where its
+    workers all left it open (gone idle, or at their time limit), unless it failed for good or was pooled
+    ``POOLED_AT_MOST`` times. ``report`` gets a line per wave."""
     submitted: set[str] = set()
+    pooled: dict[str, int] = {}  # cell id -> pools it was submitted to by this watch
     told: set[tuple] = set()  # retries kept off nodes, said once
+    run_root: Path | None = None
     while True:
-        out = sweep(cfg, skip=frozenset(submitted))
-        submitted.update(cell for record in out.get("records", []) for cell in record["cells"])
+        skip = set(submitted)
+        if pooled and run_root is not None:
+            skip |= given_up_in_pools(run_root, plan.read(run_root), pooled)
+        out = sweep(cfg, skip=frozenset(skip))
+        run_root = Path(out["run_root"])
+        for record in out.get("records", []):
+            if record.get("workers"):
+                for cell in record["cells"]:
+                    pooled[cell] = pooled.get(cell, 0) + 1
+            else:
+                submitted.update(record["cells"])
         for cell, nodes in out.get("excluded", {}).items():
             if (cell, tuple(nodes)) not in told:
                 told.add((cell, tuple(nodes)))
@@ -397,6 +399,23 @@ def watch(cfg: SweepConfig, report=print) -> dict:
             f"{out.get('left', 0)} wait for a later wave (budget {out.get('max_queued')})"
         )
         time.sleep(cfg.watch_interval)
+
+
+POOLED_AT_MOST = 3
+
+
+def given_up_in_pools(run_root: Path, cells: dict, pooled: dict[str, int]) -> set[str]:
+    """Cells of this watch's pools not to pool again: failed for good or blocked, or pooled too often."""
+    by_id = {c.id: c for cs in cells.values() for c in cs}
+    out = set()
+    for cell, n in pooled.items():
+        if cell not in by_id or plan.is_done(run_root, by_id[cell]):
+            continue
+        state = atomic.read_json(plan.cell_dir(run_root, by_id[cell]) / "state.json") or {}
+        dead = state.get("status") in ("failed", "blocked") and not retry.wanted(state)
+        if dead or n >= POOLED_AT_MOST:
+            out.add(cell)
+    return out
 
 
 # -- local -----------------------------------------------------------------------------------------------------
@@ -432,6 +451,100 @@ def run_local(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
         bar.close()
         failed += sum(1 for i in indices if not plan.is_done(run_root, cells[stage][i]))
     return {"status": "finished" if not failed else "finished with failures", "not_done": failed}
+
+
+def run_pool_local(spec, run_root: Path, cells, work, cfg: SweepConfig, workers: int) -> dict:
+    """--pool N here: N workers (histokt.batch.pool) through submitit's LocalExecutor, sharing every cell."""
+    import submitit
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    ids = [cells[s][i].id for s, indices in work.items() for i in indices]
+    worker = pool.Worker(
+        str(run_root),
+        "local",
+        ids,
+        [],
+        {c.id: resources(spec, c.stage, plan.cell_dataset(c)).time_min for cs in cells.values() for c in cs},
+        {},  # here, every cell gets the threads the local executor gives: OMP_NUM_THREADS
+        {s: resources(spec, s).max_retries for s in cells},
+        float(spec.pool_time_min or pool.DEFAULT_TIME_MIN),
+        time.time(),
+        [retry.node()],  # the one node there is: a crashed cell is retried here
+        idle_min=spec.pool_idle_min if spec.pool_idle_min is not None else pool.DEFAULT_IDLE_MIN,
+        poll_s=0.5,
+    )
+    executor = submitit.LocalExecutor(folder=str(submitit_folder(run_root)))
+    executor.update_parameters(timeout_min=int(worker.time_min))
+    jobs = [executor.submit(worker) for _ in range(workers)]
+    bar = tqdm(total=len(ids), desc="pool", unit="cell", file=sys.stderr, disable=None if cfg.progress else True)
+    by_id = {c.id: c for cs in cells.values() for c in cs}
+    while not all(j.done() for j in jobs):
+        time.sleep(0.5)
+        bar.n = sum(plan.is_done(run_root, by_id[c]) for c in ids)
+        bar.refresh()
+    bar.close()
+    failed = sum(1 for c in ids if not plan.is_done(run_root, by_id[c]))
+    return {"status": "finished" if not failed else "finished with failures", "not_done": failed}
+
+
+def submit_pools(spec, run_root: Path, cells, wave, cfg: SweepConfig, queued: dict, workers: int, budget: int) -> dict:
+    """Submit the pools of workers for the wave's cells that can be pooled (histokt.batch.pool), then arrays
+    for the rest (DDP cells), which wait for the pools whose cells they read from."""
+    import submitit
+
+    def res_of(c: plan.Cell) -> Resources:
+        return resources(spec, c.stage, plan.cell_dataset(c))
+
+    n = max(1, min(workers, budget - len(set(queued.values()))))
+    pools, rest = pool.plan_pools(
+        spec, cells, wave, n, spec.pool_time_min, lambda stage, dataset: resources(spec, stage, dataset)
+    )
+    by_id = {c.id: c for cs in cells.values() for c in cs}
+    python = python_command(cfg.container or spec.container, run_root, spec)
+    since = time.time()
+    task_of, submitted = dict(queued), []
+    for p in pools:
+        nodes = slurm.partition_nodes(p.resources.partition)
+        worker = pool.Worker(
+            str(run_root),
+            p.name,
+            p.cells,
+            [c for q in pools if q is not p for c in q.cells if pool.fits(res_of(by_id[c]), p.resources)],
+            {c: res_of(by_id[c]).time_min for q in pools for c in q.cells},
+            {c: res_of(by_id[c]).cpus for q in pools for c in q.cells},
+            {s: resources(spec, s).max_retries for s in cells},
+            float(p.resources.time_min),
+            since,
+            sorted(nodes) if nodes else None,
+            idle_min=spec.pool_idle_min if spec.pool_idle_min is not None else pool.DEFAULT_IDLE_MIN,
+        )
+        executor = submitit.SlurmExecutor(folder=str(submitit_folder(run_root)), max_num_timeout=1000, python=python)
+        executor.update_parameters(**batch_parameters(p.resources, f"histokt-{spec.name}-pool-{p.name}", run_root, []))
+        with executor.batch():
+            jobs = [executor.submit(worker) for _ in range(p.workers)]
+        job = slurm.job_of(jobs[0].job_id)
+        record = {
+            "job": job,
+            "stage": "pool",
+            "pool": p.name,
+            "stages": p.stages,
+            "cells": p.cells,
+            "array": p.workers > 1,
+            "workers": p.workers,
+            "after": [],
+            "time": since,
+            "queued_before": len(set(queued.values())),
+        }
+        slurm.record_submission(run_root, record)
+        submitted.append(record)
+        task_of.update(dict.fromkeys(p.cells, job))
+    out = submit_slurm(spec, run_root, cells, rest, cfg, task_of) if any(rest.values()) else {"records": []}
+    records = [*submitted, *out["records"]]
+    return {
+        "status": "submitted",
+        "arrays": [(f"pool {r['pool']}" if "workers" in r else r["stage"], r["job"], len(r["cells"])) for r in records],
+        "records": records,
+    }
 
 
 def resources(spec, stage: str, dataset: str | None = None) -> Resources:
@@ -536,10 +649,14 @@ def bind_paths(run_root: Path, spec, image: Path | None = None) -> list[str]:
 
 
 def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], dataset: str | None = None) -> dict:
-    r = resources(spec, stage, dataset)
+    return batch_parameters(resources(spec, stage, dataset), f"histokt-{spec.name}-{stage}", run_root, dependency)
+
+
+def batch_parameters(r: Resources, job_name: str, run_root: Path, dependency: list[str]) -> dict:
+    """submitit's parameters for an array whose tasks each get ``r``."""
     extra: dict[str, Any] = {"requeue": True}
     params: dict[str, Any] = {
-        "job_name": f"histokt-{spec.name}-{stage}",
+        "job_name": job_name,
         "time": r.time_min,
         "nodes": r.nodes,
         "cpus_per_task": r.cpus,
@@ -603,6 +720,28 @@ def dry_run_scripts(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict
         command = slurm.submit_command(python, folder)
         scripts[stage] = slurm.sbatch_script(command, folder, len(members) if len(members) > 1 else None, params)
     return scripts
+
+
+def dry_run_pools(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
+    """The other plan: pools of workers (--pool N; 16 where none is asked, to compare), one line and the sbatch
+    script of each, and the cells left to arrays (DDP stages)."""
+    n = pool_size(cfg, spec) or 16
+    pools, rest = pool.plan_pools(
+        spec, cells, work, n, spec.pool_time_min, lambda stage, dataset: resources(spec, stage, dataset)
+    )
+    python = python_command(cfg.container or spec.container, run_root, spec) or shlex.quote(sys.executable)
+    command = slurm.submit_command(python, submitit_folder(run_root))
+    lines, scripts = [], {}
+    for p in pools:
+        r = p.resources
+        lines.append(
+            f"pool {p.name}: {p.workers} workers ({', '.join(p.stages)}: {len(p.cells)} cells), each "
+            f"{r.gpus} GPU, {r.cpus} CPUs, {r.mem_gb:g} GB, {r.time_min} min"
+        )
+        params = batch_parameters(r, f"histokt-{spec.name}-pool-{p.name}", run_root, [])
+        scripts[p.name] = slurm.sbatch_script(command, submitit_folder(run_root), p.workers, params)
+    lines += [f"{stage}: {len(i)} cells in job arrays (DDP: not pooled)" for stage, i in rest.items() if i]
+    return {"pool_workers": n, "pools": lines, "pool_scripts": scripts}
 
 
 def submitit_folder(run_root: Path) -> Path:

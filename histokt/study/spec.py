@@ -102,6 +102,9 @@ class Spec:
     target_mpp: float = 1.0
     stage_to: str | None = None  # node-local staging of every training cell (None: histokt train's default)
     max_queued: int | None = None  # most of the study's tasks queued or running at once (None: the sweep's default)
+    pool: int | None = None  # workers per pool of task farming (histokt.batch.pool); None/0: one task per cell
+    pool_time_min: int | None = None  # a worker's time limit (at least its longest cell's time_min)
+    pool_idle_min: float | None = None  # a worker with nothing to run leaves after this long
     datasets: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     text: str = ""  # the file as read, stored in the run root
@@ -140,7 +143,19 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
     study = _table(doc, "study", where)
     _keys(
         study,
-        {"name", "store", "run_root", "container", "patch_size", "target_mpp", "stage_to", "max_queued"},
+        {
+            "name",
+            "store",
+            "run_root",
+            "container",
+            "patch_size",
+            "target_mpp",
+            "stage_to",
+            "max_queued",
+            "pool",
+            "pool_time_min",
+            "pool_idle_min",
+        },
         "study",
         where,
     )
@@ -153,11 +168,20 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
         target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
         stage_to=_get(study, "stage_to", str, "study", where, default=None),
         max_queued=_get(study, "max_queued", int, "study", where, default=None),
+        pool=_get(study, "pool", int, "study", where, default=None),
+        pool_time_min=_get(study, "pool_time_min", int, "study", where, default=None),
+        pool_idle_min=_get(study, "pool_idle_min", float, "study", where, default=None),
         text=text,
     )
     _check_stage_to(spec.stage_to, where)
     if spec.max_queued is not None and spec.max_queued < 1:
         raise UserError(f"{where}: study.max_queued: {spec.max_queued} must be at least 1")
+    if spec.pool is not None and spec.pool < 0:
+        raise UserError(f"{where}: study.pool: {spec.pool} must be at least 0 (0: one task per cell)")
+    for key in ("pool_time_min", "pool_idle_min"):
+        value = getattr(spec, key)
+        if value is not None and not value > 0:
+            raise UserError(f"{where}: study.{key}: {value} must be a positive number of minutes")
     if spec.patch_size < 8:
         raise UserError(f"{where}: study.patch_size: {spec.patch_size} must be at least 8")
     _positive(spec.target_mpp, "study.target_mpp", where, "µm/px")

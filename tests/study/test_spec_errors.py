@@ -66,8 +66,8 @@ CASES = [
     case({"study": "t"}, "[study]: missing table", "study-not-table"),
     case(
         {"study.colour": "red"},
-        "study.colour: unknown key; allowed here: container, max_queued, name, patch_size, run_root, stage_to, store, "
-        "target_mpp",
+        "study.colour: unknown key; allowed here: container, max_queued, name, patch_size, pool, pool_idle_min, "
+        "pool_time_min, run_root, stage_to, store, target_mpp",
         "study-unknown",
     ),
     case({"study.name": DEL}, "study.name: missing", "name-missing"),
@@ -183,6 +183,8 @@ CASES = [
     case({f"{RES}.account": 1.5}, f"{RES}.account: 1.5 is not a str", "account-type"),
     case({f"{RES}.qos": ["x"]}, f"{RES}.qos: ['x'] is not a str", "qos-type"),
     case({f"{RES}.cpus": 0}, f"{RES}.cpus: 0 is impossible; must be at least 1", "cpus-0"),
+    case({"study.pool": -1}, "study.pool: -1 must be at least 0 (0: one task per cell)", "pool-neg"),
+    case({"study.pool_time_min": 0}, "study.pool_time_min: 0 must be a positive number of minutes", "pool-time-0"),
     case({f"{RES}.max_retries": -1}, f"{RES}.max_retries: -1 must be at least 0 (0: never retried)", "retries-neg"),
     case({f"{RES}.cpus": -1}, f"{RES}.cpus: -1 is impossible; must be at least 1", "cpus-neg"),
     case({f"{RES}.time_min": 0}, f"{RES}.time_min: 0 is impossible; must be at least 1", "time_min-0"),
