@@ -102,7 +102,10 @@ def status(run_root) -> dict:
 
 def worker_alive(w: dict, queue: dict | None) -> bool:
     """A worker that has not said it ended, and whose task is running (where squeue answers)."""
-    return queue is None or queue.get(str(w.get("worker"))) == "RUNNING"
+    if queue is None:
+        return True
+    key = str(w.get("worker"))  # <job>_<task>; a pool of one worker is a plain job, <job>_0
+    return "RUNNING" in (queue.get(key), queue.get(key.removesuffix("_0")))
 
 
 def crash_line(stage: str, cell: str, status: str, state: dict, run_root: Path) -> str:

@@ -62,6 +62,40 @@ def state(cell_dir: Path) -> dict:
         return {}
 
 
+def same_as_uninterrupted(cell: Path, ref: Path) -> bool:
+    """Whether a (resumed) pretrain cell's best weights equal those of an uninterrupted `histokt train` of the
+    same configuration, on one thread as its task had."""
+    config = json.loads((cell / "config.json").read_text())
+    args = [
+        "train",
+        "--store",
+        config["store"],
+        "--dataset",
+        config["dataset"],
+        "--out",
+        ref,
+        "--epochs",
+        config["epochs"],
+        "--batch-size",
+        config["batch_size"],
+        "--workers",
+        "0",
+        "--optimizer",
+        config["optimizer"],
+        "--lr",
+        config["lr"],
+        "--eval-batch-size",
+        config["eval_batch_size"],
+        "--no-progress",
+    ]
+    r = subprocess.run(
+        histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    a, b = checkpoint.load(cell / "best.pt")["model"], checkpoint.load(ref / "best.pt")["model"]
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("where", ["host", "image"])
 def test_demo_study_on_slurm(slurm_cluster, tmp_path, request, where):  # noqa: F811
     """On the host, and inside the real image (every cell through `apptainer exec`: the cell preempted with
@@ -112,36 +146,7 @@ def test_demo_study_on_slurm(slurm_cluster, tmp_path, request, where):  # noqa: 
     assert not options or ran["sif_id"]  # a real SIF: its build's ID
     assert interrupted_at < json.loads((crc / "result.json").read_text())["steps"]
     # the resumed result equals an uninterrupted run of the same cell, on the same threads
-    config = json.loads((crc / "config.json").read_text())
-    ref = tmp_path / "uninterrupted"
-    args = [
-        "train",
-        "--store",
-        config["store"],
-        "--dataset",
-        "crc",
-        "--out",
-        ref,
-        "--epochs",
-        config["epochs"],
-        "--batch-size",
-        config["batch_size"],
-        "--workers",
-        "0",
-        "--optimizer",
-        config["optimizer"],
-        "--lr",
-        config["lr"],
-        "--eval-batch-size",
-        config["eval_batch_size"],
-        "--no-progress",
-    ]
-    r = subprocess.run(
-        histokt_cmd(*map(str, args)), env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stderr
-    a, b = checkpoint.load(crc / "best.pt")["model"], checkpoint.load(ref / "best.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_as_uninterrupted(crc, tmp_path / "uninterrupted")
 
     # the cells read their data from a node-local copy ($SLURM_TMPDIR), removed when its last user left
     logs = "".join(p.read_text(errors="replace") for p in runs.glob("submitit/*/*.out"))
@@ -359,3 +364,42 @@ def test_a_crashed_task_is_requeued_and_retried_by_slurm(slurm_cluster, tmp_path
     logs = line.split("logs: ")[1].split(", ")
     assert len(logs) == 2 and all(Path(p).is_file() for p in logs), logs
     assert "crashes as planted on try 2" in Path(logs[1]).read_text()
+
+
+def test_a_preempted_worker_requeues_and_its_cell_resumes_exactly(slurm_cluster, tmp_path):  # noqa: F811
+    """--pool 1: one worker takes every cell; USR2 while it trains A-crc: the cell checkpoints, the worker
+    asks for a requeue and ends, SLURM requeues it, and the worker takes up the cell again, which resumes to
+    the weights of an uninterrupted run; no cell finished before the signal runs again. `histokt status`
+    names the worker and the cell it runs."""
+    from histokt.batch.slurm import submissions
+
+    write_collection(tmp_path / "demo", per_class=4, seed=0)
+    spec = tmp_path / "study.toml"
+    spec.write_text(SPEC.read_text().replace("epochs = 2\n", "epochs = 20\n"))  # long enough to be caught
+    out = sweep(tmp_path, spec, "--pool", "1")
+    assert "submitted pool cpu" in out
+    runs = tmp_path / "demo" / "runs"
+    (record,) = submissions(runs)
+    assert record["workers"] == 1 and len(record["cells"]) == 10
+    crc = runs / "cells" / "pretrain" / "A-crc-random-s0"
+    wait_until(lambda: (crc / "last.pt").exists() and state(crc).get("status") == "running", "A-crc to train")
+    status = subprocess.run(histokt_cmd("status", runs), env=env(), capture_output=True, text=True).stdout
+    assert f"worker {record['job']}_0 (pool cpu) on " in status and ": runs A-crc-random-s0; " in status, status
+    done_before = {p.parent.name: p.stat().st_mtime for p in runs.glob("cells/*/*/done.json")}
+    subprocess.run(["scancel", "--signal=USR2", record["job"]], check=True)
+    wait_until(lambda: state(crc).get("interrupted_at_steps"), "the interruption to be recorded")
+    wait_until(
+        lambda: (runs / "cells" / "collect" / "collect" / "done.json").exists() and queue_empty_for(runs),
+        "the study to finish",
+    )
+    s = state(crc)
+    assert (crc / "result.json").exists() and s["attempts"] == 2, s
+    assert s["interrupted_at_steps"][0] < json.loads((crc / "result.json").read_text())["steps"]
+    assert same_as_uninterrupted(crc, tmp_path / "uninterrupted")
+    assert done_before and all(
+        (runs / "cells" / "standardize" / c / "done.json").stat().st_mtime == t for c, t in done_before.items()
+    )
+    others = [p for p in runs.glob("cells/*/*/state.json") if p.parent != crc]
+    assert len(others) == 9 and all(json.loads(p.read_text())["attempts"] == 1 for p in others)
+    log = (runs / "submitit" / f"{record['job']}" / f"{record['job']}_0_log.out").read_text(errors="replace")
+    assert f"histokt: requeue {record['job']}_0" in log
