@@ -2,7 +2,7 @@
 
     bash slurm/local/start.sh
     .venv/bin/python benchmarks/rehearse.py [--spec jobs/paper.toml] [--max-queued 200] [--watch-interval 30]
-                                            [--missing glas] [--fail A-adp-imagenet-s0] [--work DIR]
+                                            [--missing glas] [--fail A-adp-imagenet-s0] [--work DIR] [--pool N]
 
 ``histokt sweep SPEC --executor slurm --rehearse --max-queued N --watch``, one command, over a copy of the spec
 whose resources fit the local node (1 CPU, 256 MB, no GPU: the plan, its cells and their inputs are
@@ -18,7 +18,10 @@ Counted and checked, never asserted in CI (it takes the better part of an hour h
   expected to fail where planted (or its raw folder is absent), to be blocked where a cell it reads from
   failed or is blocked, and to be done otherwise.
 
-Writes benchmarks/results/rehearse.json.
+With ``--pool N`` the same study runs as a pool of N workers per kind of resource (``sweep --pool``): the
+two ways compared (README "Benchmarks").
+
+Writes benchmarks/results/rehearse.json (rehearse-pool<N>.json with --pool).
 """
 
 import argparse
@@ -120,6 +123,7 @@ def main() -> int:
     ap.add_argument("--missing", default="glas", help="the dataset whose raw folder is absent")
     ap.add_argument("--fail", default="A-adp-imagenet-s0", help="comma-separated globs of cells that fail")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "histokt-rehearsal")
+    ap.add_argument("--pool", type=int, default=0, help="workers per pool (0: one task per cell)")
     args = ap.parse_args()
     if subprocess.run(["squeue", "-h"], capture_output=True).returncode != 0:
         print("rehearse: no SLURM controller answers; start the local cluster: bash slurm/local/start.sh")
@@ -133,15 +137,15 @@ def main() -> int:
     stop = threading.Event()
 
     def sample() -> None:
-        from histokt.batch.slurm import cell_jobs
+        from histokt.batch.slurm import job_of, submissions
 
         while not stop.is_set():
             if (run_root / "submissions.jsonl").exists():
-                tasks = set(cell_jobs(run_root).values())
+                jobs = {r["job"] for r in submissions(run_root)}
                 listed = subprocess.run(
                     ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i"], capture_output=True, text=True
                 ).stdout.split()
-                seen.append(len(tasks & set(listed)))
+                seen.append(sum(job_of(t) in jobs for t in listed))
             stop.wait(2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -149,6 +153,7 @@ def main() -> int:
         *(sys.executable, "-m", "histokt", "sweep", str(spec), "--executor", "slurm", "--rehearse"),
         *("--run-root", str(run_root), "--max-queued", str(args.max_queued), "--watch"),
         *("--watch-interval", str(args.watch_interval), "--rehearse-fail", args.fail),
+        *("--pool", str(args.pool)),  # 0: one task per cell, whatever the spec says
     ]
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     sampler.start()
@@ -166,7 +171,7 @@ def main() -> int:
         name = line.split()[0] if line.split()[1:2] != ["requeue"] else "scontrol requeue"
         calls[name] = calls.get(name, 0) + 1
     records = submissions(run_root)
-    ledger_peak = max(r["queued_before"] + len(r["cells"]) for r in records)
+    ledger_peak = max(r["queued_before"] + r.get("workers", len(r["cells"])) for r in records)
     # one wave per pass of the watcher: its submissions come within seconds, passes are an interval apart
     waves = sum(1 for a, b in zip([None, *records], records) if a is None or b["time"] - a["time"] > 5)
     expected, actual = expected_ends(run_root, args.missing, args.fail.split(",")), actual_ends(run_root)
@@ -186,6 +191,7 @@ def main() -> int:
         "watch_interval_s": args.watch_interval,
         "missing": args.missing,
         "fail": args.fail,
+        "pool": args.pool,
         "exit_code": code,
         "wall_s": round(wall, 1),
         "scheduler_calls": calls,
@@ -196,7 +202,7 @@ def main() -> int:
         "ends": by_end,
         "unexpected": len(wrong),
     }
-    path = write_results("rehearse", result)
+    path = write_results(f"rehearse-pool{args.pool}" if args.pool else "rehearse", result)
     rows = [[s, *e.values()] for s, e in by_end.items()]
     print(markdown_table(["stage", "done", "failed", "blocked", "other"], rows))
     print(

@@ -80,10 +80,11 @@ def set_state(directory: Path, **fields) -> None:
     atomic.write_json(directory / "state.json", state)
 
 
-def run_cell(run_root, stage: str, index: int) -> int:
+def run_cell(run_root, stage: str, index: int, cells: dict[str, list[plan.Cell]] | None = None) -> int:
     """Run (or resume) one cell; returns 0 (done) or 75 (interrupted), raises UserError (its ``exit_code``:
-    2, CellBusy 3, CellBlocked 4) or any other exception (a crash)."""
-    cells = plan.read(run_root)
+    2, CellBusy 3, CellBlocked 4) or any other exception (a crash). ``cells``: the plan, where the caller has
+    read it already (a pool worker runs thousands of cells from one reading)."""
+    cells = plan.read(run_root) if cells is None else cells
     members = cells.get(stage)
     if members is None:
         raise UserError(f"{run_root}: the plan has no stage {stage!r}")

@@ -206,6 +206,9 @@ class _State:
         self.index = {c.id: (stage, i) for stage, cs in self.cells.items() for i, c in enumerate(cs)}
         self.done: set[str] = set()
         self.dead: set[str] = set()
+        self.looked: set[str] = set()
+        self.alive: set[str] = set()
+        self.crashes: dict[str, int] = {}  # cell id -> crashes in this worker
         self.seen: dict[tuple, float] = {}  # (stage, dataset) -> the longest a cell of them took here
         self.needs = {c: self._needs(c) for c in [*worker.cells, *worker.others]}
         count: dict[str, int] = {}
@@ -226,6 +229,9 @@ class _State:
     def is_done(self, cell_id: str) -> bool:
         if cell_id in self.done:
             return True
+        if cell_id in self.looked:  # not done a moment ago, in this scan
+            return False
+        self.looked.add(cell_id)
         cell = self.by_id[cell_id]
         marker = plan.marker(self.run_root, cell)
         if cell.kind == "collect":  # a summary written before this pool is stale: the collector runs again
@@ -240,17 +246,21 @@ class _State:
         """Failed or blocked since the pool was submitted, and not to be retried."""
         if cell_id in self.dead:
             return True
+        if cell_id in self.alive:  # not failed a moment ago, in this scan
+            return False
         state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
         gone = state.get("status") in ("failed", "blocked") and not retry.wanted(state)
         if gone and state.get("time", 0) >= self.worker.since:
             self.dead.add(cell_id)
             return True
+        self.alive.add(cell_id)
         return False
 
     def next_cell(self, time_left: float) -> tuple[str | None, str]:
         """(the cell to run, "") or (None, why): "no time" (cells ready, none fits in the time left), "wait"
         (cells whose inputs are still to come), "nothing" (every cell done, dead or held by others)."""
         wait = no_time = False
+        self.looked, self.alive = set(), set()  # what this scan found not done, not failed: asked once each
         for group in (self.mine, self.theirs):
             for c in group:
                 verdict = self._verdict(c, time_left)
@@ -308,7 +318,7 @@ class _State:
         threads(self.worker.cpus.get(c))
         t0 = time.monotonic()
         try:
-            code = run_cell(self.run_root, stage, i)
+            code = run_cell(self.run_root, stage, i, self.cells)
         except CellBusy:
             return 0
         except CellBlocked:
@@ -320,6 +330,10 @@ class _State:
             return 0
         except Exception as exc:  # a crash, recorded by the cell (retry): never the end of the worker
             print(f"histokt pool: {c}: crashed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            # bounded here too, should the crash come before the cell could record it
+            self.crashes[c] = self.crashes.get(c, 0) + 1
+            if self.crashes[c] > self.worker.max_retries.get(stage, retry.DEFAULT_MAX_RETRIES):
+                self.dead.add(c)
             return 0
         if code == 0:
             key = (cell.stage, plan.cell_dataset(cell))

@@ -84,7 +84,11 @@ def crash_rule(rule: str) -> tuple[str, int | None]:
 
 def outputs(run_root: Path, cells: dict[str, list[plan.Cell]], directory: Path) -> list[Path]:
     """The files in ``directory`` that some cell of the plan reads (a model, a merged model)."""
-    wanted = {Path(p) for cs in cells.values() for c in cs for p in plan.fill_run_root(c.inputs, run_root)}
+    # a substring test on the inputs as planned first: thousands of cells, each filled in only where it may match
+    token = f"{{run_root}}/{directory.relative_to(run_root)}/" if directory.is_relative_to(run_root) else "\0"
+    here = f"{directory}/"
+    maybe = [p for cs in cells.values() for c in cs for p in c.inputs if p.startswith((token, here))]
+    wanted = {Path(p) for p in plan.fill_run_root(maybe, run_root)}
     return sorted(p for p in wanted if p.parent == directory and p.name != "done.json")
 
 

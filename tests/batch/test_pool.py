@@ -158,8 +158,8 @@ def test_an_interrupted_cell_ends_the_worker_with_a_requeue(rehearsal, monkeypat
     monkeypatch.setenv("SLURM_JOB_ID", "4410")
     real = pool.run_cell
 
-    def preempted_at_pretrain(root, stage, index):
-        return EXIT_REQUEUE if stage == "pretrain" else real(root, stage, index)
+    def preempted_at_pretrain(root, stage, index, cells):
+        return EXIT_REQUEUE if stage == "pretrain" else real(root, stage, index, cells)
 
     monkeypatch.setattr(pool, "run_cell", preempted_at_pretrain)
     assert worker(run_root, cells)() == EXIT_REQUEUE
@@ -204,3 +204,19 @@ def test_status_file_is_written_atomically_per_worker(tmp_path, monkeypatch):
     }  # fmt: skip
     s.end()
     assert pool.workers(tmp_path)[0]["ended"] is True and pool.workers(tmp_path)[0]["ran"] == 2
+
+
+def test_a_crash_before_the_cell_could_record_it_is_bounded_too(rehearsal, monkeypatch):
+    run_root, cells = rehearsal()
+    calls = []
+
+    def broken(root, stage, index, cells):
+        calls.append(stage)
+        raise OSError("stale file handle")
+
+    monkeypatch.setattr(pool, "run_cell", broken)
+    assert worker(run_root, cells, max_retries={"standardize": 1})() == 0  # ends: never a loop
+    assert calls.count("standardize") == 3 * 2  # each of the 3 cells: a try and one retry
+    assert calls[6:] == ["collect"] * 3  # nothing read from a store that was never made; the report says so
+    mhist = json.loads((plan.cell_dir(run_root, cells["pretrain"][1]) / "state.json").read_text())
+    assert mhist["status"] == "blocked" and mhist["blocked_by"] == "standardize/std-mhist-0of1"
