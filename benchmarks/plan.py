@@ -1,6 +1,6 @@
 """Planning benchmark: a spec expanded, written to plan.json, and every stage's sbatch script rendered
-(--dry-run), in a fresh interpreter: wall time and peak memory, for jobs/demo.toml (42 cells) and
-jobs/paper.toml (4,675 cells), to show how the cost grows with the study.
+(--dry-run: the arrays, the cost table and the pools), in a fresh interpreter: wall time and peak memory, for
+jobs/demo.toml (39 cells) and jobs/paper.toml (4,675 cells), to show how the cost grows with the study.
 
     .venv/bin/python benchmarks/plan.py
 """
@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys, time
 t = time.perf_counter()
-from histokt import plan
-from histokt.spec import load
-from histokt.sweep import SweepConfig, sweep
+from histokt.batch.sweep import SweepConfig, sweep
+from histokt.study import plan
+from histokt.study.spec import load
 spec = load(sys.argv[1])
 cells = plan.expand(spec)
 plan.write("runs/paper", spec, cells)
