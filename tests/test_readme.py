@@ -34,6 +34,7 @@ COVERAGE = [
     ),
     (r"apptainer test histokt\.sif", ["test_container.py::test_apptainer_test_passes"]),
     (r"apptainer sif header", ["test_container.py::test_the_image_holds_this_trees_histokt_and_the_hosts_python"]),
+    (r"apptainer run", ["test_container.py::test_apptainer_run_demo_runs_the_study_from_the_images_install"]),
     (
         r"histokt sweep jobs/paper\.toml --executor slurm --rehearse.*",
         ["batch/test_rehearse.py::test_a_rehearsal_runs_every_cell_and_trains_nothing"],
