@@ -129,6 +129,12 @@ def is_stale(path, stale_after: float = DEFAULT_STALE_S) -> bool:
     return time.time() - h.heartbeat > stale_after
 
 
+def live(path, stale_after: float = DEFAULT_STALE_S) -> Holder | None:
+    """The holder of the lease at ``path`` where it is held and not stale, else None."""
+    h = read(path)
+    return None if h is None or is_stale(path, stale_after) else h
+
+
 def left_by_an_earlier_run(path) -> bool:
     """Whether the lease at ``path`` names this process's own SLURM job on another host: where one process
     per job takes it (``one_per_job``), an earlier run of this job left it before a requeue."""

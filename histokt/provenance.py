@@ -9,6 +9,7 @@ would cost seconds in every cell.
 A study is pinned to one version of all this (``histokt.study.versions``): ``identity`` is what is compared.
 """
 
+import functools
 import os
 import platform
 import subprocess
@@ -41,9 +42,12 @@ def sif_id(path: str) -> str | None:
     return str(uuid.UUID(bytes=head[48:64]))
 
 
+@functools.cache
 def commit() -> str | None:
     """The git commit of the checkout histokt is imported from (``-dirty`` where its sources differ from it),
-    or None for an installed histokt (a wheel, the image) or where git cannot tell."""
+    or None for an installed histokt (a wheel, the image) or where git cannot tell. Asked once per process:
+    the commit of the code it imported, not of a checkout moved on since (and two git calls, not two per
+    cell of a pool worker)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None

@@ -172,9 +172,7 @@ def _run(run_root, cells: dict[str, list[plan.Cell]], cell: plan.Cell, directory
         if type(exc).__name__ == "UncompletedJobError":  # submitit's USR2/TERM handler, outside a training loop
             set_state(directory, status="interrupted", error=line)
         elif isinstance(exc, Exception):  # a crash: recorded, for a bounded retry (histokt.batch.retry)
-            before = retry.failures(atomic.read_json(directory / "state.json") or {})
-            record = retry.crash_record(line, lease.current_job())
-            tried = [*before, record]
+            tried = [*retry.failures(state), retry.crash_record(line, lease.current_job())]
             retrying = len(tried) <= retry.max_retries()
             set_state(directory, status="failed", error=line, crashed=True, failures=tried, retry=retrying)
         else:

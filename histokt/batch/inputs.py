@@ -26,7 +26,7 @@ class Inputs:
         if cell_id in self.dead:
             return True
         state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
-        return state.get("status") in ("failed", "blocked") and not retry.wanted(state)  # a retry: not dead
+        return retry.failed_for_good(state)  # a cell to be retried is not dead
 
     def done(self) -> set[str]:
         return {i for i, c in self.by_id.items() if plan.is_done(self.run_root, c)}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from histokt import atomic, lease
 from histokt.batch import retry
-from histokt.batch.cellrun import CellBlocked, CellBusy, run_cell
+from histokt.batch.cellrun import LEASE, CellBlocked, CellBusy, run_cell
 from histokt.batch.inputs import Inputs, record_blocked
 from histokt.batch.slurm import REQUEUE_DIR, job_key
 from histokt.errors import EXIT_REQUEUE, UserError
@@ -88,7 +88,7 @@ class PoolPlan:
     cells: list[str] = field(default_factory=list)  # the cell ids it is submitted for, in plan order
 
 
-def plan_pools(spec, cells: dict, work: dict[str, list[int]], workers: int, time_min: int | None, resources_of):
+def plan_pools(cells: dict, work: dict[str, list[int]], workers: int, time_min: int | None, resources_of):
     """The pools for the cells of ``work`` that can be pooled, and the rest (stage -> indices) for arrays.
     ``resources_of(stage, dataset)``: a stage's resources with a dataset's overrides."""
     pools: dict[tuple, PoolPlan] = {}
@@ -242,15 +242,16 @@ class _State:
             self.done.add(cell_id)
         return done
 
-    def failed_for_good(self, cell_id: str) -> bool:
-        """Failed or blocked since the pool was submitted, and not to be retried."""
+    def failed_for_good(self, cell_id: str, state: dict | None = None) -> bool:
+        """Failed or blocked since the pool was submitted, and not to be retried (``state``: its state.json,
+        where the caller has read it)."""
         if cell_id in self.dead:
             return True
         if cell_id in self.alive:  # not failed a moment ago, in this scan
             return False
-        state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
-        gone = state.get("status") in ("failed", "blocked") and not retry.wanted(state)
-        if gone and state.get("time", 0) >= self.worker.since:
+        if state is None:
+            state = atomic.read_json(plan.cell_dir(self.run_root, self.by_id[cell_id]) / "state.json") or {}
+        if retry.failed_for_good(state) and state.get("time", 0) >= self.worker.since:
             self.dead.add(cell_id)
             return True
         self.alive.add(cell_id)
@@ -293,12 +294,11 @@ class _State:
         """Nobody else holds it, it has not failed for good, and it did not crash on this node (where the
         partition has another)."""
         directory = plan.cell_dir(self.run_root, self.by_id[c])
-        holder = lease.read(directory / "cell.lease")
-        if holder is not None and not lease.is_stale(directory / "cell.lease"):
-            return False
-        if self.failed_for_good(c):
+        if lease.live(directory / LEASE) is not None:
             return False
         state = atomic.read_json(directory / "state.json") or {}
+        if self.failed_for_good(c, state):
+            return False
         crashed = retry.crashed_on(state)
         if retry.wanted(state) and retry.node() in crashed:
             nodes = self.worker.nodes

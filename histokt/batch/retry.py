@@ -60,6 +60,11 @@ def wanted(state: dict) -> bool:
     return state.get("status") == "failed" and bool(state.get("crashed")) and bool(state.get("retry"))
 
 
+def failed_for_good(state: dict) -> bool:
+    """Failed or blocked, and not to be retried: the cells that read from it never will run."""
+    return state.get("status") in ("failed", "blocked") and not wanted(state)
+
+
 def failures(state: dict) -> list[dict]:
     return [f for f in state.get("failures", []) if isinstance(f, dict)]
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from histokt import atomic, lease
 from histokt.batch import pool, retry, slurm
+from histokt.batch.cellrun import LEASE
 from histokt.study import plan
 
 COLUMNS = ("done", "running", "pending", "requeued", "failed", "blocked", "lost")
@@ -47,11 +48,9 @@ def cell_status(
 def pool_cell_status(run_root: Path, cell: plan.Cell, state: dict) -> tuple[str, str | None]:
     """A pool's cell: running while a live worker holds its lease; lost where its worker left it running
     without a word; failed, blocked or requeued as its state says; else pending (for the next free worker)."""
-    path = plan.cell_dir(run_root, cell) / "cell.lease"
     status = state.get("status")
     if status == "running":
-        holder = lease.read(path)
-        if holder is not None and not lease.is_stale(path):
+        if lease.live(plan.cell_dir(run_root, cell) / LEASE) is not None:
             return "running", None
         return "lost", f"its worker ({(state.get('job') or 'no job')}) ended without a word; see its log"
     if status == "failed" and not retry.wanted(state):

@@ -14,6 +14,7 @@ starts where it can (``cancel_blocked``). The collector waits for every array of
 below the cluster's MaxArraySize.
 """
 
+import json
 import math
 import os
 import shlex
@@ -412,8 +413,7 @@ def given_up_in_pools(run_root: Path, cells: dict, pooled: dict[str, int]) -> se
         if cell not in by_id or plan.is_done(run_root, by_id[cell]):
             continue
         state = atomic.read_json(plan.cell_dir(run_root, by_id[cell]) / "state.json") or {}
-        dead = state.get("status") in ("failed", "blocked") and not retry.wanted(state)
-        if dead or n >= POOLED_AT_MOST:
+        if retry.failed_for_good(state) or n >= POOLED_AT_MOST:
             out.add(cell)
     return out
 
@@ -459,20 +459,11 @@ def run_pool_local(spec, run_root: Path, cells, work, cfg: SweepConfig, workers:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     ids = [cells[s][i].id for s, indices in work.items() for i in indices]
-    worker = pool.Worker(
-        str(run_root),
-        "local",
-        ids,
-        [],
-        {c.id: resources(spec, c.stage, plan.cell_dataset(c)).time_min for cs in cells.values() for c in cs},
-        {},  # here, every cell gets the threads the local executor gives: OMP_NUM_THREADS
-        {s: resources(spec, s).max_retries for s in cells},
-        float(spec.pool_time_min or pool.DEFAULT_TIME_MIN),
-        time.time(),
-        [retry.node()],  # the one node there is: a crashed cell is retried here
-        idle_min=spec.pool_idle_min if spec.pool_idle_min is not None else pool.DEFAULT_IDLE_MIN,
-        poll_s=0.5,
-    )
+    # every cell gets the threads the local executor gives (OMP_NUM_THREADS); the one node there is: a crashed
+    # cell is retried here
+    time_min = float(spec.pool_time_min or pool.DEFAULT_TIME_MIN)
+    worker = make_worker(spec, run_root, cells, "local", ids, [], time_min, time.time(), [retry.node()], threads=False)
+    worker.poll_s = 0.5
     executor = submitit.LocalExecutor(folder=str(submitit_folder(run_root)))
     executor.update_parameters(timeout_min=int(worker.time_min))
     jobs = [executor.submit(worker) for _ in range(workers)]
@@ -496,28 +487,16 @@ def submit_pools(spec, run_root: Path, cells, wave, cfg: SweepConfig, queued: di
         return resources(spec, c.stage, plan.cell_dataset(c))
 
     n = max(1, min(workers, budget - len(set(queued.values()))))
-    pools, rest = pool.plan_pools(
-        spec, cells, wave, n, spec.pool_time_min, lambda stage, dataset: resources(spec, stage, dataset)
-    )
+    pools, rest = plan_pools(spec, cells, wave, n)
     by_id = {c.id: c for cs in cells.values() for c in cs}
     python = python_command(cfg.container or spec.container, run_root, spec)
     since = time.time()
     task_of, submitted = dict(queued), []
     for p in pools:
         nodes = slurm.partition_nodes(p.resources.partition)
-        worker = pool.Worker(
-            str(run_root),
-            p.name,
-            p.cells,
-            [c for q in pools if q is not p for c in q.cells if pool.fits(res_of(by_id[c]), p.resources)],
-            {c: res_of(by_id[c]).time_min for q in pools for c in q.cells},
-            {c: res_of(by_id[c]).cpus for q in pools for c in q.cells},
-            {s: resources(spec, s).max_retries for s in cells},
-            float(p.resources.time_min),
-            since,
-            sorted(nodes) if nodes else None,
-            idle_min=spec.pool_idle_min if spec.pool_idle_min is not None else pool.DEFAULT_IDLE_MIN,
-        )
+        others = [c for q in pools if q is not p for c in q.cells if pool.fits(res_of(by_id[c]), p.resources)]
+        nodes_known = sorted(nodes) if nodes else None
+        worker = make_worker(spec, run_root, cells, p.name, p.cells, others, p.resources.time_min, since, nodes_known)
         executor = submitit.SlurmExecutor(folder=str(submitit_folder(run_root)), max_num_timeout=1000, python=python)
         executor.update_parameters(**batch_parameters(p.resources, f"histokt-{spec.name}-pool-{p.name}", run_root, []))
         with executor.batch():
@@ -545,6 +524,35 @@ def submit_pools(spec, run_root: Path, cells, wave, cfg: SweepConfig, queued: di
         "arrays": [(f"pool {r['pool']}" if "workers" in r else r["stage"], r["job"], len(r["cells"])) for r in records],
         "records": records,
     }
+
+
+def plan_pools(spec, cells, work, workers: int) -> tuple[list[pool.PoolPlan], dict[str, list[int]]]:
+    """The pools of ``workers`` for the cells of ``work``, and the rest for arrays (histokt.batch.pool)."""
+    return pool.plan_pools(cells, work, workers, spec.pool_time_min, lambda s, d: resources(spec, s, d))
+
+
+def make_worker(
+    spec, run_root: Path, cells, name: str, mine: list[str], others: list[str], time_min: float, since: float,
+    nodes: list[str] | None, threads: bool = True,
+) -> pool.Worker:  # fmt: skip
+    """A pool's worker for ``mine`` (then ``others``): each cell's time_min as its first estimate, its CPUs as
+    its threads (unless ``threads`` is False), its stage's max_retries; the spec's idle limit."""
+    by_id = {c.id: c for cs in cells.values() for c in cs}
+    own = [resources(spec, by_id[c].stage, plan.cell_dataset(by_id[c])) for c in [*mine, *others]]
+    ids = [*mine, *others]
+    return pool.Worker(
+        str(run_root),
+        name,
+        mine,
+        others,
+        {c: r.time_min for c, r in zip(ids, own)},
+        {c: r.cpus for c, r in zip(ids, own)} if threads else {},
+        {s: resources(spec, s).max_retries for s in cells},
+        float(time_min),
+        since,
+        nodes,
+        idle_min=spec.pool_idle_min if spec.pool_idle_min is not None else pool.DEFAULT_IDLE_MIN,
+    )
 
 
 def resources(spec, stage: str, dataset: str | None = None) -> Resources:
@@ -596,9 +604,9 @@ def check_image(container: str) -> dict:
     if not Path(container).is_file():
         raise UserError(f"--container {container}: no such image (make image builds one)")
     probe = (
-        "import sys, histokt; from histokt import provenance as p; "
+        "import json, sys, histokt; from histokt import provenance as p; "
         "print(f'{sys.version_info[0]}.{sys.version_info[1]} {histokt.__version__}'); "
-        "print(p.torch_version(), p.commit())"
+        "print(json.dumps(p.runtime(p.torch_version())))"
     )
     command = ["apptainer", "exec", "--env", "PYTHONPATH=", container, "python", "-P", "-c", probe]
     try:
@@ -616,15 +624,11 @@ def check_image(container: str) -> dict:
             f"--container {container}: the image has Python and histokt {why!r}, this host {ours!r}: submitit "
             f"needs both equal; rebuild the image from this checkout (make image)"
         )
-    torch, commit = (lines[1].split() + ["None", "None"])[:2] if len(lines) > 1 else ("None", "None")
     python, version = theirs.split()
-    return {
-        "histokt": version,
-        "commit": None if commit == "None" else commit,
-        "python": python,
-        "torch": None if torch == "None" else torch,
-        "image": provenance.sif_id(str(Path(container).resolve())),
-    }
+    rt = {"python": python, "histokt": version, **(json.loads(lines[1]) if len(lines) > 1 else {})}
+    # the image's ID read here: inside, the probe's path may not be bound
+    image = str(Path(container).resolve())
+    return provenance.identity({**rt, "container": {"image": image, "sif_id": provenance.sif_id(image)}})
 
 
 def cell_identity(cfg: SweepConfig, spec) -> dict:
@@ -726,9 +730,7 @@ def dry_run_pools(spec, run_root: Path, cells, work, cfg: SweepConfig) -> dict:
     """The other plan: pools of workers (--pool N; 16 where none is asked, to compare), one line and the sbatch
     script of each, and the cells left to arrays (DDP stages)."""
     n = pool_size(cfg, spec) or 16
-    pools, rest = pool.plan_pools(
-        spec, cells, work, n, spec.pool_time_min, lambda stage, dataset: resources(spec, stage, dataset)
-    )
+    pools, rest = plan_pools(spec, cells, work, n)
     python = python_command(cfg.container or spec.container, run_root, spec) or shlex.quote(sys.executable)
     command = slurm.submit_command(python, submitit_folder(run_root))
     lines, scripts = [], {}

@@ -475,9 +475,7 @@ def _part_done(staging: Path, k: int) -> bool:
 
 def _live_holder(staging: Path, k: int) -> lease.Holder | None:
     """Who holds part k's lease, where it is held and not stale."""
-    path = part_dir(staging, k).with_suffix(".lease")
-    holder = lease.read(path)
-    return None if holder is None or lease.is_stale(path, PART_STALE_S) else holder
+    return lease.live(part_dir(staging, k).with_suffix(".lease"), PART_STALE_S)
 
 
 def _damaged(final: Path, attrs: dict) -> bool:

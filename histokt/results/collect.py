@@ -303,7 +303,8 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     run_root = Path(run_root)
     out = Path(out) if out else run_root / "summary"
     scan = _scan(run_root, _read_plan(run_root))
-    mixed = _mixed_note(versions.by_version(scan.runtimes))
+    groups = versions.by_version(scan.runtimes)
+    mixed = _mixed_note(groups)
     files = {}
     rows = _transfer_rows(scan)
     files["transfer.csv"] = _csv(COLUMNS, rows)
@@ -328,7 +329,7 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     for m in matrices:
         figures.heatmap(m, out / f"{m.name}.png")
     names = sorted([*files, *(f"{m.name}.png" for m in matrices), "report.md"])
-    report = _report(run_root, out, scan, matrices, distill, time.perf_counter() - started)
+    report = _report(run_root, out, scan, matrices, distill, groups, time.perf_counter() - started)
     atomic.write_bytes(out / "report.md", report.encode())
     return {
         "rows": len(rows),
@@ -611,7 +612,9 @@ def _mixed_note(groups: dict[str, list[str]]) -> str:
     return f"Mixed versions: these results come from {len(groups)} versions of histokt/Python/torch/image (report.md)"
 
 
-def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: list, seconds: float) -> str:
+def _report(
+    run_root: Path, out: Path, scan: _Scan, matrices: list, distill: list, groups: dict[str, list[str]], seconds: float
+) -> str:
     try:
         doc = atomic.read_json(run_root / "plan.json") or {}
     except (OSError, ValueError):
@@ -638,7 +641,6 @@ def _report(run_root: Path, out: Path, scan: _Scan, matrices: list, distill: lis
         ["stage", "done", "running", "failed", "blocked", "corrupt", "not started", "total"],
         [[s, *(str(c[k]) for k in STATUSES), str(sum(c.values()))] for s, c in scan.stages.items()],
     )
-    groups = versions.by_version(scan.runtimes)
     if len(groups) > 1:
         lines += ["", f"## {_mixed_note(groups)}", ""]
         for version, ids in sorted(groups.items(), key=lambda g: -len(g[1])):

@@ -28,7 +28,7 @@ def test_the_paper_study_gets_a_gpu_pool_and_a_cpu_pool():
     spec = load(PAPER)
     cells = plan.expand(spec)
     work = {s: list(range(len(cs))) for s, cs in cells.items()}
-    pools, rest = pool.plan_pools(spec, cells, work, 16, None, resources_of(spec))
+    pools, rest = pool.plan_pools(cells, work, 16, None, resources_of(spec))
     assert rest == {}
     got = {p.name: p for p in pools}
     assert sorted(got) == ["cpu", "gpu"]
@@ -51,7 +51,7 @@ def test_a_ddp_stage_stays_in_job_arrays(tmp_path):
     spec = load(tmp_path / "ddp.toml")
     cells = plan.expand(spec)
     work = {s: list(range(len(cs))) for s, cs in cells.items()}
-    pools, rest = pool.plan_pools(spec, cells, work, 8, 600, resources_of(spec))
+    pools, rest = pool.plan_pools(cells, work, 8, 600, resources_of(spec))
     assert list(rest) == ["pretrain"] and len(rest["pretrain"]) == len(cells["pretrain"])
     assert all("pretrain" not in p.stages for p in pools)
     assert {p.resources.time_min for p in pools} == {660, 600}  # the spec's pool time, or its longest cell's
