@@ -16,8 +16,8 @@ with each worker count, in these variants:
 
     raw        uint8 patches as stored (padded on read)
     aug-u8     augment.Augment() (flips + affine warp, Pillow) in the loader, uint8
-    aug-u8-ring  what-if, not histokt's behaviour: aug-u8 with each worker recycling a ring of 8 shared-
-               memory batch buffers instead of allocating one per batch
+    aug-u8-recycled  aug-u8 as `histokt train` reads it: each worker recycles a ring of RING shared-memory
+               batch buffers (``PatchDataset(recycle=True)``) instead of allocating one per batch
     aug-dev    Augment(augment_on_device): the loader reads raw patches and draws the per-sample
                parameters; the warp runs on the GPU (not timed here: there is no GPU in this benchmark)
     aug-float  Augment() + Normalize(mean, std) in the loader -> float32
@@ -63,7 +63,7 @@ from _common import (
 from histokt.store.reader import PatchDataset
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-VARIANTS = ("raw", "aug-u8", "aug-u8-ring", "aug-dev", "aug-float")
+VARIANTS = ("raw", "aug-u8", "aug-u8-recycled", "aug-dev", "aug-float")
 KINDS = {272: (1024, 1.0, 16), 93: (96, 0.972, 1)}  # content px: (image side, --mpp, patches per image)
 
 
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default="train", help="split to read (default train)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--workers", type=int, nargs="+", default=[2, 0], help="DataLoader worker counts (2 0)")
-    p.add_argument("--variants", nargs="+", default=["raw", "aug-u8", "aug-u8-ring"], choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=["raw", "aug-u8", "aug-u8-recycled"], choices=VARIANTS)
     p.add_argument("--min-patches", type=int, default=2000, help="patches per timed window, at least (2000)")
     p.add_argument("--min-seconds", type=float, default=2.0, help="seconds per timed window, at least (2.0)")
     p.add_argument("--repeat", type=int, default=3, help="timed windows per measurement, the median kept (3)")
@@ -109,47 +109,20 @@ def build_store(args, content: int, patches: int) -> tuple[Path, str]:
 # -- DataLoader throughput ----------------------------------------------------------------------------------
 
 
-RING = 8  # batch buffers per worker in the aug-u8-ring what-if (more than prefetch_factor 4 + 1 in use)
-
-
-def ring_empty():
-    """A stand-in for ``histokt.store.reader._empty`` that hands out RING shared-memory buffers in turn
-    instead of a fresh one per batch (the what-if of recycling; the consumer here never reads pixels, so
-    a buffer reused while the main process still holds it cannot corrupt what is measured)."""
-    import histokt.store.reader as R
-
-    fresh, rings = R._empty, {}
-
-    def empty(shape, dtype):
-        key = (tuple(shape), dtype)
-        ring = rings.setdefault(key, [])
-        if len(ring) < RING:
-            ring.append(fresh(shape, dtype))
-            return ring[-1]
-        ring.append(ring.pop(0))
-        return ring[-1]
-
-    return empty
-
-
-class RingDataset(PatchDataset):
-    """PatchDataset whose worker batches come from a ring of RING recycled buffers (the what-if)."""
-
-    def __getitems__(self, keys):
-        import histokt.store.reader as R
-
-        if R.get_worker_info() is not None and not getattr(R, "_ring", False):  # once per worker process
-            R._empty, R._ring = ring_empty(), True
-        return super().__getitems__(keys)
-
-
 def make_dataset(store, name, split, variant):
     from histokt.store.augment import Augment, Normalize
 
     augment = Augment() if variant != "raw" else None
     normalize = Normalize(MEAN, STD) if variant == "aug-float" else None
-    cls = RingDataset if variant == "aug-u8-ring" else PatchDataset
-    return cls(store, name, split, augment=augment, normalize=normalize, augment_on_device=variant == "aug-dev")
+    return PatchDataset(
+        store,
+        name,
+        split,
+        augment=augment,
+        normalize=normalize,
+        augment_on_device=variant == "aug-dev",
+        recycle=variant == "aug-u8-recycled",
+    )
 
 
 def loader_rate(store, name, split, variant, workers, args) -> dict:
@@ -486,7 +459,7 @@ def main(argv=None) -> int:
     for (c, n), (store, name) in stores.items():
         for variant in args.variants:
             for w in args.workers:
-                if variant == "aug-u8-ring" and w == 0:  # no worker, no shared memory: aug-u8 itself
+                if variant == "aug-u8-recycled" and w == 0:  # no worker, no shared memory: aug-u8 itself
                     continue
                 r = loader_rate(store, name, args.split, variant, w, args)
                 r.update(content=c, store_patches=n, name=name)

@@ -1,15 +1,25 @@
-"""Training-loop benchmark: the full loop (store reader, augmentation, step, bookkeeping) against the same
-model stepping on in-memory tensors, checkpoint save time, and process start to first resumed step.
+"""Training-loop benchmark: the full loop (batches from the store, augmentation, step, bookkeeping) against
+the same steps on a batch already in device memory, each over a steady-state window; checkpoint save time;
+process start to first resumed step; a whole small cell's wall time.
 
-    .venv/bin/python benchmarks/train.py                      # CPU, ~3 min on 2 cores
-    python3 benchmarks/train.py --device cuda --batch-size 256 --images 8192 --workers 8   # a GPU node
+    .venv/bin/python benchmarks/train.py                                   # CPU, ~2 min on 2 cores
+    python3 benchmarks/train.py --device cuda --batch-size 256 --images 2048 --seconds 20    # a GPU node
+    python3 benchmarks/train.py --device cuda --content 93 ...             # PCam-like content, padded on the device
+    python3 benchmarks/train.py --device cuda --memory-only --compile ...  # the step alone, for settings
+    python3 benchmarks/train.py --device cuda --cell 10 --images 3152 ...  # a whole cell: histokt train, 10 epochs
 
-Writes benchmarks/results/<--out>.json and prints markdown tables. Nothing here is asserted.
+Both sides of the ratio run the same Trainer with the same settings (batch, precision, compile,
+channels_last) and the same device work: the in-memory side steps on one fixed batch with the same warp
+draws, so what the ratio measures is the time the device waits for batches. Each side runs a warm-up (a whole
+epoch, which starts the workers, loads the split to the device, compiles), then whole epochs (or groups of
+16 steps) until --seconds of steady state have passed. Writes benchmarks/results/<--out>.json (date, device,
+GPU name, torch version, the settings, both rates and their ratio) as soon as it is measured.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,15 +32,20 @@ sys.path.insert(0, str(ROOT))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "histokt-bench-train")
-    p.add_argument("--images", type=int, default=512, help="272 px synthetic patches in the train store (512)")
+    p.add_argument("--images", type=int, default=512, help="synthetic images in the store (512; 70 %% train)")
+    p.add_argument("--content", type=int, default=272, help="content size, padded to 272 px on read (272)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch (32)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (2)")
-    p.add_argument("--epochs", type=int, default=2, help="timed full-loop epochs after one warm-up epoch (2)")
-    p.add_argument("--memory-steps", type=int, default=0, help="in-memory steps (default: one epoch's worth)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers, on the loader path (2)")
+    p.add_argument("--data-on", default="auto", help="auto, device or loader (histokt train --data-on)")
+    p.add_argument("--seconds", type=float, default=20.0, help="steady-state window of each side (20)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the in-memory steps (settings comparisons)")
+    p.add_argument("--no-resume", action="store_true", help="skip the checkpoint and resume timings")
+    p.add_argument("--cell", type=int, default=0, help="instead: a whole cell of N epochs, histokt train")
+    p.add_argument("--cell-args", default="", help="more histokt train options for --cell (e.g. '--data-on loader')")
     p.add_argument("--out", default="train")
     p.add_argument("--child-resume", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -39,7 +54,7 @@ def parse_args(argv=None):
 CLASSES = {"sparse": (4, 3), "medium": (15, 4), "dense": (35, 5)}
 
 
-def write_tile(raw: Path, i: int) -> None:
+def write_tile(raw: Path, size: int, i: int) -> None:
     import numpy as np
     from PIL import Image
 
@@ -48,33 +63,39 @@ def write_tile(raw: Path, i: int) -> None:
     name, (density, radius) = list(CLASSES.items())[i % 3]
     path = raw / name / f"{i:05d}.png"
     if not path.exists():
-        tile = synthetic_tile(272, density, radius, np.random.default_rng((0, i)))
+        tile = synthetic_tile(size, density, radius, np.random.default_rng((0, i)))
         Image.fromarray(tile).save(path, compress_level=1)
 
 
-def make_store(work: Path, n: int) -> Path:
-    """Synthetic 272 px tissue patches, 3 classes, standardized once and cached."""
+def store_path(args) -> Path:
+    return args.work / (f"store-{args.images}" + ("" if args.content == 272 else f"-c{args.content}") + ".zarr")
+
+
+def make_store(args) -> Path:
+    """Synthetic tissue images of --content px, 3 classes, standardized to 272 px patches once and cached."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     from histokt.ingest.standardize import StandardizeConfig, standardize
 
-    store = work / f"store-{n}.zarr"
+    store = store_path(args)
     if (store / "bench").is_dir():
         return store
-    raw = work / f"raw-{n}"
+    raw = store.with_name(store.name.replace("store-", "raw-").removesuffix(".zarr"))
     for name in CLASSES:
         (raw / name).mkdir(parents=True, exist_ok=True)
     procs = os.cpu_count() or 1
     with ProcessPoolExecutor(procs) as pool:
-        list(pool.map(partial(write_tile, raw), range(n), chunksize=64))
+        list(pool.map(partial(write_tile, raw, args.content), range(args.images), chunksize=64))
     standardize(
-        StandardizeConfig(dataset="folder", raw=raw, store=store, name="bench", mpp=1.0, workers=procs, progress=False)
+        StandardizeConfig(
+            dataset="folder", raw=raw, store=store, name="bench", mpp=1.0, workers=procs, progress=False, stride=272
+        )
     )
     return store
 
 
-def config(args, store: Path, out: Path):
+def config(args, store: Path, out: Path, epochs: int = 1000):
     from histokt.train.config import TrainConfig
 
     return TrainConfig(
@@ -82,12 +103,13 @@ def config(args, store: Path, out: Path):
         dataset="bench",
         out=out,
         arch=args.arch,
-        epochs=1000,
+        epochs=epochs,
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        data_on=args.data_on,
         optimizer="sgd",
         lr=0.01,
         progress=False,
@@ -102,6 +124,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def steady(run, seconds: float, device) -> tuple[int, float]:
+    """Call ``run`` (returns images done) until ``seconds`` of wall time have passed: (images, seconds)."""
+    sync(device)
+    t, images = time.perf_counter(), 0
+    while True:
+        images += run()
+        sync(device)
+        if time.perf_counter() - t >= seconds:
+            return images, time.perf_counter() - t
+
+
 def measure(args, store: Path) -> dict:
     import torch
 
@@ -113,99 +146,79 @@ def measure(args, store: Path) -> dict:
     from histokt.train.signals import StopRequested
 
     out = args.work / "run"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     cfg = resolved(config(args, store, out))
     world = distributed.World()
     device = device_for(cfg, world)
     prepare_run_dir(cfg)
-    trainer = Trainer(cfg, world, device)
+    t = time.perf_counter()
+    trainer = Trainer(cfg, world, device)  # loads the splits to the device where they go there
+    build_s = time.perf_counter() - t
     trainer.t0 = trainer.last_save = time.time()
     steps_per_epoch = len(trainer.sampler)
+    r: dict = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "settings": dict(trainer.settings),
+        "data_on_device": trainer.resident,
+        "channels_last": trainer.memory_format == torch.channels_last,
+        "content": args.content,
+        "batch_size": args.batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "trainer_build_s": build_s,
+    }
     with StopRequested() as stop:
-        trainer.train_epoch(0, stop)  # warm-up: workers start, kernels autotune, compile
-        sync(device)
-        t = time.perf_counter()
-        for epoch in range(1, 1 + args.epochs):
+        epoch = [0]
+
+        def one_epoch() -> int:
             trainer.state["batch"] = 0
-            trainer.train_epoch(epoch, stop)
-        sync(device)
-        loop_s = time.perf_counter() - t
-    loop_images = args.epochs * steps_per_epoch * args.batch_size
+            trainer.train_epoch(epoch[0], stop)
+            epoch[0] += 1
+            return steps_per_epoch * args.batch_size
 
-    # the same steps on tensors already in memory (on the device): the ceiling the loader should reach
-    n_mem = args.memory_steps or steps_per_epoch
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size, 272, 272, 3), dtype=torch.uint8, generator=g)
-    images = images.to(device).permute(0, 3, 1, 2)
-    labels = torch.randint(0, 3, (args.batch_size,), generator=g).to(device)
-    for _ in range(3):
-        trainer.step(images, labels)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(n_mem):
-        trainer.step(images, labels)
-    sync(device)
-    mem_s = time.perf_counter() - t
+        # the same steps on one batch already on the device, with the loop's warp draws
+        batch = next(iter(trainer.loader))
+        fixed = tuple(x.to(device, copy=True) for x in batch)  # a copy: the loader recycles its buffers
+        group = 16 if device.type == "cuda" else 1  # steps between syncs while timing
 
+        def memory_steps() -> int:
+            for _ in range(group):
+                trainer.step(*fixed)
+            return group * args.batch_size
+
+        memory_steps()  # warm-up (compile, autotune)
+        images, seconds = steady(memory_steps, args.seconds, device)
+        r["in_memory"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+        if not args.memory_only:
+            one_epoch()  # warm-up: workers start and fill their queues
+            images, seconds = steady(one_epoch, args.seconds, device)
+            r["full_loop"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+            r["ratio"] = r["full_loop"]["images_per_s"] / r["in_memory"]["images_per_s"]
+    if args.no_resume or args.memory_only:
+        return r
     saves = []
     for _ in range(3):
         t = time.perf_counter()
         trainer.save()
         saves.append(time.perf_counter() - t)
-    size_mb = (out / "last.pt").stat().st_size / 2**20
-
-    print(
-        f"full loop {loop_images / loop_s:.1f} img/s, in memory {n_mem * args.batch_size / mem_s:.1f} img/s",
-        file=sys.stderr,
-        flush=True,
-    )
-    # process start -> first resumed step, in a fresh interpreter
-    t = time.time()
+    r["checkpoint_save_s"] = min(saves)
+    r["checkpoint_mb"] = (out / "last.pt").stat().st_size / 2**20
+    t = time.time()  # process start -> first resumed step, in a fresh interpreter
     child = subprocess.run(
         [sys.executable, __file__, "--child-resume", str(out), *child_args(args)],
         capture_output=True,
         text=True,
         check=True,
     )
-    first_step_at = float(child.stdout.strip().splitlines()[-1])
-    return {
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "amp_bf16": trainer.amp,
-        "channels_last": trainer.memory_format == torch.channels_last,
-        "steps_per_epoch": steps_per_epoch,
-        "full_loop": {"images": loop_images, "seconds": loop_s, "images_per_s": loop_images / loop_s},
-        "in_memory": {
-            "images": n_mem * args.batch_size,
-            "seconds": mem_s,
-            "images_per_s": n_mem * args.batch_size / mem_s,
-        },
-        "checkpoint_save_s": min(saves),
-        "checkpoint_mb": size_mb,
-        "start_to_first_resumed_step_s": first_step_at - t,
-    }
+    r["start_to_first_resumed_step_s"] = float(child.stdout.strip().splitlines()[-1]) - t
+    return r
 
 
 def child_args(args):
-    return [
-        "--images",
-        str(args.images),
-        "--batch-size",
-        str(args.batch_size),
-        "--arch",
-        args.arch,
-        "--device",
-        args.device,
-        "--workers",
-        str(args.workers),
-        "--precision",
-        args.precision,
-        "--work",
-        str(args.work),
-    ] + (["--compile"] if args.compile else [])
+    flags = ["--images", str(args.images), "--content", str(args.content), "--batch-size", str(args.batch_size)]
+    flags += ["--arch", args.arch, "--device", args.device, "--workers", str(args.workers)]
+    flags += ["--precision", args.precision, "--data-on", args.data_on, "--work", str(args.work)]
+    return flags + (["--compile"] if args.compile else [])
 
 
 def child_resume(args) -> None:
@@ -215,14 +228,37 @@ def child_resume(args) -> None:
     from histokt.train.launch import device_for
     from histokt.train.loop import Trainer
 
-    store = args.work / f"store-{args.images}.zarr"
-    cfg = resolved(config(args, store, args.child_resume))
+    cfg = resolved(config(args, store_path(args), args.child_resume))
     device = device_for(cfg, distributed.World())
     trainer = Trainer(cfg, distributed.World(), device)
     assert trainer.state["step"] > 0, "nothing was resumed"
     trainer.step(*next(iter(trainer.loader)))  # (images, labels) or (images, labels, augmentation draws)
     sync(device)
     print(time.time())
+
+
+def whole_cell(args, store: Path) -> dict:
+    """``histokt train`` of a fresh cell for --cell epochs, start to exit, as a sweep runs it."""
+    import shlex
+
+    out = args.work / "cell"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "histokt", "train", "--store", str(store), "--dataset", "bench", "--out", str(out)]
+    cmd += ["--epochs", str(args.cell), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    cmd += ["--device", args.device, "--precision", args.precision, "--data-on", args.data_on, "--no-progress"]
+    cmd += (["--compile"] if args.compile else []) + shlex.split(args.cell_args)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t
+    result = json.loads((out / "result.json").read_text())
+    return {
+        "epochs": args.cell,
+        "train_patches": int(json.loads((store / "bench" / "zarr.json").read_text())["attributes"]["counts"]["train"]),
+        "wall_s": wall,
+        "training_s": result["seconds"],
+        "settings": result.get("settings"),
+        "command": shlex.join(cmd[1:]),
+    }
 
 
 def main(argv=None) -> int:
@@ -233,31 +269,38 @@ def main(argv=None) -> int:
     import torch
 
     args.work.mkdir(parents=True, exist_ok=True)
-    store = make_store(args.work, args.images)
-    r = measure(args, store)
-    ratio = r["full_loop"]["images_per_s"] / r["in_memory"]["images_per_s"]
-    r["ratio"] = ratio
+    store = make_store(args)
+    r = whole_cell(args, store) if args.cell else measure(args, store)
     info = {
         "date": time.strftime("%Y-%m-%d"),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    print(
-        f"\n### training loop: {args.arch}, batch {args.batch_size}, 272 px, {r['device']}"
-        f"{' (' + r['gpu'] + ')' if r['gpu'] else ''}, bf16 {r['amp_bf16']}, workers {args.workers} "
-        f"({info['date']}, {info['cpu_count']} CPUs)\n"
-    )
-    print("| measure | value |\n|---|---:|")
-    print(f"| full loop (store → augment → step), images/s | {r['full_loop']['images_per_s']:.1f} |")
-    print(f"| same steps on in-memory tensors, images/s | {r['in_memory']['images_per_s']:.1f} |")
-    print(f"| ratio (goal on CPU ≥ 90 %) | {100 * ratio:.1f} % |")
-    print(f"| checkpoint save (last.pt, {r['checkpoint_mb']:.0f} MB), s | {r['checkpoint_save_s']:.3f} |")
-    print(f"| process start → first resumed step, s | {r['start_to_first_resumed_step_s']:.2f} |")
     path = ROOT / "benchmarks" / "results" / f"{args.out}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": "train", "machine": info, "result": r}, indent=1) + "\n")
+    if args.cell:
+        print(f"| whole cell, {args.cell} epochs | {r['train_patches']} patches | {r['wall_s']:.1f} s wall |")
+    else:
+        print(
+            f"\n### {args.arch}, batch {args.batch_size}, {args.content} px content, {r['device']}"
+            f"{' (' + r['gpu'] + ')' if r['gpu'] else ''}, {r['settings']}, data on device {r['data_on_device']}, "
+            f"workers {args.workers} ({info['date']}, torch {info['torch']})\n"
+        )
+        print("| measure | value |\n|---|---:|")
+        if "full_loop" in r:
+            print(f"| full loop, images/s ({r['full_loop']['seconds']:.0f} s) | {r['full_loop']['images_per_s']:.1f} |")
+        print(
+            f"| in-memory steps, images/s ({r['in_memory']['seconds']:.0f} s) | {r['in_memory']['images_per_s']:.1f} |"
+        )
+        if "ratio" in r:
+            print(f"| ratio | {100 * r['ratio']:.1f} % |")
+        if "checkpoint_save_s" in r:
+            print(f"| checkpoint save (last.pt, {r['checkpoint_mb']:.0f} MB), s | {r['checkpoint_save_s']:.3f} |")
+            print(f"| process start → first resumed step, s | {r['start_to_first_resumed_step_s']:.2f} |")
     print(f"\nresults: {path}")
     return 0
 

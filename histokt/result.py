@@ -16,6 +16,8 @@ The file (keys sorted, as ``histokt.atomic.write_json`` writes them)::
     histokt_version  the histokt that wrote it
     runtime          where it ran (histokt.provenance): python, torch, histokt, container {image, sif_id} or
                      null; {} in files written before it was recorded
+    settings         how it computed, fixed at the cell's first start (histokt.train.precision): precision
+                     (bf16, fp16 or fp32), compile, warp (device or loader); {} in files written before
 """
 
 import json
@@ -61,6 +63,7 @@ class CellResult:
     seconds: float
     histokt_version: str
     runtime: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of result.json (new containers, the values as given)."""
@@ -75,6 +78,7 @@ class CellResult:
             "seconds": self.seconds,
             "histokt_version": self.histokt_version,
             "runtime": dict(self.runtime),
+            "settings": dict(self.settings),
         }
 
     @classmethod
@@ -120,6 +124,7 @@ class CellResult:
             seconds=doc["seconds"],
             histokt_version=doc["histokt_version"],
             runtime=runtime if isinstance(runtime := doc.get("runtime"), dict) else {},
+            settings=settings if isinstance(settings := doc.get("settings"), dict) else {},
         )
 
     @classmethod

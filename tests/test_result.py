@@ -27,7 +27,8 @@ def test_a_result_round_trips_through_json(tmp_path):
     parsed = CellResult.from_json(_doc(newer_key="ignored"))
     assert parsed.valid == BestValid(0.75, 3)
     # a file written before the runtime was recorded reads as {} and is written back with it
-    assert parsed.to_json() == {**_doc(), "runtime": {}} and sorted(parsed.to_json()) == sorted([*KEYS, "runtime"])
+    assert parsed.to_json() == {**_doc(), "runtime": {}, "settings": {}}
+    assert sorted(parsed.to_json()) == sorted([*KEYS, "runtime", "settings"])
     where = {"python": "3.11.2", "torch": "2.14.1", "histokt": "0.1.0", "container": None}
     assert CellResult.from_json({**_doc(), "runtime": where}).runtime == where
     path = tmp_path / "result.json"

@@ -54,6 +54,12 @@ class Augment:
         """The draws of ``__call__`` as [hflip, vflip, angle, tx, ty], for ``warp_batch`` on the GPU."""
         return np.array(self._draw(self.rng(index, epoch), h, w), dtype=np.float32)
 
+    def batch_params(self, keys, h: int, w: int):
+        """``params`` of each (epoch, index) key, as one float32 tensor [B, 5] (the batch's draws)."""
+        import torch
+
+        return torch.from_numpy(np.stack([self.params(i, e, h, w) for e, i in keys]))
+
 
 def warp(patch: np.ndarray, angle: float, tx: int, ty: int, hflip: bool, vflip: bool) -> np.ndarray:
     """Flip, then rotate by ``angle`` degrees about the centre, then shift by (tx, ty): one nearest warp."""

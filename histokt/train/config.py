@@ -10,7 +10,17 @@ from typing import Optional
 from histokt.errors import UserError
 
 # Options that change how a run executes, not what it computes: they may differ on a resume.
-OPERATIONAL = ("workers", "progress", "ckpt_every_steps", "ckpt_every_min", "nproc", "device", "keep")
+OPERATIONAL = (
+    "workers",
+    "progress",
+    "ckpt_every_steps",
+    "ckpt_every_min",
+    "nproc",
+    "device",
+    "keep",
+    "data_on",
+    "device_budget",
+)
 
 # --keep: the weights a done cell keeps (best.pt, final.pt); the training state (last.pt, previous.pt) never stays
 KEEP_DEFAULT = "best,final"
@@ -76,12 +86,38 @@ class TrainConfig:
             "device on CUDA (the CPU loader cannot keep a GPU busy), the loader otherwise",
         },
     )
+    data_on: str = field(
+        default="auto",
+        metadata={
+            "choices": ("auto", "device", "loader"),
+            "help": "where training and evaluation batches are made: device: each split is loaded once into "
+            "device memory and sampled, padded, warped and normalized there; loader: DataLoader workers read "
+            "the store every epoch; auto: the device on CUDA where the three splits fit in --device-budget, the "
+            "loader otherwise. Changes where batches are made, never their pixels: may differ on a resume",
+        },
+    )
+    device_budget: float = field(
+        default=0.5,
+        metadata={
+            "metavar": "FRACTION",
+            "help": "the share of the device's free memory (at the cell's start) that --data-on auto may fill "
+            "with the splits (default 0.5: the rest is the model's)",
+        },
+    )
     precision: str = field(
         default="auto",
-        metadata={"choices": ("auto", "bf16", "fp32"), "help": "auto: bf16 autocast on CUDA, fp32 on CPU"},
+        metadata={
+            "choices": ("auto", "bf16", "fp16", "fp32"),
+            "help": "auto: bf16 autocast on GPUs with bf16 tensor cores, fp16 with a gradient scaler on older "
+            "ones (V100, T4), fp32 on the CPU. Chosen at the cell's first start and kept by every resume "
+            "(result.json 'settings' records it)",
+        },
     )
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on CUDA"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the model (off by default: see README 'GPU speed' for the measurement)"},
+    )
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across processes"})
     nproc: int = field(default=1, metadata={"help": "processes on this machine (DDP, gloo on CPU / NCCL on GPU)"})
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})

@@ -70,12 +70,12 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR over ranks: every rank takes the same decision at the same step."""
-    if not active():
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def any_rank(flags: list[bool | torch.Tensor], device: torch.device) -> list[bool]:
+    """Element-wise OR over ranks: every rank takes the same decision at the same step. A flag may be a
+    0-d tensor on ``device``: all of them are read in one host sync."""
+    t = torch.stack([torch.as_tensor(f, device=device).reshape(()).float() for f in flags])
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 

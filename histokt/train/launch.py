@@ -29,6 +29,12 @@ def check_config(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise UserError(f"--lr {cfg.lr}: must be a positive number")
+    if not 0 < cfg.device_budget <= 1:
+        raise UserError(f"--device-budget {cfg.device_budget}: give a fraction of free device memory, in (0, 1]")
+    if cfg.data_on == "device" and cfg.augment and (cfg.crop or cfg.augment_on == "loader"):
+        raise UserError("--data-on device warps on the device: it takes neither --crop nor --augment-on loader")
+    if cfg.augment_on == "device" and cfg.crop:
+        raise UserError("--crop needs --augment-on loader (the device warp has no crop)")
     if cfg.workers < 0:
         raise UserError(f"--workers {cfg.workers}: must be 0 or more")
     if cfg.device not in ("auto", "cpu", "cuda"):

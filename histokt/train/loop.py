@@ -13,11 +13,10 @@ stops every rank with one line naming it; the files written before stay, and the
 """
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -28,11 +27,12 @@ from tqdm import tqdm
 from histokt import __version__, atomic, provenance
 from histokt.errors import UserError
 from histokt.result import BestValid, CellResult
+from histokt.store import resident
 from histokt.store.augment import Augment, warp_batch
 from histokt.store.reader import PatchDataset, make_loader
 from histokt.store.sampler import GlobalBatchSampler, eval_shards
-from histokt.store.schema import open_attrs
-from histokt.train import checkpoint, distributed, rundir
+from histokt.store.schema import SPLITS, open_attrs
+from histokt.train import checkpoint, distributed, precision, rundir
 from histokt.train.config import TrainConfig, config_dict, kept_weights
 from histokt.train.outcome import Outcome
 from histokt.train.signals import StopRequested
@@ -72,6 +72,12 @@ def state_of(ckpt: dict[str, Any]) -> TrainState:
     }
 
 
+# Steps between host syncs on a GPU (the non-finite loss check, and the one collective that has every rank
+# stop, fail or save at the same step): a sync each step idles the GPU while the host waits. ~0.3 s of steps
+# at ResNet18 speed, so a stop signal is acted on at once. On the CPU a sync costs nothing: every step.
+SYNC_EVERY_CUDA = 16
+
+
 def is_new_best(valid_top1: float, best: Best | None) -> bool:
     """Strictly improving, as HistoKT: an epoch that only equals the best so far keeps the earlier best.pt."""
     return best is None or valid_top1 > best["top1"]
@@ -92,14 +98,18 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.cuda = device.type == "cuda"
         self.t0 = self.last_save = time.time()  # fit() restarts both clocks
+        self.sync_every = SYNC_EVERY_CUDA if self.cuda else 1
         self._read_dataset()
+        ckpt = self._load_checkpoint()
+        self.settings = self._settings(ckpt)
         self._seed()
         self._build_model()
         self._build_optimizer()
         self._build_normalization()
         self._build_data()
         self.state = fresh_state()
-        self._resume()
+        if ckpt is not None:
+            self._resume(ckpt)
 
     # -- building, in this order (the seeded draws of model init and data order depend on it) -------------
     def _read_dataset(self) -> None:
@@ -110,6 +120,33 @@ class Trainer:
         for split in ("train", "valid", "test"):
             if int(attrs["counts"][split]) == 0:
                 raise UserError(f"{cfg.store}/{cfg.dataset}: the {split} split is empty; re-standardize with more data")
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        """The newest checkpoint that loads, read before anything is built: its settings decide how."""
+        ckpt, notes = checkpoint.load_latest(self.run_dir)
+        for note in notes:
+            if self.world.main:
+                print(f"histokt train: warning: {note}", file=sys.stderr)
+        if ckpt is not None and ckpt.get("arch") != self.cfg.arch:
+            raise UserError(f"{self.run_dir}: checkpoint is for {ckpt.get('arch')!r}, not {self.cfg.arch!r}")
+        return ckpt
+
+    def _settings(self, ckpt: dict[str, Any] | None) -> precision.Settings:
+        """Precision, compile and the warp's place: the checkpoint's on a resume, chosen now on a first start."""
+        cap = precision.capability(self.device)
+        if ckpt is not None and ckpt.get("settings"):
+            kept: precision.Settings = ckpt["settings"]
+            precision.check_resumable(kept, cap, str(self.run_dir))
+            return kept
+        cfg = self.cfg
+        on_device = cfg.augment_on == "device" or (
+            cfg.augment_on == "auto" and not cfg.crop and (self.cuda or cfg.data_on == "device")
+        )
+        return {
+            "precision": precision.choose(cfg.precision, cap),
+            "compile": bool(cfg.compile),
+            "warp": "device" if on_device else "loader",
+        }
 
     def _seed(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -132,12 +169,11 @@ class Trainer:
         self.memory_format = fmt
         # torch's stub lacks the to(device, memory_format=...) overload that Module.to accepts at run time
         self.model: torch.nn.Module = model.to(device, memory_format=fmt)  # type: ignore[call-overload]
-        self.amp = self.cuda and cfg.precision in ("auto", "bf16")
         net: torch.nn.Module = self.model
         if world.size > 1:
             ids = [device.index] if self.cuda else None
             net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
+        if self.settings["compile"]:
             net = torch.compile(net)  # type: ignore[assignment]  # torch's stub types it as a callable
         self.net = net
 
@@ -149,6 +185,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(name, params, lr, cfg.weight_decay, cfg.momentum)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, step_size, cfg.gamma)
+        self.scaler = precision.grad_scaler(self.settings["precision"], self.device)
 
     def _build_normalization(self) -> None:
         """Per-channel mean and 1/std of the chosen statistics, for uint8 pixels, on the device."""
@@ -159,34 +196,63 @@ class Trainer:
         self.inv_std = 1.0 / (torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0)
 
     def _build_data(self) -> None:
-        """The training set (augmented in the loader or on the device), its loss, sampler and loader."""
+        """The training set (in device memory, or read by loader workers), its loss, sampler and loader."""
         from histokt.train.metrics import loss_fn, multilabel_pos_weights
 
         cfg, world = self.cfg, self.world
         augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
-        if cfg.augment_on == "device" and cfg.crop:
-            raise UserError("--crop needs --augment-on loader (the device warp has no crop)")
-        on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and self.cuda and not cfg.crop)
-        self.train_set = PatchDataset(cfg.store, cfg.dataset, "train", augment=augment, augment_on_device=on_device)
-        weights = multilabel_pos_weights(self.train_set.labels) if self.multi_label else None
+        on_device = self.settings["warp"] == "device"
+        self.resident = self._data_on_device()
+        self.eval_data: dict[str, Any] = {}  # split -> its ResidentSplit, or a loader made on first use
+        if self.resident:
+            split = resident.ResidentSplit(
+                cfg.store, cfg.dataset, "train", self.device, augment=augment, progress=self._progress()
+            )
+            train_set = split.dataset
+            for name in ("valid", "test"):  # a rank evaluates only its shard (eval_shards): it holds only that
+                n = int(open_attrs(cfg.store, cfg.dataset)["counts"][name])
+                rows = range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+                self.eval_data[name] = resident.ResidentSplit(cfg.store, cfg.dataset, name, self.device, rows=rows)
+        else:
+            train_set = PatchDataset(
+                cfg.store, cfg.dataset, "train", augment=augment, augment_on_device=on_device, recycle=True
+            )
+        weights = multilabel_pos_weights(train_set.labels) if self.multi_label else None
         self.loss = loss_fn(self.multi_label, weights).to(self.device)
         self.eval_loss = loss_fn(self.multi_label, weights)  # on the CPU, where gathered outputs are
-        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.batch_size, world.size, world.rank, cfg.seed)
-        self.loader = make_loader(self.train_set, batch_sampler=self.sampler, workers=cfg.workers, pin_memory=self.cuda)
+        self.sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, world.size, world.rank, cfg.seed)
+        if self.resident:
+            self.loader: Any = resident.ResidentLoader(split, self.sampler)
+        else:
+            self.loader = make_loader(train_set, batch_sampler=self.sampler, workers=cfg.workers, pin_memory=self.cuda)
+
+    def _data_on_device(self) -> bool:
+        """--data-on: device, loader, or auto: the device on CUDA where the three splits fit in the budget
+        on every rank (each rank holds the whole training split, as any sample of a global batch may fall to
+        it, and its own shard of valid and test). Only where the warp runs on the device (settings)."""
+        cfg = self.cfg
+        warp_ok = not cfg.augment or self.settings["warp"] == "device"
+        if cfg.data_on == "device" and not warp_ok:
+            raise UserError(
+                f"{self.run_dir}: --data-on device: this cell started with the augmentation warp in the loader "
+                f"(kept for an exact resume); resume it with --data-on loader or auto"
+            )
+        if cfg.data_on != "auto":
+            return cfg.data_on == "device"
+        need = sum(resident.split_nbytes(cfg.store, cfg.dataset, s) for s in SPLITS)
+        fits = self.cuda and warp_ok and need <= cfg.device_budget * resident.free_memory(self.device)
+        return not distributed.any_rank([not fits], self.device)[0]
+
+    def _progress(self) -> bool:
+        return bool(self.cfg.progress and self.world.main)
 
     # -- state -------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        ckpt, notes = checkpoint.load_latest(self.run_dir)
-        for note in notes:
-            if self.world.main:
-                print(f"histokt train: warning: {note}", file=sys.stderr)
-        if ckpt is None:
-            return
-        if ckpt.get("arch") != self.cfg.arch:
-            raise UserError(f"{self.run_dir}: checkpoint is for {ckpt.get('arch')!r}, not {self.cfg.arch!r}")
+    def _resume(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.state = state_of(ckpt)
 
@@ -203,7 +269,8 @@ class Trainer:
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
-                    "scaler": None,  # bf16 autocast needs no loss scaling
+                    "scaler": self.scaler.state_dict(),  # {} but in fp16
+                    "settings": dict(self.settings),
                     "rng": checkpoint.rng_state(),
                     "arch": self.cfg.arch,
                     "world_size": self.world.size,
@@ -257,23 +324,29 @@ class Trainer:
             unit="batch",
             leave=False,
             file=sys.stderr,
-            disable=None if self.cfg.progress and self.world.main else True,
+            disable=None if self._progress() else True,
         )
+        finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss since the last check
+        checked = self.state["step"]
         for batch in bar:
-            loss = self.step(*batch)
+            finite &= torch.isfinite(self.step(*batch))
             self.state["step"] += 1
             self.state["batch"] += 1
             every = self.cfg.ckpt_every_steps and self.state["step"] % self.cfg.ckpt_every_steps == 0
+            last = self.state["batch"] == len(self.sampler)
+            if not (every or last or self.state["step"] % self.sync_every == 0):
+                continue  # the same test on every rank: all of them check at the same steps
             timed = self.cfg.ckpt_every_min and time.time() - self.last_save > 60 * self.cfg.ckpt_every_min
-            # one collective a step: every rank stops, fails or saves at the same step
-            halt, bad, periodic = distributed.any_rank(
-                [stop.flag, not math.isfinite(loss), bool(every or timed)], self.device
-            )
+            # one host sync and one collective: every rank stops, fails or saves at the same step
+            halt, bad, periodic = distributed.any_rank([stop.flag, ~finite, bool(every or timed)], self.device)
             if bad:
+                step = self.state["step"]
+                where = f"step {step}" if checked + 1 == step else f"steps {checked + 1}-{step}"
                 raise UserError(
-                    f"loss is not finite at epoch {epoch} step {self.state['step']}; the last good checkpoint "
+                    f"loss is not finite at epoch {epoch} {where}; the last good checkpoint "
                     f"({self.run_dir / checkpoint.LAST}) is kept; lower --lr and run again with a new --out"
                 )
+            checked = self.state["step"]
             if halt or periodic:
                 self.save()
                 self.last_save = time.time()
@@ -285,23 +358,25 @@ class Trainer:
         """uint8 NHWC-strided batch -> normalized float on the device (4x fewer bytes cross the bus); with the
         augmentation draws, the raw pixels are warped there first (zero fill = black)."""
         x = images.to(self.device, non_blocking=True)
-        if params is not None:
-            x = warp_batch(x.float(), params)
+        if params is not None:  # pinned by the loader: queued without a host sync (a blocking copy would wait)
+            x = warp_batch(x.float(), params.to(self.device, non_blocking=True))
         x = x.to(memory_format=self.memory_format)
         return (x.float() - self.mean) * self.inv_std
 
     def _autocast(self) -> AbstractContextManager[object]:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        return precision.autocast(self.settings["precision"], self.device)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None = None) -> float:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimizer step; the loss stays on the device (reading it would sync the host every step)."""
         x = self.to_device(images, params)
         y = labels.to(self.device, non_blocking=True)
         with self._autocast():
             loss = self.loss(self.net(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
 
     @torch.no_grad()
     def evaluate(self, split: str, model: torch.nn.Module) -> dict[str, Any]:
@@ -310,18 +385,31 @@ class Trainer:
 
         distributed.broadcast_buffers(model)
         model.eval()
-        data = PatchDataset(self.cfg.store, self.cfg.dataset, split)
         outs, ys = [], []
-        for batch in eval_shards(len(data), self.cfg.eval_batch_size, self.world.size, self.world.rank):
-            images, labels = data.__getitems__(batch)
+        for images, labels in self._eval_batches(split):
             with self._autocast():
-                outs.append(model(self.to_device(images)).float().cpu())
+                outs.append(model(self.to_device(images)).float())  # kept on the device: no sync per batch
             ys.append(labels)
-        logits = distributed.gather_cat(torch.cat(outs) if outs else torch.empty(0, len(self.classes)))
-        targets = distributed.gather_cat(torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64))
+        logits = distributed.gather_cat(torch.cat(outs).cpu() if outs else torch.empty(0, len(self.classes)))
+        targets = distributed.gather_cat(torch.cat(ys).cpu() if ys else torch.empty(0, dtype=torch.int64))
         metrics = multi_label(logits, targets) if self.multi_label else single_label(logits, targets, len(self.classes))
         metrics["loss"] = float(self.eval_loss(logits, targets))
         return metrics
+
+    def _eval_batches(self, split: str) -> Any:
+        """This rank's evaluation batches of ``split``: from device memory, or from a loader kept between
+        epochs (its workers read while the device computes)."""
+        held = self.eval_data.get(split)
+        if isinstance(held, resident.ResidentSplit):
+            n, b = len(held), self.cfg.eval_batch_size
+            start = held.rows.start
+            return (held.rows_batch(start + a, start + min(n, a + b)) for a in range(0, n, b))
+        if held is None:
+            data = PatchDataset(self.cfg.store, self.cfg.dataset, split)
+            shards = eval_shards(len(data), self.cfg.eval_batch_size, self.world.size, self.world.rank)
+            held = make_loader(data, batch_sampler=shards, workers=self.cfg.workers, pin_memory=self.cuda)
+            self.eval_data[split] = held
+        return held
 
     def end_epoch(self, epoch: int) -> None:
         self.scheduler.step()
@@ -381,6 +469,7 @@ class Trainer:
             seconds=seconds,
             histokt_version=__version__,
             runtime=provenance.runtime(torch.__version__),
+            settings=dict(self.settings),
         )
 
         def write() -> None:

@@ -3,8 +3,9 @@
 Run directory contract (later stages and users read it):
     config.json    the TrainConfig, written first; a re-run with a different config is refused
     metrics.jsonl  one line per finished epoch (rewritten atomically from the checkpointed history)
-    last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "batch", "step", ...}: the
-                   training state a resume starts from, written every --ckpt-every-min minutes of wall time
+    last.pt        {"model", "optimizer", "scheduler", "scaler", "rng", "settings", "epoch", "batch", "step",
+                   ...}: the training state a resume starts from (settings: the precision, compile flag and
+                   warp place fixed at the first start), written every --ckpt-every-min minutes of wall time
                    (and every --ckpt-every-steps steps where set) and on a stop signal, never at an epoch's
                    end; removed once the cell is done
     previous.pt    the checkpoint before last.pt (a damaged last.pt falls back to it); removed when done

@@ -88,6 +88,31 @@ def test_loader_with_forkserver_workers_gives_the_same_batches(store):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_a_worker_recycles_a_ring_of_batch_buffers(store, monkeypatch):
+    from histokt.store import reader
+
+    ds = PatchDataset(store, "folder", "train", recycle=True)
+    monkeypatch.setattr(reader, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    ptrs = [ds.__getitems__([k % len(ds), 1])[0].data_ptr() for k in range(reader.RING + 2)]
+    assert len(set(ptrs[: reader.RING])) == reader.RING  # a ring of RING distinct buffers
+    assert ptrs[reader.RING :] == ptrs[:2]  # then the oldest comes round again
+    fresh = PatchDataset(store, "folder", "train")
+    assert fresh.__getitems__([0])[0].data_ptr() != fresh.__getitems__([0])[0].data_ptr()
+    assert pickle.loads(pickle.dumps(ds))._rings == {}  # a worker starts its own ring
+
+
+def test_recycled_buffers_never_change_a_batch_the_loop_has_not_finished_with(store):
+    """The training loop's use: each batch used as it comes, none kept (the ring relies on that)."""
+    plain = PatchDataset(store, "folder", "train", augment=Augment(seed=1))
+    ds = PatchDataset(store, "folder", "train", augment=Augment(seed=1), recycle=True)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist() * 3
+    loader = make_loader(ds, batch_size=2, sampler=order, workers=2)
+    for i, (images, labels) in enumerate(loader):  # the workers run ahead as far as the DataLoader lets them
+        want, want_labels = plain.__getitems__(order[2 * i : 2 * i + 2])
+        assert torch.equal(images, want) and torch.equal(labels, want_labels), i
+    assert i == len(order) // 2 - 1
+
+
 def test_missing_dataset_and_split(store, tmp_path):
     with pytest.raises(UserError, match="no dataset 'nope'.*folder"):
         PatchDataset(store, "nope", "train")

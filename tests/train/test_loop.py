@@ -100,7 +100,8 @@ def test_run_directory_contract(reference):
     text = (reference / "result.json").read_text()
     result = json.loads(text)
     # the schema of histokt.result is exactly what the trainer writes, byte for byte once parsed and re-dumped
-    assert tuple(sorted(result)) == tuple(sorted([*result_schema.KEYS, "runtime"]))
+    assert tuple(sorted(result)) == tuple(sorted([*result_schema.KEYS, "runtime", "settings"]))
+    assert result["settings"] == {"precision": "fp32", "compile": False, "warp": "loader"}  # the CPU defaults
     assert result["runtime"]["torch"] == torch.__version__ and result["runtime"]["container"] is None
     parsed = CellResult.from_json(result)
     assert parsed.to_json() == result
@@ -244,12 +245,28 @@ def test_cli_errors_exit_2(store, tmp_path, cli_env_module):
 
 
 def test_ddp_two_processes_match_single_process_with_syncbn(store, tmp_path):
-    one = finished(train(cfg(store, tmp_path / "one", epochs=1, sync_bn=True, augment=False)))
-    two = finished(train(cfg(store, tmp_path / "two", epochs=1, sync_bn=True, augment=False, nproc=2)))
-    assert one.world_size == 1 and two.world_size == 2
+    """One step of the whole split on one process and on two: the same update. Compared as the update's
+    relative difference, because a fresh ResNet's BatchNorm over 2x2 maps amplifies the rounding of another
+    sum order (measured on an AMD EPYC: 1e-7..1e-4 absolute after one step, varying between runs, 0.3 % of the
+    update at worst; percent-size after a few steps). A DDP fault (gradients summed, not averaged; a rank
+    on the wrong samples; BatchNorm not synchronized) changes the update by tens of percent. The ranks' share
+    of later global batches is test_trainer's test_the_ranks_share_each_global_batch."""
+    from histokt.train.models import build_model
+
+    kw = dict(epochs=1, batch_size=38, sync_bn=True, augment=False)
+    one = finished(train(cfg(store, tmp_path / "one", **kw)))
+    two = finished(train(cfg(store, tmp_path / "two", nproc=2, **kw)))
+    assert one.world_size == 1 and two.world_size == 2 and one.steps == two.steps == 1
     a, b = weights(tmp_path / "one" / "final.pt"), weights(tmp_path / "two" / "final.pt")
+    torch.manual_seed(0)  # the trainer's seeded random init (TrainConfig.seed 0)
+    init = build_model("resnet18", 2, "random").state_dict()
     for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=k)
+        if a[k].dtype.is_floating_point and "running" not in k:
+            update = (a[k] - init[k]).norm()
+            assert update > 0, k
+            assert (a[k] - b[k]).norm() < 0.05 * update, k
+        else:
+            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0.05, atol=1e-3, msg=k)
 
 
 def test_empty_split_is_refused(tmp_path):

@@ -1,0 +1,79 @@
+"""How a cell computes: its precision, chosen once at the cell's first start and kept by every resume.
+
+``--precision auto`` is bf16 autocast where the GPU has bf16 tensor cores (Ampere and later), else fp16
+autocast with a gradient scaler where it has fp16 tensor cores (V100, T4), else fp32; the CPU trains in
+fp32. The choice, with the compile flag and where the augmentation warp runs, is stored in every
+checkpoint as ``settings`` and recorded in result.json, so a cell requeued onto another GPU type resumes
+with the settings it started with (an exact resume) instead of choosing again.
+"""
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypedDict
+
+import torch
+
+from histokt.errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TENSOR_CORES_FP16 = (7, 0)  # Volta: below it fp16 autocast is no faster than fp32
+
+
+class Settings(TypedDict):
+    """What a cell fixed at its first start (checkpoint key ``settings``, result.json ``settings``)."""
+
+    precision: str  # bf16, fp16 or fp32
+    compile: bool
+    warp: str  # where the augmentation's affine warp runs: "device" or "loader" (Pillow in the workers)
+
+
+class Capability(TypedDict):
+    """What a device can run (a test fakes it)."""
+
+    type: str  # cuda or cpu
+    bf16: bool
+    fp16: bool
+
+
+def capability(device: torch.device) -> Capability:
+    if device.type != "cuda":
+        return {"type": device.type, "bf16": True, "fp16": True}
+    major_minor = torch.cuda.get_device_capability(device)
+    return {
+        "type": "cuda",
+        "bf16": bool(torch.cuda.is_bf16_supported(including_emulation=False)),
+        "fp16": major_minor >= TENSOR_CORES_FP16,
+    }
+
+
+def choose(requested: str, cap: Capability) -> str:
+    """The precision ``--precision requested`` means on a device of capability ``cap``."""
+    if requested not in PRECISIONS:
+        raise UserError(f"--precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        if cap["type"] != "cuda":
+            return "fp32"
+        return "bf16" if cap["bf16"] else "fp16" if cap["fp16"] else "fp32"
+    if requested != "fp32" and not cap[requested]:  # type: ignore[literal-required]
+        raise UserError(f"--precision {requested}: this {cap['type']} device cannot run it; use auto or fp32")
+    return requested
+
+
+def check_resumable(settings: Settings, cap: Capability, where: str) -> None:
+    """A resume runs with the settings of the cell's first start; a device that cannot is a clear error."""
+    p = settings["precision"]
+    if p != "fp32" and not cap[p]:  # type: ignore[literal-required]
+        raise UserError(
+            f"{where}: the cell started in {p} and this {cap['type']} device cannot run {p}; resume it on a GPU "
+            f"that can (or start the cell again in a new run directory)"
+        )
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    dtype = _DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 (its range needs one), a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
