@@ -176,9 +176,16 @@ def measure(args, store: Path) -> dict:
             epoch[0] += 1
             return steps_per_epoch * args.batch_size
 
-        # the same steps on one batch already on the device, with the loop's warp draws
-        batch = next(iter(trainer.loader))
-        fixed = tuple(x.to(device, copy=True) for x in batch)  # a copy: the loader recycles its buffers
+        if not args.memory_only:
+            one_epoch()  # warm-up: workers start and fill their queues, the splits are on the device
+            images, seconds = steady(one_epoch, args.seconds, device)
+            r["full_loop"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+        # then the same steps on one batch already on the device, with the loop's warp draws; made in this
+        # process, so that no loader worker is busy while they are timed
+        keys = next(iter(trainer.sampler))
+        loader = trainer.loader
+        batch = loader.split.batch(keys) if trainer.resident else loader.dataset.__getitems__(keys)
+        fixed = tuple(x.to(device) for x in batch)
         group = 16 if device.type == "cuda" else 1  # steps between syncs while timing
 
         def memory_steps() -> int:
@@ -187,12 +194,10 @@ def measure(args, store: Path) -> dict:
             return group * args.batch_size
 
         memory_steps()  # warm-up (compile, autotune)
-        images, seconds = steady(memory_steps, args.seconds, device)
+        window = max(args.seconds, r["full_loop"]["seconds"] if "full_loop" in r else 0)  # both sides alike
+        images, seconds = steady(memory_steps, window, device)
         r["in_memory"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds}
-        if not args.memory_only:
-            one_epoch()  # warm-up: workers start and fill their queues
-            images, seconds = steady(one_epoch, args.seconds, device)
-            r["full_loop"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+        if "full_loop" in r:
             r["ratio"] = r["full_loop"]["images_per_s"] / r["in_memory"]["images_per_s"]
     if args.no_resume or args.memory_only:
         return r

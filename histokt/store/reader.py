@@ -13,7 +13,8 @@ RING shared-memory buffers instead of a fresh one: a fresh buffer costs a page f
 at most PREFETCH batches in flight and hands it a new one only once the main process has taken an older
 one: when a buffer comes round again (RING = PREFETCH + 2 batches later), the batch it held was consumed
 (copied to pinned memory on a GPU) and the step that used it is over. A consumer that keeps batches (a
-list of them) must not ask for recycling.
+list of them) must not ask for recycling, nor one that keeps a batch of an iteration it abandons when it
+iterates again (the DataLoader then drains the old tasks into the ring before the new ones).
 """
 
 import multiprocessing

@@ -47,7 +47,12 @@ class GlobalBatchSampler:
             yield [(self.epoch, int(i)) for i in mine]
 
 
+def eval_rows(n: int, world: int, rank: int) -> range:
+    """The samples rank r evaluates: [r*n/world, (r+1)*n/world), contiguous, so ranks gather in order."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
 def eval_shards(n: int, batch: int, world: int, rank: int) -> list[list[int]]:
-    """Contiguous evaluation batches of this rank: rank r evaluates [r*n/world, (r+1)*n/world)."""
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    return [list(range(a, min(a + batch, hi))) for a in range(lo, hi, batch)]
+    """This rank's evaluation batches of its ``eval_rows``."""
+    rows = eval_rows(n, world, rank)
+    return [list(range(a, min(a + batch, rows.stop))) for a in range(rows.start, rows.stop, batch)]

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,15 @@ def any_rank(flags: list[bool | torch.Tensor], device: torch.device) -> list[boo
     if active():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object); ``value`` itself outside a process group."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -30,7 +30,7 @@ from histokt.result import BestValid, CellResult
 from histokt.store import resident
 from histokt.store.augment import Augment, warp_batch
 from histokt.store.reader import PatchDataset, make_loader
-from histokt.store.sampler import GlobalBatchSampler, eval_shards
+from histokt.store.sampler import GlobalBatchSampler, eval_rows, eval_shards
 from histokt.store.schema import SPLITS, open_attrs
 from histokt.train import checkpoint, distributed, precision, rundir
 from histokt.train.config import TrainConfig, config_dict, kept_weights
@@ -78,6 +78,10 @@ def state_of(ckpt: dict[str, Any]) -> TrainState:
 SYNC_EVERY_CUDA = 16
 
 
+def host_sync_every(device: torch.device) -> int:
+    return SYNC_EVERY_CUDA if device.type == "cuda" else 1
+
+
 def is_new_best(valid_top1: float, best: Best | None) -> bool:
     """Strictly improving, as HistoKT: an epoch that only equals the best so far keeps the earlier best.pt."""
     return best is None or valid_top1 > best["top1"]
@@ -98,7 +102,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.cuda = device.type == "cuda"
         self.t0 = self.last_save = time.time()  # fit() restarts both clocks
-        self.sync_every = SYNC_EVERY_CUDA if self.cuda else 1
+        self.sync_every = host_sync_every(device)
         self._read_dataset()
         ckpt = self._load_checkpoint()
         self.settings = self._settings(ckpt)
@@ -132,18 +136,43 @@ class Trainer:
         return ckpt
 
     def _settings(self, ckpt: dict[str, Any] | None) -> precision.Settings:
-        """Precision, compile and the warp's place: the checkpoint's on a resume, chosen now on a first start."""
+        """Precision, compile and the warp's place: the checkpoint's on a resume, rank 0's choice on a first
+        start (ranks on different GPU types compute alike). A rank whose device cannot run them stops every
+        rank with one line (no rank left waiting in a collective)."""
         cap = precision.capability(self.device)
-        if ckpt is not None and ckpt.get("settings"):
-            kept: precision.Settings = ckpt["settings"]
-            precision.check_resumable(kept, cap, str(self.run_dir))
-            return kept
+        problem = None
+        settings: precision.Settings | None
+        if ckpt is not None:
+            settings = ckpt.get("settings") or self._settings_before_they_were_kept()
+        else:
+            try:
+                settings = self._choose(cap)
+            except UserError as exc:
+                settings, problem = None, str(exc)
+            settings = distributed.from_rank0(settings)
+        problem = problem or precision.cannot_run(settings, cap, str(self.run_dir))
+        if distributed.any_rank([problem is not None], self.device)[0]:
+            raise UserError(problem or f"{self.run_dir}: another rank cannot run this cell (its line says why)")
+        assert settings is not None
+        return settings
+
+    def _choose(self, cap: precision.Capability) -> precision.Settings:
         cfg = self.cfg
         on_device = cfg.augment_on == "device" or (
             cfg.augment_on == "auto" and not cfg.crop and (self.cuda or cfg.data_on == "device")
         )
         return {
             "precision": precision.choose(cfg.precision, cap),
+            "compile": bool(cfg.compile),
+            "warp": "device" if on_device else "loader",
+        }
+
+    def _settings_before_they_were_kept(self) -> precision.Settings:
+        """A checkpoint of a histokt that did not store settings: what that version ran on this device."""
+        cfg = self.cfg
+        on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and self.cuda and not cfg.crop)
+        return {
+            "precision": "bf16" if self.cuda and cfg.precision in ("auto", "bf16") else "fp32",
             "compile": bool(cfg.compile),
             "warp": "device" if on_device else "loader",
         }
@@ -209,9 +238,9 @@ class Trainer:
                 cfg.store, cfg.dataset, "train", self.device, augment=augment, progress=self._progress()
             )
             train_set = split.dataset
-            for name in ("valid", "test"):  # a rank evaluates only its shard (eval_shards): it holds only that
-                n = int(open_attrs(cfg.store, cfg.dataset)["counts"][name])
-                rows = range(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+            counts = open_attrs(cfg.store, cfg.dataset)["counts"]
+            for name in ("valid", "test"):  # a rank evaluates only its shard: it holds only that
+                rows = eval_rows(int(counts[name]), world.size, world.rank)
                 self.eval_data[name] = resident.ResidentSplit(cfg.store, cfg.dataset, name, self.device, rows=rows)
         else:
             train_set = PatchDataset(

@@ -59,14 +59,15 @@ def choose(requested: str, cap: Capability) -> str:
     return requested
 
 
-def check_resumable(settings: Settings, cap: Capability, where: str) -> None:
-    """A resume runs with the settings of the cell's first start; a device that cannot is a clear error."""
-    p = settings["precision"]
-    if p != "fp32" and not cap[p]:  # type: ignore[literal-required]
-        raise UserError(
-            f"{where}: the cell started in {p} and this {cap['type']} device cannot run {p}; resume it on a GPU "
-            f"that can (or start the cell again in a new run directory)"
-        )
+def cannot_run(settings: Settings | None, cap: Capability, where: str) -> str | None:
+    """Why a device of capability ``cap`` cannot run a cell's settings (one line), or None where it can."""
+    p = settings["precision"] if settings else "fp32"
+    if p == "fp32" or cap[p]:  # type: ignore[literal-required]
+        return None
+    return (
+        f"{where}: the cell started in {p} and this {cap['type']} device cannot run {p}; resume it on a GPU that "
+        f"can (or start the cell again in a new run directory)"
+    )
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
@@ -75,5 +76,7 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """A loss scaler for fp16 (its range needs one), a pass-through otherwise."""
+    """A loss scaler for fp16 (its range needs one), a pass-through otherwise. In fp16 the scaler's step reads
+    its overflow check on the host each step (GradScaler; fused optimizers would avoid it, AdamP is not one):
+    a V100 or T4 syncs every step, bf16 GPUs do not."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -91,3 +91,17 @@ def test_the_padded_store_holds_only_content(tmp_path_factory, store):
     split = ResidentSplit(store, "d", "valid", CPU)
     assert split.content.shape[1:3] in ((30, 30), (64, 64))
     assert split.batch([0])[0].shape[-2:] == (64, 64)
+
+
+def test_a_multi_label_split_holds_float_label_rows(tmp_path):
+    from tests.fixtures import raw_adp
+
+    raw = raw_adp.make(tmp_path, nested=True)
+    store = tmp_path / "adp.zarr"
+    standardize(StandardizeConfig(dataset="adp", raw=raw, store=store, progress=False))
+    split = ResidentSplit(store, "adp", "train", CPU)
+    want = PatchDataset(store, "adp", "train").__getitems__([0, 3])
+    got = split.batch([0, 3])
+    assert got[1].dtype == torch.float32 and got[1].shape[1] > 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert split_nbytes(store, "adp", "train") == split.nbytes

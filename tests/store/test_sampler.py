@@ -3,7 +3,7 @@
 import pytest
 
 from histokt.errors import UserError
-from histokt.store.sampler import GlobalBatchSampler, epoch_permutation, eval_shards
+from histokt.store.sampler import GlobalBatchSampler, epoch_permutation, eval_rows, eval_shards
 
 
 def global_batches(n, batch, world, epoch=0, start=0, seed=0):
@@ -41,6 +41,9 @@ def test_tiny_split_still_fills_a_batch():
 def test_eval_shards_cover_the_split_once():
     got = [i for r in range(3) for b in eval_shards(10, 2, 3, r) for i in b]
     assert got == list(range(10))
+    rows = [eval_rows(10, 3, r) for r in range(3)]  # what a rank holds in device memory
+    assert [i for r in rows for i in r] == list(range(10)) and [len(r) for r in rows] == [3, 3, 4]
+    assert all([i for b in eval_shards(10, 2, 3, r) for i in b] == list(rows[r]) for r in range(3))
 
 
 def sample_order(epoch, start=0, world=1, seed=0):

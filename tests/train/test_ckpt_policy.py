@@ -185,6 +185,39 @@ def test_a_stop_signal_checkpoints_once_and_the_rerun_ends_as_an_uninterrupted_r
     assert sorted(p.name for p in out.iterdir()) == DONE
 
 
+def test_checked_every_few_steps_a_stop_waits_for_the_next_check_and_the_cell_ends_the_same(
+    store, reference, tmp_path, monkeypatch
+):
+    """As on a GPU (every 16 steps there): the stop flag, the loss check and the timer are read together at
+    steps 4, 8, ... and at each epoch's last step (5, 10, 15); a signal during step 7 stops at step 8."""
+    monkeypatch.setattr(loop, "host_sync_every", lambda device: 4)
+    writes = record_writes(monkeypatch)
+
+    def usr2_during_step_7(trainer):
+        if trainer.state["step"] == 6:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    wrap_step(monkeypatch, after=usr2_during_step_7)
+    out = tmp_path / "run"
+    stopped = train(cfg(store, out))
+    assert stopped.interrupted and stopped.step == 8
+    assert full_saves(writes) == [(8, 1, 3)]
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "host_sync_every", lambda device: 4)
+    assert not train(cfg(store, out)).interrupted
+    assert_same_run(out, reference[0])
+
+
+def test_a_non_finite_loss_found_at_a_later_check_names_the_steps_and_keeps_no_bad_checkpoint(
+    store, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(loop, "host_sync_every", lambda device: 4)
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"loss is not finite at epoch 0 steps 1-4; the last good checkpoint"):
+        train(cfg(store, out, lr=1e12, optimizer="sgd"))
+    assert not (out / "last.pt").exists() and not (out / "result.json").exists()
+
+
 @pytest.mark.parametrize(
     "keep,left",
     [

@@ -32,9 +32,12 @@ def test_an_explicit_precision_is_kept_or_refused_in_one_line():
         precision.choose("bf16", V100)
     with pytest.raises(UserError, match="--precision 'fp8': choose one of auto"):
         precision.choose("fp8", H100)
-    with pytest.raises(UserError, match="the cell started in bf16 and this cuda device cannot run bf16"):
-        precision.check_resumable({"precision": "bf16", "compile": False, "warp": "device"}, V100, "RUN")
-    precision.check_resumable({"precision": "fp16", "compile": False, "warp": "device"}, H100, "RUN")
+    bf16 = {"precision": "bf16", "compile": False, "warp": "device"}
+    assert "RUN: the cell started in bf16 and this cuda device cannot run bf16" in precision.cannot_run(
+        bf16, V100, "RUN"
+    )
+    assert precision.cannot_run({**bf16, "precision": "fp16"}, H100, "RUN") is None
+    assert precision.cannot_run({**bf16, "precision": "fp32"}, P100, "RUN") is None
 
 
 def test_the_fp16_loss_scaler_round_trips_through_a_weights_only_checkpoint(tmp_path):
