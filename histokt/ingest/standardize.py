@@ -114,6 +114,14 @@ class StandardizeConfig:
         },
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress to hide)"})
+    filter: bool = field(
+        default=True,
+        metadata={
+            "help": "drop low-contrast (blank) patches, HistoKT's is_low_contrast rule (default); --no-filter "
+            "keeps every window, for parity runs of ADP, which HistoKT used as released, unfiltered "
+            "(recorded as attrs filter: null)"
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class Params:
     scale: float
     patch_size: int
     stride: int
-    filter: FilterParams
+    filter: FilterParams | None  # None: --no-filter, every window kept
     strict: bool
     max_pixels: int
 
@@ -234,7 +242,8 @@ def _settings(cfg: StandardizeConfig, card: Card, index: CardIndex, mpp: float) 
         "mpp_target": cfg.target_mpp,
         "patch_size": cfg.patch_size,
         "stride": stride,
-        "filter": asdict(FilterParams()),
+        # --no-filter: null (the key stays, so a reader cannot mistake an unfiltered store for a filtered one)
+        "filter": asdict(FilterParams()) if cfg.filter else None,
         "split_rule": cfg.split_rule,
         "split_seed": cfg.split_seed,
         "split_plan": index.split_plan,
@@ -355,12 +364,12 @@ def _tiles(task: PartTask, source: Source) -> Iterator[tuple[tuple[int, int, int
     rescaled = rescale(task.card.read(task.raw, source), p.scale)
     ch, cw = min(rescaled.shape[0], p.patch_size), min(rescaled.shape[1], p.patch_size)
     image = mirror_pad(rescaled, p.patch_size)
-    mask = task.card.read_mask(task.raw, source)
+    mask = task.card.rescaled_mask(task.raw, source, p.scale)
     if mask is not None:
-        mask = mirror_pad(rescale(mask, p.scale, labels=True), p.patch_size)
+        mask = mirror_pad(mask, p.patch_size)
     for x0, y0, x1, y1 in tile_boxes(image.shape[0], image.shape[1], p.patch_size, p.stride):
         patch = image[y0:y1, x0:x1]
-        if is_low_contrast(patch, p.filter):
+        if p.filter is not None and is_low_contrast(patch, p.filter):
             continue
         label = source.label
         if mask is not None:
@@ -421,7 +430,7 @@ def _standardize(cfg: StandardizeConfig) -> StandardizeResult:
         scale=worklist.settings["mpp_native"] / cfg.target_mpp,
         patch_size=cfg.patch_size,
         stride=worklist.settings["stride"],
-        filter=FilterParams(),
+        filter=None if worklist.settings["filter"] is None else FilterParams(**worklist.settings["filter"]),
         strict=cfg.strict,
         max_pixels=cfg.max_pixels,
     )

@@ -47,6 +47,25 @@ def rescale(image, scale: float, labels: bool = False) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
 
 
+def rescale_codes(codes: np.ndarray, scale: float) -> np.ndarray:
+    """Resize an integer code mask bilinearly, as HistoKT resized BCSS masks: int32 codes out.
+
+    HistoKT read the mask as an image and rescaled it like one (skimage ``rescale``, order 1, Gaussian
+    anti-aliasing, ``preserve_range``), then cast to uint8: inside a region the code is kept; across a
+    boundary the interpolated value is truncated to an integer, which may be the code of another class
+    (between tumor 1 and fat 9: 2..8, stroma to metaplasia). Here the resampler is the images' (Pillow's
+    area-aware bilinear, tiling's one documented difference), on float32 codes, then truncated likewise;
+    its normalized weights keep a region of one code exactly at that code (tested), so truncation never
+    turns a whole region into the code below.
+    """
+    if scale == 1.0:
+        return codes.astype(np.int32, copy=False)
+    h, w = codes.shape[:2]
+    image = Image.fromarray(np.ascontiguousarray(codes, dtype=np.float32))
+    smooth = np.asarray(image.resize(rescaled_size(w, h, scale), Image.Resampling.BILINEAR, reducing_gap=None))
+    return smooth.astype(np.int32)  # truncation, as HistoKT's astype(np.uint8); codes are >= 0
+
+
 def mirror_pad(image: np.ndarray, patch_size: int) -> np.ndarray:
     """Pad bottom/right to at least ``patch_size`` by mirroring without repeating the edge pixel."""
     h, w = image.shape[:2]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from histokt.errors import UserError, verify_download
 from histokt.ingest.decode import MAX_PIXELS, load_rgb_image
+from histokt.ingest.tiling import rescale
 
 # HistoKT's default ratios where a dataset (or an official partition) has to be cut: 80/10/10.
 DEFAULT_RATIOS = {"train": 0.8, "valid": 0.1, "test": 0.1}
@@ -121,6 +122,13 @@ class Card:
     def read_mask(self, raw: Path, source: Source) -> np.ndarray | None:
         """Integer label mask aligned with ``read`` (BCSS), or None."""
         return None
+
+    def rescaled_mask(self, raw: Path, source: Source, scale: float) -> np.ndarray | None:
+        """``read_mask`` resized by ``scale`` like the image (nearest neighbour: labels are not blended), or None.
+
+        A card whose original blended its masks (BCSS option mask_resize=bilinear) overrides this."""
+        mask = self.read_mask(raw, source)
+        return None if mask is None else rescale(mask, scale, labels=True)
 
     def mask_label(self, mask_patch: np.ndarray) -> Label:
         """Label of a patch from its mask tile (multi-hot tuple), or None to drop it."""

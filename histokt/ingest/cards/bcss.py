@@ -11,6 +11,17 @@ Patches are labelled from their mask tile (HistoKT): a 10-class multi-hot vector
 codes are mapped to the 10 classes by NAME through gtruth_codes.tsv, so a renumbered release still
 reads correctly. ``read_mask`` returns the mask already mapped to class numbers: 0 = outside the ROI or
 any code that is not one of the 10 classes, c + 1 = ``classes[c]``; ``mask_label`` counts those.
+
+Option ``mask_resize`` (how the mask follows the image to 1 µm/px):
+- "nearest" (default): every rescaled pixel takes one native pixel's class; labels are never blended.
+- "bilinear" (HistoKT parity): HistoKT loaded the mask as an RGB image and rescaled it like the image
+  (skimage ``rescale``: bilinear, Gaussian anti-aliasing, ``preserve_range``), then cast the result to
+  uint8 and counted, per class, the pixels whose value equals the class's GT_code. So the raw CODES are
+  interpolated and truncated: a region of one code keeps it, but a boundary gets the integer codes in
+  between (tumor 1 | fat 9 -> 2..8: stroma, lymphocytic_infiltrate, ..., metaplasia_NOS; outside 0 |
+  stroma 2 -> 1: tumor), which then count for those classes. Reproduced here: codes interpolated by the
+  images' resampler (tiling.rescale_codes), truncated, then mapped to classes (a code that is not one of
+  the 10, or not in the table, counts as none). Only the boundary pixels differ from "nearest".
 """
 
 import csv
@@ -22,6 +33,7 @@ import numpy as np
 from histokt.errors import UserError, verify_download
 from histokt.ingest.cards.base import DEFAULT_RATIOS, Card, CardIndex, Label, Source
 from histokt.ingest.decode import BadImage, image_size, load_labels
+from histokt.ingest.tiling import rescale, rescale_codes
 
 IMAGES = "rgbs_colorNormalized"
 MASKS = "masks"
@@ -33,6 +45,7 @@ EVA_TEST = ("OL", "LL", "E2", "EW", "GM", "S3")
 EVA_VALID = ("BH", "C8", "A8", "A1", "E9")
 EVA_PLAN = {"train": {"train": 1.0}, "valid": {"valid": 1.0}, "test": {"test": 1.0}}
 SPLITS = ("grouped", "eva")
+MASK_RESIZE = ("nearest", "bilinear")
 
 
 class BCSS(Card):
@@ -59,8 +72,8 @@ class BCSS(Card):
     # label_threshold: drop a patch whose 10 class fractions sum below it (HistoKT: 0.2 by one reading of
     # its code, 0.5 by another). presence: a class is positive from this fraction of the patch on (the
     # original binarization rule is not published). split: "grouped" = 80/10/10 by institution,
-    # "eva" = eva's fixed institution lists.
-    OPTION_DEFAULTS = {"label_threshold": 0.2, "presence": 0.05, "split": "grouped"}
+    # "eva" = eva's fixed institution lists. mask_resize: "nearest" or HistoKT's "bilinear" (module doc).
+    OPTION_DEFAULTS = {"label_threshold": 0.2, "presence": 0.05, "split": "grouped", "mask_resize": "nearest"}
     # Overlap 0.75 -> int(272 * 0.25) = 68, one reading of HistoKT's code; the other reading (0.5) gives 136.
     default_stride = 68
 
@@ -83,6 +96,11 @@ class BCSS(Card):
         if self.option_values["split"] not in SPLITS:
             raise UserError(
                 f"card bcss: option split={self.option_values['split']!r}, expected one of {', '.join(SPLITS)}"
+            )
+        if self.option_values["mask_resize"] not in MASK_RESIZE:
+            raise UserError(
+                f"card bcss: option mask_resize={self.option_values['mask_resize']!r}, "
+                f"expected one of {', '.join(MASK_RESIZE)}"
             )
 
     # -- index --------------------------------------------------------------------------------------------
@@ -171,6 +189,18 @@ class BCSS(Card):
     # -- masks and patch labels ---------------------------------------------------------------------------
     def read_mask(self, raw: Path, source: Source) -> np.ndarray:
         """The ROI's mask mapped to class numbers (0 = none, c + 1 = classes[c]), checked against the image."""
+        return self._lut(raw)[self._codes(raw, source)]
+
+    def rescaled_mask(self, raw: Path, source: Source, scale: float) -> np.ndarray:
+        """The mapped mask at the target resolution: nearest neighbour, or HistoKT's bilinear on the codes."""
+        if self.option_values["mask_resize"] == "nearest":
+            return rescale(self.read_mask(raw, source), scale, labels=True)
+        codes = rescale_codes(self._codes(raw, source), scale)
+        lut = np.maximum(self._lut(raw), 0)  # a code between two table codes but not in the table: none
+        return lut[codes]
+
+    def _codes(self, raw: Path, source: Source) -> np.ndarray:
+        """The ROI's raw mask codes, checked against the image and the code table."""
         path = raw / MASKS / Path(source.path).name
         mask = load_labels(path, self.max_pixels)
         width, height = image_size(raw / source.path)
@@ -185,7 +215,7 @@ class BCSS(Card):
         unknown = present[lut[present] < 0]
         if unknown.size:
             raise BadImage(f"mask codes {unknown.tolist()} are not in {CODES}")
-        return lut[mask]
+        return mask
 
     def mask_label(self, mask_patch: np.ndarray) -> Label:
         """Multi-hot tuple of the 10 classes from a mapped mask tile, or None to drop the patch.

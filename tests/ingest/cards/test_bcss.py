@@ -40,7 +40,8 @@ def test_card_attributes():
     assert card.classes == CLASSES
     assert card.multi_label and card.mpp == 0.25
     assert card.default_stride == 68
-    assert card.option_values == {"label_threshold": 0.2, "presence": 0.05, "split": "grouped"}
+    defaults = {"label_threshold": 0.2, "presence": 0.05, "split": "grouped", "mask_resize": "nearest"}
+    assert card.option_values == defaults
     assert card.split_plan == {"all": {"train": 0.8, "valid": 0.1, "test": 0.1}}
     assert card.expected_counts == {"all": 151}
 

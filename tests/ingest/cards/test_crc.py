@@ -105,7 +105,7 @@ def test_per_class_too_large(tmp_path):
     [
         ({"variant": "MACENKO"}, "variant='MACENKO', expected NONORM or NORM"),
         ({"classes": 8}, "classes=8, expected 7 or 9"),
-        ({"test": "val"}, "test='val', expected 7k or holdout"),
+        ({"test": "val"}, "test='val', expected one of 7k, holdout, paper"),
         ({"per_class": -1}, "per_class=-1, expected an integer >= 0"),
         ({"norm": "x"}, "unknown option 'norm'"),
     ],
