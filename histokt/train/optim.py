@@ -1,5 +1,9 @@
 """Optimizers and LR schedules of the HistoKT recipes (docs/method.md §3).
 
+``Adas`` (paper Stage A, histokt.train.adas) is momentum SGD with one learning rate per parameter that its own
+schedule, ``AdasSchedule``, sets once per epoch from the layers' knowledge gain: ``build_scheduler`` returns it
+for an ``Adas`` optimizer, whatever scheduler is named, so no StepLR acts on top of it.
+
 ``AdamP`` follows Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
 Scale-invariant Weights" (ICLR 2021) and the behaviour of the reference ``adamp`` package that HistoKT
 trained with: Adam moments with bias correction; for every tensor of rank > 1 whose gradient is nearly
@@ -15,8 +19,9 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
 from histokt.errors import UserError
+from histokt.train.adas import Adas, AdasSchedule
 
-OPTIMIZERS = ("adamp", "sgd", "adam", "adamw")
+OPTIMIZERS = ("adamp", "sgd", "adam", "adamw", "adas")
 SCHEDULERS = ("step", "none")
 
 # Paper Stage B (docs/method.md §3): AdamP betas, eps.
@@ -146,8 +151,11 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 5e-4, mo
     """The optimizer ``name`` (case-insensitive) over ``params``.
 
     adamp: paper Stage B (betas 0.9/0.999, eps 1e-8, decoupled wd, delta 0.1, wd_ratio 0.1).
-    sgd:   momentum SGD with L2 weight decay added to the gradient (paper Stage A, Adas without its
-           per-layer LR adaptation). adam: L2 wd. adamw: decoupled wd. ``momentum`` is used by sgd only.
+    adas:  paper Stage A: momentum SGD with L2 weight decay added to the gradient and a per-parameter LR
+           (one param group per tensor, in the given order: pass ``model.parameters()``' order), which
+           ``build_scheduler`` adapts per epoch; ``lr`` is eta_0.
+    sgd:   momentum SGD with L2 weight decay added to the gradient (Adas without its per-layer LR
+           adaptation). adam: L2 wd. adamw: decoupled wd. ``momentum`` is used by sgd and adas only.
     """
     key = str(name).strip().lower()
     if key not in OPTIMIZERS:
@@ -160,6 +168,8 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 5e-4, mo
         return AdamP(params, lr=lr, betas=ADAMP_BETAS, eps=ADAMP_EPS, weight_decay=weight_decay)
     if key == "sgd":
         return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if key == "adas":
+        return Adas(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if key == "adam":
         return Adam(params, lr=lr, weight_decay=weight_decay)
     return AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -170,18 +180,24 @@ def _constant(epoch: int) -> float:
     return 1.0
 
 
-def build_scheduler(name: str, optimizer: Optimizer, step_size: int, gamma: float) -> LRScheduler:
+def build_scheduler(name: str, optimizer: Optimizer, step_size: int, gamma: float) -> LRScheduler | AdasSchedule:
     """Per-epoch LR schedule: "step" = StepLR(step_size, gamma); "none" = constant LR.
 
-    Call ``scheduler.step()`` once per epoch (paper Stage B: StepLR(20, 0.5); Stage A: 0.5 every 25).
+    An ``Adas`` optimizer always gets its own ``AdasSchedule`` instead (KG-driven per-layer LRs, its global
+    factor times ``gamma`` every ``step_size`` epochs, beta 0.98), whichever of the names is given.
+    Call ``scheduler.step()`` once per epoch (paper Stage B: StepLR(20, 0.5); Stage A: Adas, 0.5 every 25).
     """
     key = str(name).strip().lower()
     if key not in SCHEDULERS:
         raise UserError(f"unknown scheduler {name!r}; choose one of: {_choices(SCHEDULERS)}")
-    if key == "none":
+    adas = isinstance(optimizer, Adas)
+    if key == "none" and not adas:
         return LambdaLR(optimizer, _constant)
+    what = "adas" if adas else "step"
     if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
-        raise UserError(f"scheduler step: step_size must be a positive integer (epochs), got {step_size!r}")
+        raise UserError(f"scheduler {what}: step_size must be a positive integer (epochs), got {step_size!r}")
     if not 0 < gamma <= 1:
-        raise UserError(f"scheduler step: gamma must be in (0, 1], got {gamma}")
+        raise UserError(f"scheduler {what}: gamma must be in (0, 1], got {gamma}")
+    if isinstance(optimizer, Adas):
+        return AdasSchedule(optimizer, step_size=step_size, gamma=gamma)
     return StepLR(optimizer, step_size=step_size, gamma=gamma)

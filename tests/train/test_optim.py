@@ -157,7 +157,7 @@ def test_build_optimizer_kinds():
 
 def test_build_optimizer_errors():
     params = [nn.Parameter(torch.zeros(2))]
-    with pytest.raises(UserError, match=r"^unknown optimizer 'x'; choose one of: adamp, sgd, adam, adamw$"):
+    with pytest.raises(UserError, match=r"^unknown optimizer 'x'; choose one of: adamp, sgd, adam, adamw, adas$"):
         build_optimizer("x", params, 1e-3)
     with pytest.raises(UserError, match="learning rate"):
         build_optimizer("sgd", params, 0)
