@@ -8,18 +8,31 @@ that directly follows it in module order, when it is a BatchNorm over the conv's
 * ``kg-select``   -- the conv (and its BN, running statistics included) of the source model with the
   highest layer knowledge gain G = (G_in + G_out)/2 (ties: the first source model);
 * ``average``     -- element-wise mean ("model soup");
-* ``kg-weighted`` -- mean weighted by G, normalized per layer to sum 1 (all gains zero: uniform).
+* ``kg-weighted`` -- mean weighted by G, normalized per layer to sum 1 (all gains zero: uniform);
+* ``block-select`` / ``stage-select`` -- per unit, every conv (with its BN) of the source model whose
+  mean layer G over the unit's convs is highest (ties: the first). Units come from the module names of
+  torchvision's ResNets: a block is the path prefix ``layerN.M`` (a BasicBlock or Bottleneck, its
+  downsample included), a stage the prefix ``layerN``; a conv outside them (the stem ``conv1``, or any
+  conv of an architecture without such names) is its own unit;
+* ``kappa-select`` -- per conv layer, the source model with the lowest mapping condition
+  kappa = (kappa_in + kappa_out)/2 (ties: the first). An unfolding where EVBMF retains nothing (or
+  fails) has no kappa; method.md §4.4 logs 0 there, which would rank it best, so for selection such a
+  layer counts as worst (kappa = inf, written as null in MERGED.json).
 
 Everything not attached to a conv (the head, stray parameters) is averaged; integer buffers
 (``num_batches_tracked``) take the maximum unless selected. Source models of different datasets have heads
 of different sizes: the head is irrelevant (Stage B replaces it), so then the first source model's is kept.
 ``--lowrank`` ("postSVD") replaces each merged conv weight by the EVBMF reconstruction of its output-channel
 unfolding; a layer where EVBMF retains nothing keeps its merged weight (a zero conv would cut the network).
+``--evbmf-search`` picks EVBMF's noise-variance search for the metrics and the low-rank step (histokt.distill.evbmf:
+"grid", the default, or "reference", the reference's bounded search that can stop in a wrong local minimum).
 
 Outputs: MERGED.pt = {"model": state_dict, "arch", "distill": {...}} (weights-only loadable, a valid
 ``histokt train --init``) and MERGED.json with, per conv layer, every source model's metrics and the choice.
 """
 
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +43,15 @@ import torch
 from torch import nn
 
 from histokt import __version__, atomic
-from histokt.distill.evbmf import layer_metrics, low_rank
+from histokt.distill.evbmf import DEFAULT_SEARCH, SEARCHES, LayerMetrics, layer_metrics, low_rank
 from histokt.errors import UserError
 from histokt.train import checkpoint
 from histokt.train.models import build_model, head_name
 
-RULES = ("kg-select", "average", "kg-weighted")
+RULES = ("kg-select", "average", "kg-weighted", "block-select", "stage-select", "kappa-select")
+SELECT_RULES = ("kg-select", "block-select", "stage-select", "kappa-select")  # one source per layer
+UNIT_LEVELS = {"block-select": "block", "stage-select": "stage"}  # rules that select whole units
+_UNIT_PATTERNS = {"block": re.compile(r"^(layer\d+\.\d+)\."), "stage": re.compile(r"^(layer\d+)\.")}
 BEST = "best.pt"
 
 
@@ -54,12 +70,22 @@ class DistillConfig:
         metadata={
             "choices": RULES,
             "help": "kg-select: per conv layer the source with the highest knowledge "
-            "gain; average: element-wise mean; kg-weighted: mean weighted by gain",
+            "gain; average: element-wise mean; kg-weighted: mean weighted by gain; block-select / "
+            "stage-select: per ResNet block (layerN.M) / stage (layerN) the source with the highest mean "
+            "gain; kappa-select: per conv layer the source with the lowest mapping condition",
         }
     )
     out: Path = field(metadata={"metavar": "MERGED.pt", "help": "merged checkpoint (MERGED.json is written beside it)"})
     lowrank: bool = field(
         default=False, metadata={"help": "replace each merged conv by its EVBMF low-rank reconstruction (postSVD)"}
+    )
+    evbmf_search: str = field(
+        default=DEFAULT_SEARCH,
+        metadata={
+            "choices": SEARCHES,
+            "help": "EVBMF noise-variance search: grid (log-spaced scan, then Brent around the best point) "
+            "or reference (the reference's bounded Brent search, which can stop in a wrong local minimum)",
+        },
     )
 
 
@@ -95,13 +121,18 @@ def distill(cfg: DistillConfig) -> dict:
     head = head_name(model) + "."
     _check_compatible(source_models, model, head)
     groups = conv_groups(model)
-    merged, layers = _merge(source_models, groups, cfg.rule)
+    merged, layers = _merge(source_models, groups, cfg.rule, cfg.evbmf_search)
     other = _merge_rest(source_models, merged, head)
     if cfg.lowrank:
-        _apply_lowrank(merged, groups, layers)
+        _apply_lowrank(merged, groups, layers, cfg.evbmf_search)
     merged = {k: merged[k] for k in source_models[0].state}  # the source models' key order
     report = _report(cfg, arch, source_models, layers, other, time.monotonic() - start)
-    meta = {"rule": cfg.rule, "lowrank": cfg.lowrank, "sources": [str(s.run) for s in source_models]}
+    meta = {
+        "rule": cfg.rule,
+        "lowrank": cfg.lowrank,
+        "evbmf_search": cfg.evbmf_search,
+        "sources": [str(s.run) for s in source_models],
+    }
     checkpoint.save_weights(out, {"model": merged, "arch": arch, "distill": meta})
     atomic.write_json(report_path, report)
     return {
@@ -110,6 +141,7 @@ def distill(cfg: DistillConfig) -> dict:
         "arch": arch,
         "rule": cfg.rule,
         "lowrank": cfg.lowrank,
+        "evbmf_search": cfg.evbmf_search,
         "sources": len(source_models),
         "layers": len(layers),
         "picks": report["picks"],
@@ -139,13 +171,44 @@ def conv_groups(model: nn.Module) -> list[ConvGroup]:
     return groups
 
 
+def merge_unit(conv: str, level: str) -> str:
+    """The unit a conv is selected with: ``"layer"`` itself, ``"block"`` its ``layerN.M``, ``"stage"`` its
+    ``layerN`` (torchvision ResNet names); a conv outside such a prefix (the stem) is its own unit."""
+    if level == "layer":
+        return conv
+    match = _UNIT_PATTERNS[level].match(conv)
+    return match.group(1) if match else conv
+
+
+def selection_kappa(m: LayerMetrics) -> float:
+    """A layer's kappa for kappa-select: the mean of both unfoldings', inf where one retains nothing."""
+    return m.kappa if m.inp.rank > 0 and m.out.rank > 0 else math.inf
+
+
+def rule_scores(rule: str, groups: list[ConvGroup], metrics: list[list[LayerMetrics]]) -> list[np.ndarray]:
+    """Per conv group, the per-source values ``rule_weights`` turns into weights: the layer gains, the
+    mean gain over the group's unit (block-/stage-select), or the selection kappas (kappa-select)."""
+    if rule == "kappa-select":
+        return [np.array([selection_kappa(m) for m in ms]) for ms in metrics]
+    gains = [np.array([m.kg for m in ms]) for ms in metrics]
+    if rule not in UNIT_LEVELS:
+        return gains
+    units = [merge_unit(g.conv, UNIT_LEVELS[rule]) for g in groups]
+    members: dict[str, list] = {}
+    for unit, g in zip(units, gains):
+        members.setdefault(unit, []).append(g)
+    mean = {unit: np.mean(gs, axis=0) for unit, gs in members.items()}
+    return [mean[unit] for unit in units]
+
+
 def rule_weights(rule: str, gains) -> np.ndarray:
-    """Per-source weights of one layer: one-hot argmax, uniform, or gains normalized to sum 1."""
+    """Per-source weights of one layer: one-hot argmax (argmin of kappas for kappa-select), uniform, or
+    gains normalized to sum 1. ``gains`` are the layer's ``rule_scores``."""
     g = np.asarray(gains, dtype=np.float64)
     n = g.size
-    if rule == "kg-select":
+    if rule in SELECT_RULES:
         w = np.zeros(n)
-        w[int(np.argmax(g))] = 1.0
+        w[int(np.argmin(g) if rule == "kappa-select" else np.argmax(g))] = 1.0
         return w
     if rule == "kg-weighted" and g.sum() > 0:
         return g / g.sum()
@@ -162,6 +225,8 @@ def _check_config(cfg: DistillConfig) -> tuple[Path, Path]:
         raise UserError(f"--sources: at least 2 run directories are needed to merge, got {len(cfg.sources)}")
     if cfg.rule not in RULES:
         raise UserError(f"--rule {cfg.rule!r}: unknown rule; choose one of {', '.join(RULES)}")
+    if cfg.evbmf_search not in SEARCHES:
+        raise UserError(f"--evbmf-search {cfg.evbmf_search!r}: unknown search; choose one of {', '.join(SEARCHES)}")
     out = Path(cfg.out)
     if out.suffix == ".json":
         raise UserError(f"--out {out}: the checkpoint path must not end in .json (the report goes there)")
@@ -239,13 +304,13 @@ def _combine(tensors: list, weights: np.ndarray) -> torch.Tensor:
 
 
 def _merge(
-    source_models: list[SourceModel], groups: list[ConvGroup], rule: str
+    source_models: list[SourceModel], groups: list[ConvGroup], rule: str, search: str = DEFAULT_SEARCH
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Merge every conv group by the rule; per layer, the record that goes into MERGED.json."""
+    metrics = [[layer_metrics(s.state[g.conv + ".weight"], search=search) for s in source_models] for g in groups]
     merged, layers = {}, []
-    for g in groups:
-        metrics = [layer_metrics(s.state[g.conv + ".weight"]) for s in source_models]
-        weights = rule_weights(rule, [m.kg for m in metrics])
+    for g, ms, scores in zip(groups, metrics, rule_scores(rule, groups, metrics)):
+        weights = rule_weights(rule, scores)
         for k in g.keys:
             merged[k] = _combine([s.state[k] for s in source_models], weights)
         record = {
@@ -253,9 +318,14 @@ def _merge(
             "bn": g.bn,
             "shape": list(source_models[0].state[g.conv + ".weight"].shape),
             "weights": weights.tolist(),
-            "sources": [m.to_dict() for m in metrics],
+            "sources": [m.to_dict() for m in ms],
         }
-        if rule == "kg-select":
+        if rule in UNIT_LEVELS:
+            record["unit"] = merge_unit(g.conv, UNIT_LEVELS[rule])
+            record["unit_kg"] = scores.tolist()
+        if rule == "kappa-select":
+            record["selection_kappa"] = [v if math.isfinite(v) else None for v in scores.tolist()]
+        if rule in SELECT_RULES:
             record["chosen"] = int(np.argmax(weights))
             record["chosen_source"] = str(source_models[record["chosen"]].run)
         layers.append(record)
@@ -277,12 +347,12 @@ def _merge_rest(source_models: list[SourceModel], merged: dict, head: str) -> di
     return {"averaged": [k for k in rest if not k.startswith(head)], "head": head_note}
 
 
-def _apply_lowrank(merged: dict, groups: list[ConvGroup], layers: list) -> None:
+def _apply_lowrank(merged: dict, groups: list[ConvGroup], layers: list, search: str = DEFAULT_SEARCH) -> None:
     """postSVD: each merged conv weight -> EVBMF reconstruction of its output-channel unfolding."""
     for g, record in zip(groups, layers):
         key = g.conv + ".weight"
         w = merged[key]
-        rebuilt, r = low_rank(w, "out")
+        rebuilt, r = low_rank(w, "out", search=search)
         kept = r.rank > 0
         if kept:
             merged[key] = torch.from_numpy(rebuilt).to(w.dtype)
@@ -298,7 +368,7 @@ def _report(
     seconds: float,
 ) -> dict[str, Any]:
     picks = {}
-    if cfg.rule == "kg-select":
+    if cfg.rule in SELECT_RULES:
         picks = {str(s.run): sum(1 for r in layers if r["chosen"] == i) for i, s in enumerate(source_models)}
     return {
         "format": "histokt-distill/1",
@@ -310,6 +380,7 @@ def _report(
         "checkpoints": [str(s.path) for s in source_models],
         "out": str(cfg.out),
         "metric": "EVBMF, p=1",
+        "evbmf_search": cfg.evbmf_search,
         "picks": picks,
         "layers": layers,
         "other": other,

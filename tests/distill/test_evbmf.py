@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from histokt.distill.evbmf import (
+    DEFAULT_SEARCH,
+    SEARCHES,
     evbmf,
     fold,
     knowledge_gain,
@@ -14,6 +16,8 @@ from histokt.distill.evbmf import (
     low_rank,
     mapping_condition,
     minimize_bounded,
+    noise_objective,
+    noise_objective_grid,
     unfold,
     unfolding_metrics,
 )
@@ -198,7 +202,103 @@ def test_noise_estimate_is_scale_free_only_with_a_tight_tolerance():
     weights get a coarse noise estimate. With a tight tolerance sigma2 scales with the matrix squared."""
     rng = np.random.default_rng(7)
     _, y = low_rank_plus_noise(64, 576, 8, 1.0, rng)
-    big, small = evbmf(y, xatol=1e-14), evbmf(1e-3 * y, xatol=1e-14)
+    big, small = evbmf(y, xatol=1e-14, search="reference"), evbmf(1e-3 * y, xatol=1e-14, search="reference")
     assert big.rank == small.rank == 8
     assert small.sigma2 == pytest.approx(1e-6 * big.sigma2, rel=1e-6)
     np.testing.assert_allclose(small.d, 1e-3 * big.d, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- noise search
+
+# Matrices of known rank: (L, M, rank, signal spread in noise edges, noise sigma, seed) -> rank kept by
+# the reference's bounded search as measured. The reference starts at the golden point of [lower, upper]
+# and only shrinks that interval: with many signal components (half the rows) the objective has a second
+# basin near the upper bound and Brent walks into it; with tiny weights (sigma2 << its absolute xatol of
+# 1e-5) it stops before resolving sigma2 and keeps noise. The default (grid) search recovers every rank.
+KNOWN_RANK = [
+    ((64, 147, 32, (2, 4), 0.1, 1), 0),  # the ResNet stem's 64 x (3*7*7) unfolding: reference keeps nothing
+    ((147, 64, 32, (2, 4), 0.1, 0), 3),  # the same shape transposed
+    ((20, 50, 10, (2, 4), 0.1, 1), 4),
+    ((64, 147, 0, (3, 6), 1e-4, 0), 8),  # pure noise of tiny weights: reference keeps noise
+    ((64, 147, 32, (2, 40), 0.1, 0), 32),  # a spread spectrum
+    ((64, 147, 8, (3, 6), 1e-4, 0), 8),
+    ((64, 576, 32, (2, 4), 0.1, 0), 32),
+    ((30, 300, 3, (3, 6), 0.1, 0), 3),
+    ((64, 147, 0, (3, 6), 0.1, 0), 0),
+]
+
+
+def known_rank_matrix(L, M, r, spread, sigma, seed):
+    return low_rank_plus_noise(L, M, r, sigma, np.random.default_rng(seed), spread)[1]
+
+
+def objective_at(y, sigma2):
+    """EVBMF's noise objective of y at sigma2 (the quantity both searches minimize)."""
+    s = np.linalg.svd(y, compute_uv=False)
+    L, M = sorted(y.shape)
+    return noise_objective(sigma2, s**2, L, M, _xbar(L, M))
+
+
+@pytest.mark.parametrize("case, reference_rank", KNOWN_RANK, ids=[f"{c[0]}x{c[1]}r{c[2]}" for c, _ in KNOWN_RANK])
+def test_default_search_recovers_known_ranks_where_the_reference_may_not(case, reference_rank):
+    """Why DEFAULT_SEARCH is "grid": it keeps the true rank of every case; the reference search fails on
+    the first four (rank 0 on the 64 x 147 rank-32 stem unfolding)."""
+    y = known_rank_matrix(*case)
+    assert evbmf(y).rank == case[2]
+    assert evbmf(y, search="grid").rank == case[2]
+    assert evbmf(y, search="reference").rank == reference_rank
+
+
+@pytest.mark.parametrize("case", [c for c, _ in KNOWN_RANK], ids=[f"{c[0]}x{c[1]}r{c[2]}" for c, _ in KNOWN_RANK])
+def test_grid_search_never_ends_above_the_reference_or_the_dense_scan(case):
+    y = known_rank_matrix(*case)
+    grid, ref = evbmf(y, search="grid"), evbmf(y, search="reference")
+    f_grid, f_ref = objective_at(y, grid.sigma2), objective_at(y, ref.sigma2)
+    assert f_grid <= f_ref + 1e-9 * abs(f_ref)
+    if grid.rank != ref.rank:  # a different basin: a clearly lower one
+        assert f_grid < f_ref - 1.0
+    L, M = sorted(y.shape)
+    s2 = np.linalg.svd(y, compute_uv=False) ** 2
+    dense = np.geomspace(grid.sigma2 * 1e-3, s2.sum() / (L * M), 4000)  # beyond the lower bound, to the upper
+    assert f_grid <= noise_objective_grid(dense, s2, L, M, _xbar(L, M)).min() + 1e-9 * abs(f_grid)
+
+
+def test_vectorized_objective_matches_the_scalar_one():
+    y = known_rank_matrix(64, 147, 32, (2, 4), 0.1, 1)
+    s2, xbar = np.linalg.svd(y, compute_uv=False) ** 2, _xbar(64, 147)
+    sigma2s = np.geomspace(1e-4, 1.0, 9)
+    want = [noise_objective(v, s2, 64, 147, xbar, residual=3.0) for v in sigma2s]
+    np.testing.assert_allclose(noise_objective_grid(sigma2s, s2, 64, 147, xbar, residual=3.0), want, rtol=1e-12)
+    short = s2[:40]  # H < L: the residual and (L - H) ln sigma2 terms
+    want = [noise_objective(v, short, 64, 147, xbar, residual=3.0) for v in sigma2s]
+    np.testing.assert_allclose(noise_objective_grid(sigma2s, short, 64, 147, xbar, residual=3.0), want, rtol=1e-12)
+
+
+def test_grid_search_is_scale_free_at_the_default_tolerance():
+    """The grid search refines ln(sigma2), so xatol is relative there: no tight tolerance needed."""
+    y = known_rank_matrix(64, 576, 8, (3, 6), 1.0, 7)
+    big, small = evbmf(y, search="grid"), evbmf(1e-3 * y, search="grid")
+    assert big.rank == small.rank == 8
+    assert small.sigma2 == pytest.approx(1e-6 * big.sigma2, rel=1e-4)
+    ref_small = evbmf(1e-3 * y, search="reference")  # absolute xatol: sigma2 ~ 1e-6 is not resolved
+    assert ref_small.sigma2 != pytest.approx(1e-6 * big.sigma2, rel=1e-2)
+
+
+def test_search_option_is_threaded_and_checked():
+    """The stem-shaped weight whose out unfolding is the 64 x 147 rank-32 case above."""
+    w = known_rank_matrix(64, 147, 32, (2, 4), 0.1, 1).reshape(64, 3, 7, 7)
+    assert unfolding_metrics(w, "out").rank == 32 and unfolding_metrics(w, "out", search="reference").rank == 0
+    assert layer_metrics(w).out.rank == 32 and layer_metrics(w, search="reference").out.rank == 0
+    assert low_rank(w)[1].rank == 32 and low_rank(w, search="reference")[1].rank == 0
+    assert DEFAULT_SEARCH in SEARCHES
+    with pytest.raises(ValueError, match="search"):
+        evbmf(np.eye(3), search="golden")
+
+
+def test_grid_search_with_a_zero_lower_bound():
+    """An exactly rank-3 matrix: the trailing singular values are 0, so the lower bound is 0 (no log)."""
+    y = np.zeros((8, 20))
+    y[[0, 1, 2], [0, 1, 2]] = [10, 6, 3]
+    grid, ref = evbmf(y, search="grid"), evbmf(y, search="reference")
+    assert np.isfinite(grid.sigma2) and grid.sigma2 > 0
+    assert grid.rank == ref.rank and grid.sigma2 == pytest.approx(ref.sigma2, rel=1e-4)
