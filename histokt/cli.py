@@ -168,6 +168,8 @@ def _collect(argv):
 
     cfg = _parse(CollectConfig, "collect", argv, "Summary tables of a study from its cells' result.json files.")
     out = collect(cfg.run_root, cfg.out, compare_paper=cfg.compare_paper)
+    if out["deviations"]:
+        print(out["deviations"])
     matrices = ", ".join(out["matrices"]) or "no matrix"
     print(
         f"{out['out']}: {out['rows']} rows, {matrices}; {out['done']} cells done, {out['failed']} failed, "
@@ -259,7 +261,11 @@ class CollectConfig:
     out: Optional[Path] = field(default=None, metadata={"help": "output folder (default RUN_ROOT/summary)"})
     compare_paper: bool = field(
         default=False,
-        metadata={"help": "also write compare_<init>_deep.csv/.md: our deep matrices minus the published HistoKT ones"},
+        metadata={
+            "help": "print and write deviations.md/.csv (every way the study differs from the paper, and why what "
+            "stays cannot go), then compare_<init>_deep.csv/.md: our deep matrices minus the published HistoKT "
+            "ones, each labelled 'like for like' or 'differs in: ...'"
+        },
     )
 
 

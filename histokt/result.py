@@ -18,6 +18,9 @@ The file (keys sorted, as ``histokt.atomic.write_json`` writes them)::
                      null; {} in files written before it was recorded
     settings         how it computed, fixed at the cell's first start (histokt.train.precision): precision
                      (bf16, fp16 or fp32), compile, warp (device or loader); {} in files written before
+    protocol         the cell's protocol (histokt.protocol): "histokt" or "paper"; "" in files written before
+    deviations       every way the cell differs from the paper (histokt.protocol.Deviation: what, ours,
+                     paper, fixed), its options and its dataset's; null in files written before it was recorded
 """
 
 import json
@@ -39,6 +42,15 @@ def _is_number(x: object) -> bool:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _deviations(value: object) -> list[dict[str, Any]] | None:
+    """The recorded deviations, or None where a file has none (or none this histokt can read)."""
+    if not isinstance(value, list) or not all(
+        isinstance(d, dict) and {"what", "ours", "paper"} <= set(d) for d in value
+    ):
+        return None
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class CellResult:
     histokt_version: str
     runtime: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    protocol: str = ""
+    deviations: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of result.json (new containers, the values as given)."""
@@ -79,6 +93,8 @@ class CellResult:
             "histokt_version": self.histokt_version,
             "runtime": dict(self.runtime),
             "settings": dict(self.settings),
+            "protocol": self.protocol,
+            "deviations": None if self.deviations is None else [dict(d) for d in self.deviations],
         }
 
     @classmethod
@@ -125,6 +141,8 @@ class CellResult:
             histokt_version=doc["histokt_version"],
             runtime=runtime if isinstance(runtime := doc.get("runtime"), dict) else {},
             settings=settings if isinstance(settings := doc.get("settings"), dict) else {},
+            protocol=protocol if isinstance(protocol := doc.get("protocol"), str) else "",
+            deviations=_deviations(doc.get("deviations")),
         )
 
     @classmethod

@@ -42,6 +42,18 @@ COVERAGE = [
     (r"\.ci/run", ["test_readme.py::test_ci_runs_the_cluster_script_then_make_test"]),
     (r"(sudo )?slurm/local/start\.sh", ["test_slurm_local.py::test_two_task_array_runs_both_tasks"]),
     (r"histokt demo", ["batch/test_demo.py::test_demo_runs_the_whole_study_locally"]),
+    (r"histokt standardize --no-filter", ["ingest/test_parity.py::test_no_filter_on_the_command_line"]),
+    (
+        r"histokt collect RUN_ROOT --compare-paper",
+        ["results/test_collect.py::test_compare_paper_states_each_deviation_first_and_labels_the_matrices"],
+    ),
+    (
+        r"histokt sweep SPEC --dry-run",
+        [
+            "batch/test_sweep.py::test_dry_run_of_the_paper_spec",
+            "study/test_plan.py::test_study_sizes_the_readme_states",
+        ],
+    ),
     (r"histokt demo --executor slurm", ["batch/test_demo.py::test_demo_on_slurm"]),
     (
         r"histokt demo --raw-root ~/data .*",

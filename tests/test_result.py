@@ -27,14 +27,22 @@ def test_a_result_round_trips_through_json(tmp_path):
     parsed = CellResult.from_json(_doc(newer_key="ignored"))
     assert parsed.valid == BestValid(0.75, 3)
     # a file written before the runtime was recorded reads as {} and is written back with it
-    assert parsed.to_json() == {**_doc(), "runtime": {}, "settings": {}}
-    assert sorted(parsed.to_json()) == sorted([*KEYS, "runtime", "settings"])
+    assert parsed.to_json() == {**_doc(), "runtime": {}, "settings": {}, "protocol": "", "deviations": None}
+    assert sorted(parsed.to_json()) == sorted([*KEYS, "runtime", "settings", "protocol", "deviations"])
     where = {"python": "3.11.2", "torch": "2.14.1", "histokt": "0.1.0", "container": None}
     assert CellResult.from_json({**_doc(), "runtime": where}).runtime == where
     path = tmp_path / "result.json"
     path.write_text(json.dumps(parsed.to_json()))
     assert CellResult.read(path) == parsed
     assert CellResult.read(str(path)) == parsed
+
+
+def test_deviations_round_trip_and_an_unreadable_record_is_none():
+    recorded = [{"what": "precision", "ours": "bf16", "paper": "fp32", "fixed": ""}]
+    parsed = CellResult.from_json(json.loads(json.dumps(_doc(protocol="paper", deviations=recorded))))
+    assert parsed.protocol == "paper" and parsed.deviations == recorded
+    assert parsed.to_json()["deviations"] == recorded
+    assert CellResult.from_json(_doc(deviations=[{"what": "x"}])).deviations is None  # not a record: none
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,10 @@ Files (top-1 as a fraction in transfer.csv, as the cells store it; in % everywhe
 - ``distill.csv``/``.md``: each merged model (source set, rule, lowrank, family) deep-tuned on a target,
   against ImageNet → target and against the best single source of that family (deep-tuned).
 - ``report.md``: complete, missing, failed (with the error of state.json), running, corrupt.
-- with ``compare_paper``: ``compare_<init>_deep.{csv,md}``, our deep matrix minus the published one
-  (histokt.results.paper), over the datasets whose names equal the paper's card names.
+- with ``compare_paper``: ``deviations.{md,csv}`` first (histokt.results.deviations: every way the study differs
+  from the paper, from plan.json and the cells' result.json), then ``compare_<init>_deep.{csv,md}``, our deep
+  matrix minus the published one (histokt.results.paper), over the datasets whose names equal the paper's card
+  names, each labelled "like for like" or "differs in: …".
 
 Learning-rate selection (docs/method.md §3, "the same LR for every source"): for a target (and init, mode), each LR
 of the grid gets a validation score: for every source, the mean over seeds of the best validation top-1, then
@@ -46,7 +48,8 @@ from typing import Any, NamedTuple
 from histokt import __version__, atomic
 from histokt.errors import UserError
 from histokt.result import CellResult, MalformedResult
-from histokt.results import figures, paper
+from histokt.results import deviations, figures, paper
+from histokt.results.deviations import Deviations
 from histokt.results.matrix import MISSING, Matrix, Stat, diag_text, title
 from histokt.study import plan, versions
 
@@ -152,6 +155,7 @@ class _Scan:
     )  # -> [{"cell", "stage", "why"}]
     stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {status: count}
     runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)  # done cell id -> its result.json runtime
+    deviations: Deviations = field(default_factory=Deviations)  # of the cells a compared (deep) matrix reads
 
 
 def _lr(value: Any) -> float | None:
@@ -233,6 +237,8 @@ def _visit(scan: _Scan, run_root: Path, stage: str, cell) -> tuple[str, str | No
             return "corrupt", "incomplete result.json (no finite valid top1_best / test top1)"
         lr = _lr(m["lr"] if m.get("lr") is not None else result.config.get("lr", cell.args.get("lr")))
         scan.runtimes[cell.id] = result.runtime
+        if role == "pretrain" or (role == "transfer" and m["mode"] == "deep"):
+            scan.deviations.add_cell(family, result.deviations)
         if model is not None:
             scan.merged.setdefault(MergedKey(model, lr), []).append(scores)
         else:
@@ -303,6 +309,7 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     run_root = Path(run_root)
     out = Path(out) if out else run_root / "summary"
     scan = _scan(run_root, _read_plan(run_root))
+    scan.deviations = _plan_deviations(run_root, scan.deviations)
     groups = versions.by_version(scan.runtimes)
     mixed = _mixed_note(groups)
     files = {}
@@ -317,12 +324,17 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     distill = _distill_rows(scan, {MatrixKey(m.init, m.mode): m for m in matrices})
     files["distill.csv"] = _csv(DISTILL_COLUMNS, [r.csv for r in distill])
     files["distill.md"] = _distill_md(distill) + (f"\n**{mixed}**\n" if mixed else "")
+    deviation_text = ""
     if compare_paper:
+        compared_families = [m.init for m in matrices if m.mode == "deep" and paper.MATRICES.get(m.init)]
+        deviation_text = scan.deviations.markdown(compared_families)
+        files["deviations.md"] = deviation_text
+        files["deviations.csv"] = _csv(deviations.COLUMNS, scan.deviations.rows(compared_families))
         for m in matrices:
-            if m.mode == "deep" and paper.MATRICES.get(m.init):
+            if m.init in compared_families and m.mode == "deep":
                 compared = _compare(m)
                 files[f"compare_{m.init}_deep.csv"] = _csv(COMPARE_COLUMNS, [r[:7] for r in compared])
-                files[f"compare_{m.init}_deep.md"] = _compare_md(m, compared)
+                files[f"compare_{m.init}_deep.md"] = _compare_md(m, compared, scan.deviations.label(m.init))
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         atomic.write_bytes(out / name, text.encode())
@@ -337,6 +349,7 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
         "matrices": [m.name for m in matrices],
         "files": names,
         "out": str(out),
+        "deviations": deviation_text,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -574,9 +587,11 @@ def _compare(m: Matrix) -> list[list]:
     return rows
 
 
-def _compare_md(m: Matrix, rows: list[list]) -> str:
+def _compare_md(m: Matrix, rows: list[list], label: str) -> str:
     lines = [
         f"# {title(m)}: ours minus the paper (test top-1, points)",
+        "",
+        f"**{label[0].upper() + label[1:]}** (deviations.md lists every deviation and why it stays).",
         "",
         f"Published: docs/method.md §{'5.1' if m.init == 'random' else '5.2'} (HistoKT, 3 trials). Datasets are "
         "matched by name with the paper's cards (" + ", ".join(paper.CARDS) + f"). {MISSING}: no result yet.",
@@ -603,6 +618,17 @@ def _compare_md(m: Matrix, rows: list[list]) -> str:
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
+
+
+def _plan_deviations(run_root: Path, found: Deviations) -> Deviations:
+    """The cells' deviations under the plan's protocol and study-level deviations (plan.json)."""
+    try:
+        doc = atomic.read_json(run_root / "plan.json") or {}
+    except (OSError, ValueError):
+        doc = {}
+    study = Deviations.of_plan(doc if isinstance(doc, dict) else {})
+    study.cells = found.cells
+    return study
 
 
 def _mixed_note(groups: dict[str, list[str]]) -> str:

@@ -24,12 +24,14 @@ class Augment:
     degrees: float = 45.0
     translate: float = 0.1
     crop: int = 0  # > 0: a random crop of this size after the warp
+    stream: int = 0  # > 0: draws of their own for the same (seed, epoch, index), e.g. augmented validation images
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
-        return np.random.default_rng((self.seed, self.epoch if epoch is None else epoch, int(index)))
+        key = (self.seed, self.epoch if epoch is None else epoch, int(index))
+        return np.random.default_rng(key + (self.stream,) if self.stream else key)
 
     def __call__(self, patch: np.ndarray, index: int, epoch: int | None = None) -> np.ndarray:
         """``epoch`` (when given) overrides ``self.epoch``: samplers pass it with each index, because

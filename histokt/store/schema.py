@@ -14,9 +14,9 @@ schema"):
     STORE/<dataset>/<split>/box      int64 [N, 4], (x0, y0, x1, y1) in the rescaled, padded source
 
 Dataset attrs: classes, multi_label, mpp_native, mpp_source, mpp_target, patch_size, content_size [H, W],
-shard_size, stride, filter, split_rule, split_seed, split_plan, group_rule, counts {split: N}, rejected
-[{path, reason}], warnings, card {card, options}, fingerprint, histokt_version, format; max_per_class
-where a subset was asked for.
+shard_size, stride, filter (its parameters; null where --no-filter kept every patch), split_rule, split_seed,
+split_plan, group_rule, counts {split: N}, rejected [{path, reason}], warnings, card {card, options},
+fingerprint, histokt_version, format; max_per_class where a subset was asked for.
 
 No padding is stored: where every kept window of a dataset is smaller than the patch (PCam's 93 px, CRC's
 112 px at 1 µm/px), ``content_size`` is that size and the reader mirror-pads each patch to ``patch_size``

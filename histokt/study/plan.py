@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 
-from histokt import atomic
+from histokt import atomic, protocol
 from histokt.errors import UserError
 from histokt.study.spec import STAGES, Dataset, Spec, Stage
 
@@ -76,6 +76,11 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
         out["merge"], out["distill"] = distill_cells(spec, store)
     out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
     read_stores(out)
+    if spec.protocol != protocol.DEFAULT:  # the paper's optimizer, precision and validation defaults, per cell
+        for cells in out.values():
+            for cell in cells:
+                if cell.kind == "train":
+                    cell.args["protocol"] = spec.protocol
     if spec.stage_to is not None:  # where a node stages the data: an argument of the run, not in the id
         for cells in out.values():
             for cell in cells:
@@ -99,11 +104,27 @@ def read_stores(cells: dict[str, list[Cell]]) -> None:
 
 def target_lrs(spec: Spec, stage: Stage, target: str) -> list[float]:
     """The LRs a stage tunes ``target`` with: its list, or the paper's LR for the target's card."""
-    from histokt.train.recipes import TARGET_LR
-
     if isinstance(stage.lrs, str):  # "per-target": the only string spec.parse lets through
-        return [TARGET_LR.get(spec.datasets[target].card, 1e-4)]
+        return [protocol.TARGET_LR.get(spec.datasets[target].card, 1e-4)]
     return list(stage.lrs)
+
+
+def trial_sources(spec: Spec, stage: Stage) -> str:
+    """Where a stage's trials start: "matched" (seed s from source seed s) or "first" (all from one source)."""
+    return stage.trial_sources or ("first" if spec.protocol == "paper" else "matched")
+
+
+def low_contrast_filter(spec: Spec, d: Dataset) -> bool:
+    """Whether a dataset's blank patches are dropped: the spec's choice, else the protocol's (the paper did not
+    reprocess ADP, so its released patches never passed the filter)."""
+    if d.filter is not None:
+        return d.filter
+    return not (spec.protocol == "paper" and d.card in protocol.UNFILTERED)
+
+
+def split_rule(spec: Spec, d: Dataset) -> str:
+    """How a dataset is split: the spec's rule, else the protocol's (paper: patch-level, after tiling)."""
+    return d.split_rule or (protocol.SPLIT_RULE if spec.protocol == "paper" else "grouped")
 
 
 def standardize_cells(spec: Spec, store: str) -> list[Cell]:
@@ -121,10 +142,16 @@ def standardize_cell(spec: Spec, store: str, d: Dataset, shard: int) -> Cell:
         "shard": f"{shard}/{d.shards}",
         "patch_size": spec.patch_size,
         "target_mpp": spec.target_mpp,
-        "option": [f"{k}={v}" for k, v in d.options.items()],
+        "option": [f"{k}={v}" for k, v in protocol.card_options(spec.protocol, d.card, d.options).items()],
         "max_per_class": d.max_per_class,
         "progress": False,
     }
+    if not low_contrast_filter(spec, d):  # only where not the defaults: the cells of studies planned before stay equal
+        args["filter"] = False
+    rule = split_rule(spec, d)
+    args.update(
+        {"split_rule": rule} if rule != "grouped" else {}, **({"split_seed": d.split_seed} if d.split_seed else {})
+    )
     return Cell("standardize", f"std-{d.name}-{shard}of{d.shards}", "standardize", args)
 
 
@@ -166,16 +193,21 @@ def transfer_cells(spec: Spec, store: str) -> list[Cell]:
     sources = st.sources or spec.stages["pretrain"].datasets
     targets = st.targets or list(spec.datasets)
     pairs = [(s, t) for s, t in product(sources, targets) if s != t or st.include_diagonal]
+    first = spec.stages["pretrain"].seeds[0] if trial_sources(spec, st) == "first" else None
     return [
-        transfer_cell(st, store, init, source, target, mode, lr, seed)
+        transfer_cell(st, store, init, source, target, mode, lr, seed, first)
         for init in st.inits
         for source, target in pairs
         for mode, lr, seed in product(st.modes, target_lrs(spec, st, target), st.seeds)
     ]
 
 
-def transfer_cell(st: Stage, store: str, init: str, source: str, target: str, mode: str, lr: float, seed: int) -> Cell:
-    init_path = f"{pretrain_dir(source, init, seed)}/best.pt"
+def transfer_cell(
+    st: Stage, store: str, init: str, source: str, target: str, mode: str, lr: float, seed: int, source_seed=None
+) -> Cell:
+    """One transfer; its source model is Stage A's of ``source_seed`` (None: the same seed)."""
+    source_seed = seed if source_seed is None else source_seed
+    init_path = f"{pretrain_dir(source, init, source_seed)}/best.pt"
     return Cell(
         "transfer",
         f"B-{init}-{source}-{target}-{mode}-lr{lr_name(lr)}-s{seed}",
@@ -192,7 +224,15 @@ def transfer_cell(st: Stage, store: str, init: str, source: str, target: str, mo
             "norm": "imagenet" if init == "imagenet" else source,
         },
         inputs=[init_path],
-        meta={"family": init, "source": source, "target": target, "mode": mode, "lr": lr, "seed": seed},
+        meta={
+            "family": init,
+            "source": source,
+            "target": target,
+            "mode": mode,
+            "lr": lr,
+            "seed": seed,
+            **({"source_seed": source_seed} if source_seed != seed else {}),
+        },
     )
 
 
@@ -232,7 +272,11 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
         for target in st.targets
         for lr in target_lrs(spec, st, target)
     ]
-    return [merge_cell(m) for m in merges], tunes
+    merge_cells = [merge_cell(m) for m in merges]
+    if st.evbmf_search is not None:  # only where set: the cells of studies planned before stay equal
+        for cell in merge_cells:
+            cell.args["evbmf_search"] = st.evbmf_search
+    return merge_cells, tunes
 
 
 def merge_cell(m: Merge) -> Cell:
@@ -277,6 +321,15 @@ def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float) -> Cell:
     )
 
 
+def deviations(spec: Spec) -> list[protocol.Deviation]:
+    """How the study's plan differs from the paper's (plan.json records them; each cell's result.json lists
+    its own): the transfer LRs, where trials start, and what no protocol removes."""
+    transfer = spec.stages.get("transfer")  # (the paper tuned its merged models over the grid: distill's may)
+    fixed_lrs = transfer is None or isinstance(transfer.lrs, str)
+    sources = trial_sources(spec, transfer) if transfer else "first"
+    return protocol.study_deviations(fixed_lrs, sources, merges="distill" in spec.stages)
+
+
 def cell_dir(run_root, cell: Cell) -> Path:
     return Path(run_root) / "cells" / cell.stage / cell.id
 
@@ -315,6 +368,8 @@ def write(run_root, spec: Spec, plan: dict[str, list[Cell]], force: bool = False
         "study": spec.name,
         "spec_digest": spec.digest,
         "store": spec.store,
+        "protocol": spec.protocol,
+        "deviations": [d.to_json() for d in deviations(spec)],
         "stages": {stage: [asdict(c) for c in cells] for stage, cells in plan.items()},
     }
     atomic.write_bytes(root / "plan.json", json.dumps(doc, separators=(",", ":")).encode())

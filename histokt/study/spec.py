@@ -1,10 +1,13 @@
 """Experiment specs (`jobs/*.toml`): a whole HistoKT study in one file, checked before anything runs.
 
-    [study]        name, store, run_root, container, patch_size (272), target_mpp (1.0), stage_to (each
+    [study]        name, store, run_root, container, protocol ("histokt" or "paper": histokt.protocol's defaults
+                   for split rules, card options, trial sources and each cell's --protocol), patch_size (272),
+                   target_mpp (1.0), stage_to (each
                    training cell's `histokt train --stage-to`: an absolute node-local folder, which may start
                    with an environment variable expanded on the node, e.g. "$SLURM_TMPDIR", or "off";
                    default: $SLURM_TMPDIR where the site sets it. Not part of any cell's id or record)
-    [datasets.X]   card, raw, mpp, options, shards, max_per_class, patches   (X = the dataset's name in the store)
+    [datasets.X]   card, raw, mpp, options, shards, max_per_class, patches, split_rule, split_seed, filter
+                   (X = the dataset's name in the store)
     [stages.standardize], [stages.pretrain], [stages.transfer], [stages.collect]
                    each with a [stages.<stage>.resources] table; pretrain/transfer also take grids and a
                    [stages.<stage>.recipe] table of `histokt train` options.
@@ -24,14 +27,25 @@ from pathlib import Path
 
 from histokt.errors import UserError
 from histokt.ingest.cards import CARD_NAMES
+from histokt.ingest.splits import SPLIT_RULES
+from histokt.protocol import DEFAULT as PROTOCOL_DEFAULT
+from histokt.protocol import PROTOCOLS, TRIAL_SOURCES
 from histokt.train.config import STAGE_OFF, TrainConfig, kept_weights
 
 STAGES = ("standardize", "pretrain", "transfer", "merge", "distill", "collect")
-RULES = ("kg-select", "average", "kg-weighted")
+RULES = (
+    "kg-select",
+    "average",
+    "kg-weighted",
+    "block-select",
+    "stage-select",
+    "kappa-select",
+)  # histokt.distill.merge's
+EVBMF_SEARCHES = ("grid", "reference")  # histokt.distill.evbmf.SEARCHES (that module needs numpy; this one stays light)
 INITS = ("random", "imagenet")
 MODES = ("fine", "deep")
 # train options a spec may not set: the sweep decides them per cell
-CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "norm", "nproc", "progress"}
+CELL_OWNED = {"store", "dataset", "out", "init", "mode", "seed", "norm", "nproc", "progress", "protocol"}
 
 
 @dataclass
@@ -72,6 +86,9 @@ class Dataset:
     shards: int = 1
     max_per_class: int | None = None  # a quick trial: at most N source images per class and partition
     patches: int | None = None  # an estimate, for costing a study before it is standardized (--dry-run)
+    split_rule: str | None = None  # grouped or patch (None: the protocol's)
+    split_seed: int = 0
+    filter: bool | None = None  # the low-contrast filter (None: the protocol's: off for ADP under the paper's)
 
 
 @dataclass
@@ -90,6 +107,8 @@ class Stage:
     source_sets: list = field(default_factory=list)  # distill: lists of pretrain datasets merged into one model
     rules: list = field(default_factory=lambda: ["kg-select"])  # distill
     lowrank: list = field(default_factory=lambda: [False])  # distill: without / with the EVBMF low-rank step
+    evbmf_search: str | None = None  # distill: "grid" or "reference" (None: histokt merge's default)
+    trial_sources: str | None = None  # transfer: "matched" (seed s reads source seed s), "first" (None: protocol's)
 
 
 @dataclass
@@ -98,6 +117,7 @@ class Spec:
     store: str
     run_root: str
     container: str = ""
+    protocol: str = PROTOCOL_DEFAULT  # histokt.protocol: "histokt" (recommended) or "paper"
     patch_size: int = 272
     target_mpp: float = 1.0
     stage_to: str | None = None  # node-local staging of every training cell (None: histokt train's default)
@@ -119,8 +139,30 @@ class Spec:
 STAGE_KEYS = {
     "standardize": {"resources"},
     "pretrain": {"resources", "datasets", "inits", "seeds", "recipe"},
-    "transfer": {"resources", "sources", "targets", "inits", "modes", "lrs", "seeds", "recipe", "include_diagonal"},
-    "distill": {"resources", "source_sets", "rules", "lowrank", "targets", "inits", "lrs", "seeds", "recipe"},
+    "transfer": {
+        "resources",
+        "sources",
+        "targets",
+        "inits",
+        "modes",
+        "lrs",
+        "seeds",
+        "recipe",
+        "include_diagonal",
+        "trial_sources",
+    },
+    "distill": {
+        "resources",
+        "source_sets",
+        "rules",
+        "lowrank",
+        "targets",
+        "inits",
+        "lrs",
+        "seeds",
+        "recipe",
+        "evbmf_search",
+    },
     "collect": {"resources"},
 }
 
@@ -148,6 +190,7 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
             "store",
             "run_root",
             "container",
+            "protocol",
             "patch_size",
             "target_mpp",
             "stage_to",
@@ -164,6 +207,7 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
         store=_get(study, "store", str, "study", where),
         run_root=_get(study, "run_root", str, "study", where),
         container=_get(study, "container", str, "study", where, default=""),
+        protocol=_get(study, "protocol", str, "study", where, default=PROTOCOL_DEFAULT),
         patch_size=_get(study, "patch_size", int, "study", where, default=272),
         target_mpp=_get(study, "target_mpp", float, "study", where, default=1.0),
         stage_to=_get(study, "stage_to", str, "study", where, default=None),
@@ -174,6 +218,8 @@ def parse(doc: dict, text: str = "", where: str = "spec") -> Spec:
         text=text,
     )
     _check_stage_to(spec.stage_to, where)
+    if spec.protocol not in PROTOCOLS:
+        raise UserError(f"{where}: study.protocol: {spec.protocol!r}; choose {' or '.join(PROTOCOLS)}")
     if spec.max_queued is not None and spec.max_queued < 1:
         raise UserError(f"{where}: study.max_queued: {spec.max_queued} must be at least 1")
     if spec.pool is not None and spec.pool < 0:
@@ -200,7 +246,12 @@ def parse_dataset(name: str, t, where) -> Dataset:
     key = f"datasets.{name}"
     if not isinstance(t, dict):
         raise UserError(f"{where}: {key}: expected a table")
-    _keys(t, {"card", "raw", "mpp", "options", "shards", "max_per_class", "patches"}, key, where)
+    _keys(
+        t,
+        {"card", "raw", "mpp", "options", "shards", "max_per_class", "patches", "split_rule", "split_seed", "filter"},
+        key,
+        where,
+    )
     card = _get(t, "card", str, key, where)
     if card not in CARD_NAMES:
         raise UserError(f"{where}: {key}.card: unknown card {card!r}; choose one of {', '.join(CARD_NAMES)}")
@@ -213,7 +264,12 @@ def parse_dataset(name: str, t, where) -> Dataset:
         _get(t, "shards", int, key, where, default=1),
         _get(t, "max_per_class", int, key, where, default=None),
         _get(t, "patches", int, key, where, default=None),
+        _get(t, "split_rule", str, key, where, default=None),
+        _get(t, "split_seed", int, key, where, default=0),
+        _get(t, "filter", bool, key, where, default=None),
     )
+    if d.split_rule is not None and d.split_rule not in SPLIT_RULES:
+        raise UserError(f"{where}: {key}.split_rule: {d.split_rule!r}; choose {' or '.join(SPLIT_RULES)}")
     if d.patches is not None and d.patches < 1:
         raise UserError(f"{where}: {key}.patches: {d.patches} must be at least 1 (an estimate of its patch count)")
     if d.mpp is not None:
@@ -242,6 +298,13 @@ def _stage(name: str, t, where) -> Stage:
     ):
         if attr in t:
             setattr(stage, attr, _list(t, attr, typ, key, where))
+    if "trial_sources" in t:
+        stage.trial_sources = _get(t, "trial_sources", str, key, where)
+        if stage.trial_sources not in TRIAL_SOURCES:
+            raise UserError(
+                f"{where}: {key}.trial_sources: {stage.trial_sources!r}; choose matched (trial s reads source seed "
+                f"s) or first (every trial reads the first source seed's model, as the paper)"
+            )
     if "include_diagonal" in t:
         stage.include_diagonal = _get(t, "include_diagonal", bool, key, where)
     if "rules" in t:
@@ -251,6 +314,10 @@ def _stage(name: str, t, where) -> Stage:
                 raise UserError(f"{where}: {key}.rules[{i}]: {rule!r}; choose from {', '.join(RULES)}")
     if "lowrank" in t:
         stage.lowrank = _list(t, "lowrank", bool, key, where)
+    if "evbmf_search" in t:
+        stage.evbmf_search = _get(t, "evbmf_search", str, key, where)
+        if stage.evbmf_search not in EVBMF_SEARCHES:
+            raise UserError(f"{where}: {key}.evbmf_search: {stage.evbmf_search!r}; choose grid or reference")
     if "source_sets" in t:
         sets = t["source_sets"]
         if not isinstance(sets, list) or not all(isinstance(x, list) for x in sets):
@@ -360,6 +427,9 @@ def _recipe(t, key, where) -> dict:
             _check_type(value, type(default), f"{key}.{name}", where)
         elif default is None:  # optional options (optimizer, step_size): the type their annotation names
             _check_type(value, _optional_type(fields[name].type), f"{key}.{name}", where)
+        choices = fields[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{where}: {key}.{name}: {value!r}; choose one of {', '.join(map(str, choices))}")
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{where}: {key}.{name}: {value} must be a finite number")
     return dict(t)

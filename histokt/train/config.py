@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from histokt import protocol
 from histokt.errors import UserError
+from histokt.protocol import DEFAULT as PROTOCOL_DEFAULT
+from histokt.protocol import PROTOCOLS
 
 # Options that change how a run executes, not what it computes: they may differ on a resume.
 OPERATIONAL = (
@@ -21,6 +24,10 @@ OPERATIONAL = (
     "data_on",
     "device_budget",
 )
+
+# Options added after cells were first run: the value an older config.json means by leaving them out, so
+# such a cell resumes (histokt.train.rundir.prepare_run_dir).
+ADDED = {"protocol": "histokt", "valid_transform": "clean"}
 
 # --keep: the weights a done cell keeps (best.pt, final.pt); the training state (last.pt, previous.pt) never stays
 KEEP_DEFAULT = "best,final"
@@ -52,7 +59,11 @@ class TrainConfig:
         default=None, metadata={"help": "learning rate (default: the recipe's for mode/target)"}
     )
     optimizer: Optional[str] = field(
-        default=None, metadata={"help": "adamp, sgd, adam, adamw (default: sgd for scratch, adamp for fine/deep)"}
+        default=None,
+        metadata={
+            "help": "adas, adamp, sgd, adam, adamw (default: fine/deep adamp; scratch sgd with the histokt "
+            "protocol, adas with the paper's)"
+        },
     )
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (paper: 5e-4)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)"})
@@ -74,6 +85,23 @@ class TrainConfig:
         metadata={
             "choices": ("train", "eval"),
             "help": "fine mode: encoder BatchNorm statistics keep updating (train, the paper) or frozen (eval)",
+        },
+    )
+    protocol: str = field(
+        default=PROTOCOL_DEFAULT,
+        metadata={
+            "choices": PROTOCOLS,
+            "help": "histokt (leakage-safe, recommended) or paper (as Zhang et al. trained): the defaults of "
+            "--optimizer (scratch: sgd / adas), --precision (auto / fp32) and --valid-transform (clean / train, "
+            "ADP clean); result.json lists every option that differs from the paper's",
+        },
+    )
+    valid_transform: str = field(
+        default="auto",
+        metadata={
+            "choices": ("auto", "clean", "train"),
+            "help": "validation images, on which the best checkpoint is chosen: clean, or under the training "
+            "augmentation (train: the original, for every dataset but ADP); auto: the protocol's",
         },
     )
     crop: int = field(default=0, metadata={"help": "random crop size after augmentation (0: full patch, the paper)"})
@@ -152,18 +180,21 @@ class TrainConfig:
     )
 
 
-def resolved(cfg: TrainConfig) -> TrainConfig:
-    """Fill the recipe defaults (docs/method.md §3) so config.json records what actually ran."""
-    from histokt.train.recipes import TARGET_LR
-
+def resolved(cfg: TrainConfig, card: str | None = None) -> TrainConfig:
+    """Fill the recipe and protocol defaults (docs/method.md §3) so config.json records what actually ran;
+    ``card``: the dataset's card (its attrs), which decides the paper's validation transform and LR."""
     values = asdict(cfg)
-    stage_a = cfg.mode == "scratch"
+    stage_a, paper = cfg.mode == "scratch", cfg.protocol == "paper"
     if values["optimizer"] is None:
-        values["optimizer"] = "sgd" if stage_a else "adamp"
+        values["optimizer"] = ("adas" if paper else "sgd") if stage_a else "adamp"
+    if values["valid_transform"] == "auto":
+        values["valid_transform"] = protocol.valid_transform(cfg.protocol, card or cfg.dataset)
+    if paper and values["precision"] == "auto":
+        values["precision"] = protocol.PRECISION
     if values["step_size"] is None:
         values["step_size"] = 25 if stage_a else 20
     if values["lr"] is None:
-        values["lr"] = 0.03 if stage_a else TARGET_LR.get(cfg.dataset, 1e-4)
+        values["lr"] = 0.03 if stage_a else protocol.TARGET_LR.get(card or cfg.dataset, 1e-4)
     return TrainConfig(**values)
 
 

@@ -47,11 +47,19 @@ def check_config(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig) -> Outcome:
     """Run or resume the cell; with --nproc K > 1, spawn K local DDP processes."""
     check_config(cfg)
-    cfg = resolved(cfg)
+    cfg = resolved(cfg, card_of(cfg))
     world = distributed.from_environment()
     if world is None and cfg.nproc > 1:
         return _spawn(cfg)
     return run(cfg, world or distributed.World())
+
+
+def card_of(cfg: TrainConfig) -> str | None:
+    """The card of the dataset a cell trains on (its attrs), which some protocol defaults depend on; None
+    where the store does not hold it yet (the Trainer then says what is wrong)."""
+    from histokt.store.schema import dataset_attrs
+
+    return ((dataset_attrs(cfg.store, cfg.dataset) or {}).get("card") or {}).get("card")
 
 
 def _spawn(cfg: TrainConfig) -> Outcome:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from histokt import __version__, atomic, provenance
+from histokt import __version__, atomic, protocol, provenance
 from histokt.errors import UserError
 from histokt.result import BestValid, CellResult
 from histokt.store import resident
@@ -78,6 +78,20 @@ def state_of(ckpt: dict[str, Any]) -> TrainState:
 SYNC_EVERY_CUDA = 16
 
 
+class EpochKeys:
+    """Fixed evaluation batches whose keys carry the epoch (set before each pass), so that augmented
+    validation images follow it in the loader's workers, which never see the main process's state."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches, self.epoch = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return ([(self.epoch, i) for i in batch] for batch in self.batches)
+
+
 def host_sync_every(device: torch.device) -> int:
     return SYNC_EVERY_CUDA if device.type == "cuda" else 1
 
@@ -120,6 +134,7 @@ class Trainer:
         """Class names and kind of the target; every split must hold patches."""
         cfg = self.cfg
         attrs = open_attrs(cfg.store, cfg.dataset)
+        self.dataset_attrs = attrs  # how the data was made: the deviations from the paper's data (result.json)
         self.classes, self.multi_label = list(attrs["classes"]), bool(attrs["multi_label"])
         for split in ("train", "valid", "test"):
             if int(attrs["counts"][split]) == 0:
@@ -230,6 +245,9 @@ class Trainer:
 
         cfg, world = self.cfg, self.world
         augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
+        # the original chose checkpoints on validation images under the training transform (--valid-transform
+        # train): draws of their own, from (seed, epoch, index), so a resumed run sees the same images
+        self.valid_augment = Augment(seed=cfg.seed, crop=cfg.crop, stream=1) if cfg.valid_transform == "train" else None
         on_device = self.settings["warp"] == "device"
         self.resident = self._data_on_device()
         self.eval_data: dict[str, Any] = {}  # split -> its ResidentSplit, or a loader made on first use
@@ -241,7 +259,10 @@ class Trainer:
             counts = open_attrs(cfg.store, cfg.dataset)["counts"]
             for name in ("valid", "test"):  # a rank evaluates only its shard: it holds only that
                 rows = eval_rows(int(counts[name]), world.size, world.rank)
-                self.eval_data[name] = resident.ResidentSplit(cfg.store, cfg.dataset, name, self.device, rows=rows)
+                draws = self.valid_augment if name == "valid" else None
+                self.eval_data[name] = resident.ResidentSplit(
+                    cfg.store, cfg.dataset, name, self.device, rows=rows, augment=draws
+                )
         else:
             train_set = PatchDataset(
                 cfg.store, cfg.dataset, "train", augment=augment, augment_on_device=on_device, recycle=True
@@ -408,16 +429,17 @@ class Trainer:
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, split: str, model: torch.nn.Module) -> dict[str, Any]:
-        """Metrics of ``model`` on a whole split; every rank evaluates a shard, rank 0's BN stats."""
+    def evaluate(self, split: str, model: torch.nn.Module, epoch: int = 0) -> dict[str, Any]:
+        """Metrics of ``model`` on a whole split; every rank evaluates a shard, rank 0's BN stats. ``epoch``
+        draws the augmentation of validation images under --valid-transform train."""
         from histokt.train.metrics import multi_label, single_label
 
         distributed.broadcast_buffers(model)
         model.eval()
         outs, ys = [], []
-        for images, labels in self._eval_batches(split):
-            with self._autocast():
-                outs.append(model(self.to_device(images)).float())  # kept on the device: no sync per batch
+        for images, labels, *draws in self._eval_batches(split, epoch):
+            with self._autocast():  # kept on the device: no sync per batch
+                outs.append(model(self.to_device(images, *draws)).float())
             ys.append(labels)
         logits = distributed.gather_cat(torch.cat(outs).cpu() if outs else torch.empty(0, len(self.classes)))
         targets = distributed.gather_cat(torch.cat(ys).cpu() if ys else torch.empty(0, dtype=torch.int64))
@@ -425,24 +447,31 @@ class Trainer:
         metrics["loss"] = float(self.eval_loss(logits, targets))
         return metrics
 
-    def _eval_batches(self, split: str) -> Any:
+    def _eval_batches(self, split: str, epoch: int) -> Any:
         """This rank's evaluation batches of ``split``: from device memory, or from a loader kept between
-        epochs (its workers read while the device computes)."""
+        epochs (its workers read while the device computes); augmented validation batches carry their draws."""
         held = self.eval_data.get(split)
+        augment = self.valid_augment if split == "valid" else None
         if isinstance(held, resident.ResidentSplit):
-            n, b = len(held), self.cfg.eval_batch_size
-            start = held.rows.start
+            n, b, start = len(held), self.cfg.eval_batch_size, held.rows.start
+            if augment is not None:
+                return (
+                    held.batch([(epoch, i) for i in range(start + a, start + min(n, a + b))]) for a in range(0, n, b)
+                )
             return (held.rows_batch(start + a, start + min(n, a + b)) for a in range(0, n, b))
         if held is None:
-            data = PatchDataset(self.cfg.store, self.cfg.dataset, split)
-            shards = eval_shards(len(data), self.cfg.eval_batch_size, self.world.size, self.world.rank)
+            on_device = self.settings["warp"] == "device"
+            data = PatchDataset(self.cfg.store, self.cfg.dataset, split, augment=augment, augment_on_device=on_device)
+            shards = EpochKeys(eval_shards(len(data), self.cfg.eval_batch_size, self.world.size, self.world.rank))
             held = make_loader(data, batch_sampler=shards, workers=self.cfg.workers, pin_memory=self.cuda)
             self.eval_data[split] = held
+        keys: EpochKeys = held.batch_sampler  # type: ignore[assignment]  # the sampler this method gave it
+        keys.epoch = epoch
         return held
 
     def end_epoch(self, epoch: int) -> None:
         self.scheduler.step()
-        valid = self.evaluate("valid", self.model)
+        valid = self.evaluate("valid", self.model, epoch)
         line = {"epoch": epoch, "step": self.state["step"], "lr": self.optimizer.param_groups[0]["lr"], "valid": valid}
         new_best = is_new_best(valid["top1"], self.state["best"])
         if new_best:
@@ -487,8 +516,11 @@ class Trainer:
         best = self.state["best"]
         if best is None:
             raise RuntimeError("finished without a validation epoch (epochs must be at least 1)")
+        config = config_dict(self.cfg)
+        card = self.dataset_attrs.get("card", {}).get("card", self.cfg.dataset)
+        deviations = protocol.cell_deviations(card, config, self.settings, self.dataset_attrs)
         result = CellResult(
-            config=config_dict(self.cfg),
+            config=config,
             classes=self.classes,
             valid=BestValid(top1_best=best["top1"], best_epoch=best["epoch"]),
             test=test,
@@ -499,6 +531,8 @@ class Trainer:
             histokt_version=__version__,
             runtime=provenance.runtime(torch.__version__),
             settings=dict(self.settings),
+            protocol=self.cfg.protocol,
+            deviations=[d.to_json() for d in deviations],
         )
 
         def write() -> None:

@@ -9,6 +9,7 @@ paper's AdamP + StepLR(20, 0.5) with a per-target LR.
 import copy
 
 from histokt.errors import UserError
+from histokt.protocol import TARGET_LR
 
 TARGETS = ("adp", "bcss", "os", "crc", "ajlymph", "bach", "glas", "mhist", "pcam")
 
@@ -34,20 +35,6 @@ STAGE_B: dict[str, str | float | int | None] = {
     "gamma": 0.5,
     "epochs": 250,
     "batch_size": 64,
-}
-
-# Stage-B LR per target ("best_lrs"), the same for every source. BCSS uses 1e-3 although its sweep
-# favoured 5e-5 (docs/method.md §7 quirk 9): reproduced as published.
-TARGET_LR = {
-    "adp": 1e-4,
-    "bcss": 1e-3,
-    "os": 1e-4,
-    "crc": 5e-4,
-    "ajlymph": 2e-4,
-    "bach": 5e-5,
-    "glas": 1e-3,
-    "mhist": 5e-4,
-    "pcam": 1e-3,
 }
 
 LR_GRID = (1e-3, 5e-4, 2e-4, 1e-4, 5e-5)

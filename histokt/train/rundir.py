@@ -28,7 +28,7 @@ from histokt import atomic, result
 from histokt.errors import UserError, full_disk
 from histokt.result import CellResult
 from histokt.train import checkpoint
-from histokt.train.config import OPERATIONAL, TrainConfig, config_dict, kept_weights
+from histokt.train.config import ADDED, OPERATIONAL, TrainConfig, config_dict, kept_weights
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -58,6 +58,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         with checkpoint.full_disk_names(run_dir / CONFIG):
             atomic.write_json(run_dir / CONFIG, mine)
         return run_dir
+    old = {**ADDED, **old}
     differ = sorted(k for k in set(mine) | set(old) if k not in OPERATIONAL and mine.get(k) != old.get(k))
     if differ:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {mine.get(k)!r}" for k in differ[:4])

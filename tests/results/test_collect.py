@@ -474,3 +474,74 @@ def test_results_of_two_versions_are_flagged_on_every_table(complete, tmp_path):
     assert all(f"`{p.parent.name}`" in newer for p in paths[:2]) and paths[2].parent.name not in newer
     for name in ("matrix_random_deep.md", "matrix_random_deep.tex", "distill.md"):
         assert "Mixed versions: these results come from 2 versions" in (mixed / "summary" / name).read_text(), name
+
+
+# ---- deviations from the paper ------------------------------------------------------------------------------
+
+
+def _with_deviations(root: Path, protocol_name: str, study: list, per_cell) -> None:
+    """Give a run root's plan.json a protocol and study deviations, and each result.json ``per_cell(cell)``."""
+    doc = json.loads((root / "plan.json").read_text())
+    doc.update(protocol=protocol_name, deviations=[d.to_json() for d in study])
+    (root / "plan.json").write_text(json.dumps(doc))
+    for cells in plan.read(root).values():
+        for cell in cells:
+            path = plan.cell_dir(root, cell) / "result.json"
+            if path.is_file():
+                result = json.loads(path.read_text())
+                result["deviations"] = [d.to_json() for d in per_cell(cell)]
+                path.write_text(json.dumps(result))
+
+
+def test_compare_paper_states_each_deviation_first_and_labels_the_matrices(tmp_path, capsys):
+    from histokt.protocol import FIXED, Deviation, study_deviations
+
+    root = make_run_root(tmp_path / "runs")
+    grid = study_deviations(lrs_fixed=False, trial_sources="matched", merges=True)
+    bf16 = Deviation("precision", "bf16", "fp32")
+    sgd = Deviation("stage A optimizer", "sgd", "adas")
+    # the ImageNet family ran in bf16 everywhere; every Stage-A cell used SGD
+    _with_deviations(
+        root,
+        "histokt",
+        grid,
+        lambda c: ([sgd] if c.meta["mode"] == "scratch" else []) + ([bf16] if c.meta["family"] == "imagenet" else []),
+    )
+    assert cli.main(["collect", str(root), "--compare-paper"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("# Deviations from the paper") < printed.index("cells done")  # stated first
+    table = read_csv(root / "summary" / "deviations.csv")
+    rows = {(r["scope"], r["what"]): r for r in table}
+    assert rows[("study", "transfer LR")]["paper"] == "best_lrs table"
+    assert rows[("study", "trials")]["cells"] == "all"
+    assert rows[("study", "split shuffles")]["cannot be removed because"] == FIXED[0].fixed
+    assert rows[("study", "merge rule")]["cannot be removed because"].startswith("the paper's merge script")
+    # 3 datasets x 3 seeds of Stage A per family, and 6 pairs x 2 LRs x 3 seeds of deep transfers
+    assert rows[("random", "stage A optimizer")]["cells"] == "9/45"
+    assert rows[("imagenet", "precision")]["cells"] == "45/45"
+    assert ("random", "precision") not in rows
+    random_md = (root / "summary" / "compare_random_deep.md").read_text()
+    assert "**Differs in: transfer LR, trials, stage A optimizer**" in random_md
+    assert "precision" not in random_md
+    assert "stage A optimizer, precision**" in (root / "summary" / "compare_imagenet_deep.md").read_text()
+
+
+def test_a_parity_study_lists_only_what_cannot_be_removed(tmp_path):
+    from histokt.protocol import study_deviations
+
+    root = make_run_root(tmp_path / "runs")
+    _with_deviations(root, "paper", study_deviations(lrs_fixed=True, trial_sources="first", merges=True), lambda c: [])
+    collect(root, compare_paper=True)
+    rows = read_csv(root / "summary" / "deviations.csv")
+    assert {r["what"] for r in rows} == {"split shuffles", "merge rule"}
+    assert all(r["cannot be removed because"] for r in rows)
+    assert "**Like for like**" in (root / "summary" / "compare_random_deep.md").read_text()
+    assert "Protocol: **paper**" in (root / "summary" / "deviations.md").read_text()
+
+
+def test_results_without_a_deviation_record_are_never_like_for_like(tmp_path):
+    root = make_run_root(tmp_path / "runs")  # result.json files as written before deviations were recorded
+    collect(root, compare_paper=True)
+    rows = {r["what"]: r for r in read_csv(root / "summary" / "deviations.csv") if r["scope"] == "random"}
+    assert rows["unrecorded"]["cells"] == "45/45"
+    assert "Differs in: unrecorded" in (root / "summary" / "compare_random_deep.md").read_text()

@@ -122,7 +122,8 @@ def full(**changes):
 def test_schema_round_trip_has_exactly_the_keys_of_result_json():
     doc = full()
     # the required keys, then where the cell ran (absent from files written before it was recorded)
-    assert tuple(doc) == (*KEYS, "runtime", "settings") and set(doc["valid"]) == {"top1_best", "best_epoch"}
+    assert tuple(doc) == (*KEYS, "runtime", "settings", "protocol", "deviations")
+    assert set(doc["valid"]) == {"top1_best", "best_epoch"}
     parsed = CellResult.from_json(json.loads(json.dumps(doc)))
     assert parsed.to_json() == doc
     assert parsed.valid == BestValid(0.875, 2) and parsed.test["per_class_acc"] == [1.0, 0.5]

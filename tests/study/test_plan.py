@@ -1,5 +1,6 @@
 """Planning: stable cell ids, the paper's study in thousands of cells, transfer inputs and normalization."""
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -110,3 +111,81 @@ def test_pretrain_id_is_the_one_spelling(paper):
         assert c.inputs[-1].split("/")[-2] in pretrain
     for c in cells["merge"]:
         assert {p.split("/")[-2] for p in c.inputs} <= pretrain
+
+
+def job(name: str, tmp_path, monkeypatch):
+    doc = tomllib.loads((ROOT / "jobs" / name).read_text())
+    for d in doc["datasets"].values():
+        (tmp_path / d["raw"]).mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return load(ROOT / "jobs" / name)
+
+
+@pytest.fixture
+def parity(tmp_path, monkeypatch):
+    return job("paper-parity.toml", tmp_path, monkeypatch)
+
+
+def test_study_sizes_the_readme_states(parity, tmp_path, monkeypatch):
+    from histokt.distill.merge import RULES
+
+    assert sum(map(len, plan.expand(parity).values())) == 787
+    cells = plan.expand(job("distill.toml", tmp_path, monkeypatch))
+    assert sum(map(len, cells.values())) == 543 and (len(cells["merge"]), len(cells["distill"])) == (144, 288)
+    assert {c.args["rule"] for c in cells["merge"]} == set(RULES)  # the study covers every rule
+
+
+def test_the_parity_study_plans_the_paper_protocol(parity, tmp_path):
+    from histokt.protocol import TARGET_LR
+
+    cells = plan.expand(parity)
+    # 9 x 8 pairs x 2 inits x 1 mode x 1 LR x 3 seeds: a fifth of the recommended study's 4,320 transfers
+    assert len(cells["transfer"]) == 9 * 8 * 2 * 3
+    trains = [c for s in ("pretrain", "transfer", "distill") for c in cells[s]]
+    assert {c.args["protocol"] for c in trains} == {"paper"}  # Adas, fp32, augmented validation at train time
+    std = {c.args["name"]: c.args for c in cells["standardize"]}
+    assert {a["split_rule"] for a in std.values()} == {"patch"}
+    assert "test=paper" in std["crc"]["option"] and "mask_resize=bilinear" in std["bcss"]["option"]
+    assert std["adp"]["filter"] is False and all("filter" not in a for n, a in std.items() if n != "adp")
+    transfers = cells["transfer"]
+    # every trial of a transfer reads the one seed-0 source model; the LR is the target's best_lrs entry
+    assert {c.inputs[-1].split("/")[-2].rsplit("-", 1)[1] for c in transfers} == {"s0"}
+    assert {c.meta["seed"] for c in transfers} == {0, 1, 2}
+    assert all(c.args["lr"] == TARGET_LR[parity.datasets[c.args["dataset"]].card] for c in transfers)
+    plan.write(tmp_path / "root", parity, cells)
+    doc = json.loads((tmp_path / "root" / "plan.json").read_text())
+    assert doc["protocol"] == "paper"
+    assert [(d["what"], bool(d["fixed"])) for d in doc["deviations"]] == [
+        ("split shuffles", True),
+        ("merge rule", True),
+    ]
+
+
+def test_the_recommended_study_states_its_plan_deviations(paper, tmp_path):
+    plan.write(tmp_path / "root", paper, plan.expand(paper))
+    doc = json.loads((tmp_path / "root" / "plan.json").read_text())
+    assert doc["protocol"] == "histokt"
+    assert [d["what"] for d in doc["deviations"] if not d["fixed"]] == ["transfer LR", "trials"]
+
+
+def test_a_spec_option_overrides_its_protocol_default(parity):
+    parity.stages["transfer"].trial_sources = "matched"
+    parity.datasets["bach"].split_rule = "grouped"
+    parity.datasets["adp"].filter = True
+    cells = plan.expand(parity)
+    assert {c.inputs[-1].split("/")[-2][-2:] for c in cells["transfer"]} == {"s0", "s1", "s2"}
+    assert "split_rule" not in next(c for c in cells["standardize"] if c.args["name"] == "bach").args
+    assert "filter" not in next(c for c in cells["standardize"] if c.args["name"] == "adp").args
+
+
+def test_the_light_copies_of_the_merge_rules_and_searches_match_the_merge_module():
+    from histokt.distill import evbmf, merge
+    from histokt.study import spec
+
+    assert spec.RULES == merge.RULES and spec.EVBMF_SEARCHES == evbmf.SEARCHES
+
+
+def test_a_distill_stage_passes_its_evbmf_search_to_every_merge(paper):
+    assert all("evbmf_search" not in c.args for c in plan.expand(paper)["merge"])  # unset: the merge's default
+    paper.stages["distill"].evbmf_search = "reference"
+    assert {c.args["evbmf_search"] for c in plan.expand(paper)["merge"]} == {"reference"}

@@ -67,9 +67,11 @@ CASES = [
     case(
         {"study.colour": "red"},
         "study.colour: unknown key; allowed here: container, max_queued, name, patch_size, pool, pool_idle_min, "
-        "pool_time_min, run_root, stage_to, store, target_mpp",
+        "pool_time_min, protocol, run_root, stage_to, store, target_mpp",
         "study-unknown",
     ),
+    case({f"{REC}.precision": "fp64"}, f"{REC}.precision: 'fp64'; choose one of auto, bf16, fp16, fp32", "choice"),
+    case({"study.protocol": "hist"}, "study.protocol: 'hist'; choose histokt or paper", "protocol-bad"),
     case({"study.name": DEL}, "study.name: missing", "name-missing"),
     case({"study.store": DEL}, "study.store: missing", "store-missing"),
     case({"study.run_root": DEL}, "study.run_root: missing", "run_root-missing"),
@@ -106,10 +108,14 @@ CASES = [
     case({"datasets.a": 3}, "datasets.a: expected a table", "dataset-not-table"),
     case(
         {"datasets.b.colour": 1},
-        "datasets.b.colour: unknown key; allowed here: card, max_per_class, mpp, options, patches, raw, shards",
+        "datasets.b.colour: unknown key; allowed here: card, filter, max_per_class, mpp, options, patches, raw, "
+        "shards, split_rule, split_seed",
         "dataset-unknown-key",
     ),
     case({"datasets.a.card": DEL}, "datasets.a.card: missing", "card-missing"),
+    case({"datasets.a.split_rule": "tile"}, "datasets.a.split_rule: 'tile'; choose grouped or patch", "split-rule"),
+    case({"datasets.a.filter": "no"}, "datasets.a.filter: 'no' is not a bool", "filter"),
+    case({"datasets.a.split_seed": "1"}, "datasets.a.split_seed: '1' is not a int", "split-seed"),
     case({"datasets.a.card": 3}, "datasets.a.card: 3 is not a str", "card-type"),
     case({"datasets.a.card": "mnist"}, f"datasets.a.card: unknown card 'mnist'; choose one of {CARDS}", "card-bad"),
     case({"datasets.b.card": "Folder"}, f"datasets.b.card: unknown card 'Folder'; choose one of {CARDS}", "card-case"),
@@ -151,14 +157,25 @@ CASES = [
     case(
         {**TRANSFER, "stages.transfer.datasets": ["a"]},
         "stages.transfer.datasets: unknown key; allowed here: "
-        "include_diagonal, inits, lrs, modes, recipe, resources, seeds, sources, targets",
+        "include_diagonal, inits, lrs, modes, recipe, resources, seeds, sources, targets, trial_sources",
         "transfer-keys",
+    ),
+    case(
+        {**TRANSFER, "stages.transfer.trial_sources": "all"},
+        "stages.transfer.trial_sources: 'all'; choose matched (trial s reads source seed s) or first (every trial "
+        "reads the first source seed's model, as the paper)",
+        "trial-sources",
     ),
     case(
         {**DISTILL, "stages.distill.modes": ["deep"]},
         "stages.distill.modes: unknown key; allowed here: "
-        "inits, lowrank, lrs, recipe, resources, rules, seeds, source_sets, targets",
+        "evbmf_search, inits, lowrank, lrs, recipe, resources, rules, seeds, source_sets, targets",
         "distill-keys",
+    ),
+    case(
+        {**DISTILL, "stages.distill.evbmf_search": "brent"},
+        "stages.distill.evbmf_search: 'brent'; choose grid or reference",
+        "evbmf-search",
     ),
     # -- [stages.X.resources] ------------------------------------------------------------------------------------
     case({RES: 3}, f"{RES}: expected a table", "resources-not-table"),
@@ -260,12 +277,14 @@ CASES = [
     case({**DISTILL, "stages.distill.rules": [1]}, "stages.distill.rules[0]: 1 is not a str", "rules-item"),
     case(
         {**DISTILL, "stages.distill.rules": ["average", "max"]},
-        "stages.distill.rules[1]: 'max'; choose from kg-select, average, kg-weighted",
+        "stages.distill.rules[1]: 'max'; choose from kg-select, average, kg-weighted, block-select, stage-select, "
+        "kappa-select",
         "rules-unknown",
     ),
     case(
         {**DISTILL, "stages.distill.rules": ["KG-select"]},
-        "stages.distill.rules[0]: 'KG-select'; choose from kg-select, average, kg-weighted",
+        "stages.distill.rules[0]: 'KG-select'; choose from kg-select, average, kg-weighted, block-select, "
+        "stage-select, kappa-select",
         "rules-case",
     ),
     case({**DISTILL, "stages.distill.lowrank": True}, "stages.distill.lowrank: expected a list", "lowrank-not-list"),

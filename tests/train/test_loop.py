@@ -100,7 +100,8 @@ def test_run_directory_contract(reference):
     text = (reference / "result.json").read_text()
     result = json.loads(text)
     # the schema of histokt.result is exactly what the trainer writes, byte for byte once parsed and re-dumped
-    assert tuple(sorted(result)) == tuple(sorted([*result_schema.KEYS, "runtime", "settings"]))
+    recorded = ("runtime", "settings", "protocol", "deviations")  # keys added after the first schema
+    assert tuple(sorted(result)) == tuple(sorted([*result_schema.KEYS, *recorded]))
     assert result["settings"] == {"precision": "fp32", "compile": False, "warp": "loader"}  # the CPU defaults
     assert result["runtime"]["torch"] == torch.__version__ and result["runtime"]["container"] is None
     parsed = CellResult.from_json(result)
