@@ -138,7 +138,7 @@ def study_deviations(lrs_fixed: bool, trial_sources: str, merges: bool) -> list[
     if not lrs_fixed:
         out.append(Deviation("transfer LR", "a grid, the best chosen per family, mode and target", "best_lrs table"))
     if trial_sources != "first":
-        out.append(Deviation("trials", "trial s reads source seed s", "all trials read one source checkpoint"))
+        out.append(Deviation("trials", "trial s starts from source seed s", "all trials start from one source model"))
     return [*out, *FIXED, *([MERGE_FIXED] if merges else [])]
 
 

@@ -262,15 +262,19 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
     Stage-B recipe over the LR grid; normalization: the target's own statistics (random family) or ImageNet's.
     """
     st = spec.stages["distill"]
+    # "first" (the paper): one merged model per rule, from the first seed's Stage-A models, tuned with every seed
+    first = trial_sources(spec, st) == "first"
+    merge_seeds = st.seeds[:1] if first else st.seeds
     merges = [
         Merge(init, tuple(members), rule, lowrank, seed)
-        for init, members, rule, lowrank, seed in product(st.inits, st.source_sets, st.rules, st.lowrank, st.seeds)
+        for init, members, rule, lowrank, seed in product(st.inits, st.source_sets, st.rules, st.lowrank, merge_seeds)
     ]
     tunes = [
-        tune_cell(st, store, m, target, lr)
+        tune_cell(st, store, m, target, lr, seed)
         for m in merges
         for target in st.targets
         for lr in target_lrs(spec, st, target)
+        for seed in (st.seeds if first else [m.seed])
     ]
     merge_cells = [merge_cell(m) for m in merges]
     if st.evbmf_search is not None:  # only where set: the cells of studies planned before stay equal
@@ -290,11 +294,12 @@ def merge_cell(m: Merge) -> Cell:
     )
 
 
-def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float) -> Cell:
+def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float, seed: int) -> Cell:
+    """Trial ``seed`` of deep-tuning merged model ``m`` on ``target``."""
     merged = f"{{run_root}}/cells/merge/{m.id}/merged.pt"
     return Cell(
         "distill",
-        f"D-{m.name}-{target}-lr{lr_name(lr)}-s{m.seed}",
+        f"D-{m.name}-{target}-lr{lr_name(lr)}-s{seed}",
         "train",
         {
             "keep": KEEP["distill"],
@@ -304,7 +309,7 @@ def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float) -> Cell:
             "init": merged,
             "mode": "deep",
             "lr": lr,
-            "seed": m.seed,
+            "seed": seed,
             "norm": "imagenet" if m.init == "imagenet" else "dataset",
         },
         inputs=[merged],
@@ -314,9 +319,10 @@ def tune_cell(st: Stage, store: str, m: Merge, target: str, lr: float) -> Cell:
             "target": target,
             "mode": "deep",
             "lr": lr,
-            "seed": m.seed,
+            "seed": seed,
             "rule": m.rule,
             "lowrank": m.lowrank,
+            **({"source_seed": m.seed} if m.seed != seed else {}),
         },
     )
 
@@ -326,7 +332,8 @@ def deviations(spec: Spec) -> list[protocol.Deviation]:
     its own): the transfer LRs, where trials start, and what no protocol removes."""
     transfer = spec.stages.get("transfer")  # (the paper tuned its merged models over the grid: distill's may)
     fixed_lrs = transfer is None or isinstance(transfer.lrs, str)
-    sources = trial_sources(spec, transfer) if transfer else "first"
+    tuned = [spec.stages[s] for s in ("transfer", "distill") if s in spec.stages]
+    sources = "first" if all(trial_sources(spec, st) == "first" for st in tuned) else "matched"
     return protocol.study_deviations(fixed_lrs, sources, merges="distill" in spec.stages)
 
 

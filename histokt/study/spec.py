@@ -108,7 +108,8 @@ class Stage:
     rules: list = field(default_factory=lambda: ["kg-select"])  # distill
     lowrank: list = field(default_factory=lambda: [False])  # distill: without / with the EVBMF low-rank step
     evbmf_search: str | None = None  # distill: "grid" or "reference" (None: histokt merge's default)
-    trial_sources: str | None = None  # transfer: "matched" (seed s reads source seed s), "first" (None: protocol's)
+    # transfer, distill: "matched" (trial s from source seed s), "first" (all from the first; None: the protocol's)
+    trial_sources: str | None = None
 
 
 @dataclass
@@ -162,6 +163,7 @@ STAGE_KEYS = {
         "seeds",
         "recipe",
         "evbmf_search",
+        "trial_sources",
     },
     "collect": {"resources"},
 }

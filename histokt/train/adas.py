@@ -49,8 +49,10 @@ VELOCITY_FLOOR = 1e-10  # the reference's floor of the velocity, so no learning 
 
 
 def layer_kg(weight: torch.Tensor) -> float:
-    """Knowledge gain of a conv layer: (G_in + G_out) / 2 from EVBMF of its two unfoldings, p = 1."""
-    return layer_metrics(weight, p=1).kg
+    """Knowledge gain of a conv layer: (G_in + G_out) / 2 from EVBMF of its two unfoldings, p = 1, with the
+    reference's bounded noise search: Adas is the paper's Stage-A optimizer, and its learning rates follow the
+    gains the AdaS code computed, wrong minima included (distillation defaults to the grid search instead)."""
+    return layer_metrics(weight, p=1, search="reference").kg
 
 
 def is_scored(param: torch.Tensor) -> bool:

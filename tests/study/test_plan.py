@@ -129,7 +129,7 @@ def parity(tmp_path, monkeypatch):
 def test_study_sizes_the_readme_states(parity, tmp_path, monkeypatch):
     from histokt.distill.merge import RULES
 
-    assert sum(map(len, plan.expand(parity).values())) == 787
+    assert sum(map(len, plan.expand(parity).values())) == 771
     cells = plan.expand(job("distill.toml", tmp_path, monkeypatch))
     assert sum(map(len, cells.values())) == 543 and (len(cells["merge"]), len(cells["distill"])) == (144, 288)
     assert {c.args["rule"] for c in cells["merge"]} == set(RULES)  # the study covers every rule
@@ -151,6 +151,10 @@ def test_the_parity_study_plans_the_paper_protocol(parity, tmp_path):
     # every trial of a transfer reads the one seed-0 source model; the LR is the target's best_lrs entry
     assert {c.inputs[-1].split("/")[-2].rsplit("-", 1)[1] for c in transfers} == {"s0"}
     assert {c.meta["seed"] for c in transfers} == {0, 1, 2}
+    # one merged model per rule and set, from the seed-0 Stage-A models; its three trials all read it
+    assert {c.id[-3:] for c in cells["merge"]} == {"-s0"} and len(cells["merge"]) == 8
+    assert {c.args["seed"] for c in cells["distill"]} == {0, 1, 2} and len(cells["distill"]) == 8 * 2 * 5 * 3
+    assert {c.inputs[-1].split("/")[-2][-3:] for c in cells["distill"]} == {"-s0"}
     assert all(c.args["lr"] == TARGET_LR[parity.datasets[c.args["dataset"]].card] for c in transfers)
     plan.write(tmp_path / "root", parity, cells)
     doc = json.loads((tmp_path / "root" / "plan.json").read_text())
@@ -170,10 +174,17 @@ def test_the_recommended_study_states_its_plan_deviations(paper, tmp_path):
 
 def test_a_spec_option_overrides_its_protocol_default(parity):
     parity.stages["transfer"].trial_sources = "matched"
+    parity.stages["distill"].trial_sources = "matched"
     parity.datasets["bach"].split_rule = "grouped"
     parity.datasets["adp"].filter = True
     cells = plan.expand(parity)
     assert {c.inputs[-1].split("/")[-2][-2:] for c in cells["transfer"]} == {"s0", "s1", "s2"}
+    assert {c.inputs[-1].split("/")[-2][-2:] for c in cells["distill"]} == {"s0", "s1", "s2"}
+    assert "trials" in [d.what for d in plan.deviations(parity)]
+    parity.stages["transfer"].trial_sources = "first"  # the merged models' trials still differ from the paper's
+    assert "trials" in [d.what for d in plan.deviations(parity)]
+    parity.stages["distill"].trial_sources = "first"
+    assert "trials" not in [d.what for d in plan.deviations(parity)]
     assert "split_rule" not in next(c for c in cells["standardize"] if c.args["name"] == "bach").args
     assert "filter" not in next(c for c in cells["standardize"] if c.args["name"] == "adp").args
 

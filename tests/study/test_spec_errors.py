@@ -169,7 +169,7 @@ CASES = [
     case(
         {**DISTILL, "stages.distill.modes": ["deep"]},
         "stages.distill.modes: unknown key; allowed here: "
-        "evbmf_search, inits, lowrank, lrs, recipe, resources, rules, seeds, source_sets, targets",
+        "evbmf_search, inits, lowrank, lrs, recipe, resources, rules, seeds, source_sets, targets, trial_sources",
         "distill-keys",
     ),
     case(

@@ -335,3 +335,15 @@ def test_a_killed_adas_run_resumes_exactly(store, tmp_path, monkeypatch):
     assert_same_run(out, ref)
     lrs = [json.loads(line)["lr"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] == 0.03 and len(set(lrs)) == 3  # conv1's LR, set by Adas at each epoch's end
+
+
+def test_adas_scores_layers_with_the_references_evbmf_search():
+    """Parity: Adas's learning rates follow the gains the AdaS code computed, so its KG uses the reference's
+    bounded search, not distillation's grid default; on the stem's known-rank unfolding the two differ."""
+    from histokt.distill.evbmf import layer_metrics
+    from tests.distill.test_evbmf import known_rank_matrix
+
+    stem = torch.from_numpy(known_rank_matrix(64, 147, 32, (2, 4), 0.1, 1)).reshape(64, 3, 7, 7)
+    reference, grid = layer_metrics(stem, search="reference").kg, layer_metrics(stem, search="grid").kg
+    assert reference != grid
+    assert adas.layer_kg(stem) == reference
