@@ -223,7 +223,6 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
         set_state(directory, interrupted_at_steps=[*history, outcome.step])
         return EXIT_REQUEUE
     if cell.kind == "merge":
-        from histokt.distill.evbmf import DEFAULT_SEARCH
         from histokt.distill.merge import DistillConfig, distill
 
         merged = distill(
@@ -232,7 +231,8 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
                 rule=args["rule"],
                 lowrank=args["lowrank"],
                 out=directory / "merged.pt",
-                evbmf_search=args.get("evbmf_search", DEFAULT_SEARCH),
+                # a merge cell planned before the search was named ran the reference's: it still does
+                evbmf_search=args.get("evbmf_search", "reference"),
             )
         )
         atomic.write_json(directory / "done.json", merged)

@@ -13,6 +13,7 @@ from histokt.protocol import Deviation, merged
 
 COLUMNS = ["scope", "what", "ours", "paper", "cells", "cannot be removed because"]
 UNRECORDED = Deviation("unrecorded", "result.json without deviations (written before they were recorded)", "-")
+UNPLANNED = Deviation("unrecorded plan", "plan.json without deviations (planned before they were recorded)", "-")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Deviations:
     @classmethod
     def of_plan(cls, doc: dict) -> "Deviations":
         recorded = doc.get("deviations")
-        study = [Deviation.from_json(d) for d in recorded] if isinstance(recorded, list) else []
+        study = [Deviation.from_json(d) for d in recorded] if isinstance(recorded, list) else [UNPLANNED]
         return cls(str(doc.get("protocol") or "histokt (not recorded)"), study)
 
     def add_cell(self, family: str, recorded: list[dict] | None) -> None:

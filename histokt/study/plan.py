@@ -76,16 +76,11 @@ def expand(spec: Spec) -> dict[str, list[Cell]]:
         out["merge"], out["distill"] = distill_cells(spec, store)
     out["collect"] = [Cell("collect", "collect", "collect", {})]  # every sweep ends with its collector
     read_stores(out)
-    if spec.protocol != protocol.DEFAULT:  # the paper's optimizer, precision and validation defaults, per cell
-        for cells in out.values():
-            for cell in cells:
-                if cell.kind == "train":
-                    cell.args["protocol"] = spec.protocol
-    if spec.stage_to is not None:  # where a node stages the data: an argument of the run, not in the id
-        for cells in out.values():
-            for cell in cells:
-                if cell.kind == "train":
-                    cell.args["stage_to"] = spec.stage_to
+    for cell in (c for cells in out.values() for c in cells if c.kind == "train"):
+        if spec.protocol != protocol.DEFAULT:  # the paper's optimizer, precision and validation defaults
+            cell.args["protocol"] = spec.protocol
+        if spec.stage_to is not None:  # where a node stages the data: an argument of the run, not in the id
+            cell.args["stage_to"] = spec.stage_to
     return {s: out[s] for s in STAGES if s in out}
 
 
@@ -149,9 +144,10 @@ def standardize_cell(spec: Spec, store: str, d: Dataset, shard: int) -> Cell:
     if not low_contrast_filter(spec, d):  # only where not the defaults: the cells of studies planned before stay equal
         args["filter"] = False
     rule = split_rule(spec, d)
-    args.update(
-        {"split_rule": rule} if rule != "grouped" else {}, **({"split_seed": d.split_seed} if d.split_seed else {})
-    )
+    if rule != "grouped":
+        args["split_rule"] = rule
+    if d.split_seed:
+        args["split_seed"] = d.split_seed
     return Cell("standardize", f"std-{d.name}-{shard}of{d.shards}", "standardize", args)
 
 
@@ -276,10 +272,11 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
         for lr in target_lrs(spec, st, target)
         for seed in (st.seeds if first else [m.seed])
     ]
+    from histokt.distill.evbmf import DEFAULT_SEARCH
+
     merge_cells = [merge_cell(m) for m in merges]
-    if st.evbmf_search is not None:  # only where set: the cells of studies planned before stay equal
-        for cell in merge_cells:
-            cell.args["evbmf_search"] = st.evbmf_search
+    for cell in merge_cells:  # named in every merge cell: one planned before it ran the reference search
+        cell.args["evbmf_search"] = st.evbmf_search or DEFAULT_SEARCH
     return merge_cells, tunes
 
 
@@ -334,7 +331,9 @@ def deviations(spec: Spec) -> list[protocol.Deviation]:
     fixed_lrs = transfer is None or isinstance(transfer.lrs, str)
     tuned = [spec.stages[s] for s in ("transfer", "distill") if s in spec.stages]
     sources = "first" if all(trial_sources(spec, st) == "first" for st in tuned) else "matched"
-    return protocol.study_deviations(fixed_lrs, sources, merges="distill" in spec.stages)
+    trained = [spec.stages[s] for s in ("pretrain", "transfer", "distill") if s in spec.stages]
+    trials = min((len(st.seeds) for st in trained), default=protocol.TRIALS)
+    return protocol.study_deviations(fixed_lrs, sources, merges="distill" in spec.stages, trials=trials)
 
 
 def cell_dir(run_root, cell: Cell) -> Path:

@@ -42,17 +42,23 @@ import torch
 from torch.optim import SGD
 
 from histokt.distill.evbmf import layer_metrics
+from histokt.train import distributed
 
 BETA = 0.98  # paper Stage A
 KG_ZERO = 1e-8  # |KG| at or below: "not ready" (the reference's np.isclose(KG, 0), atol 1e-8)
 VELOCITY_FLOOR = 1e-10  # the reference's floor of the velocity, so no learning rate reaches 0
 
 
-def layer_kg(weight: torch.Tensor) -> float:
-    """Knowledge gain of a conv layer: (G_in + G_out) / 2 from EVBMF of its two unfoldings, p = 1, with the
-    reference's bounded noise search: Adas is the paper's Stage-A optimizer, and its learning rates follow the
-    gains the AdaS code computed, wrong minima included (distillation defaults to the grid search instead)."""
-    return layer_metrics(weight, p=1, search="reference").kg
+Gains = tuple[float | None, float | None]
+
+
+def layer_kg(weight: torch.Tensor) -> Gains:
+    """(G_in, G_out) of a conv layer from EVBMF of its two unfoldings, p = 1; None for an unfolding where EVBMF
+    keeps no component or fails (the schedule then keeps that unfolding's previous value). The reference's
+    bounded noise search: Adas is the paper's Stage-A optimizer, and its learning rates follow the gains the AdaS
+    code computed, wrong minima included (distillation defaults to the grid search instead)."""
+    m = layer_metrics(weight, p=1, search="reference")
+    return (m.inp.kg if m.inp.rank else None, m.out.kg if m.out.rank else None)
 
 
 def is_scored(param: torch.Tensor) -> bool:
@@ -85,7 +91,9 @@ class Adas(SGD):
 class AdasSchedule:
     """The per-epoch learning-rate update of Adas (module docstring); call ``step()`` once at each epoch's end.
 
-    ``kg``: the knowledge gain of one weight (default ``layer_kg``, EVBMF). ``eta_0`` is the optimizer's ``lr``.
+    ``kg``: the knowledge gain of one weight: a number, or (G_in, G_out) with None where an unfolding has no
+    value (default ``layer_kg``, EVBMF). ``eta_0`` is the optimizer's ``lr``. Under DDP rank 0 computes the gains
+    and sends them: ranks whose BLAS rounds differently must still agree on every learning rate.
     """
 
     def __init__(
@@ -94,7 +102,7 @@ class AdasSchedule:
         step_size: int = 25,
         gamma: float = 0.5,
         beta: float = BETA,
-        kg: Callable[[torch.Tensor], float] | None = None,
+        kg: Callable[[torch.Tensor], float | Gains] | None = None,
     ):
         if not isinstance(optimizer, Adas):
             raise TypeError(f"AdasSchedule needs an Adas optimizer, got {type(optimizer).__name__}")
@@ -110,12 +118,15 @@ class AdasSchedule:
         self.zeta = 1.0
         self.velocity = [0.0] * layers
         self.last_kg = [0.0] * layers
+        self.last_pair = [(0.0, 0.0)] * layers  # each layer's last (G_in, G_out)
         self.ready = [False] * layers
 
     def step(self) -> None:
         """The update at the end of epoch ``self.epoch``: new velocities, then every param group's lr."""
         params = self.optimizer.params
-        kg = [float(self.kg(params[i])) for i in self.scored]
+        main = not distributed.active() or torch.distributed.get_rank() == 0
+        measured = distributed.from_rank0([self.kg(params[i]) for i in self.scored] if main else None)
+        kg = [self._gain(k, value) for k, value in enumerate(measured)]
         if self.epoch == 0:
             delta = [self.init_lr] * len(kg)
         else:
@@ -140,6 +151,15 @@ class AdasSchedule:
             group["lr"] = lr
         self.epoch += 1
 
+    def _gain(self, k: int, value: float | Gains) -> float:
+        """Layer k's KG: ``value``, or the mean of its two unfoldings' gains where an unfolding without a value
+        keeps its previous one (method.md §4.4: "if r = 0 or the factorization fails: previous epoch's value")."""
+        if not isinstance(value, tuple):
+            return float(value)
+        pair = tuple(old if new is None else float(new) for new, old in zip(value, self.last_pair[k]))
+        self.last_pair[k] = (pair[0], pair[1])
+        return (pair[0] + pair[1]) / 2
+
     def get_last_lr(self) -> list[float]:
         """The learning rate of every parameter, in order (as ``LRScheduler.get_last_lr``)."""
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -151,6 +171,7 @@ class AdasSchedule:
             "zeta": self.zeta,
             "velocity": list(self.velocity),
             "last_kg": list(self.last_kg),
+            "last_pair": [list(p) for p in self.last_pair],
             "ready": list(self.ready),
             "scored": list(self.scored),
             "init_lr": self.init_lr,
@@ -167,6 +188,7 @@ class AdasSchedule:
         self.epoch, self.zeta = int(state["epoch"]), float(state["zeta"])
         self.velocity = [float(v) for v in state["velocity"]]
         self.last_kg = [float(v) for v in state["last_kg"]]
+        self.last_pair = [(float(a), float(b)) for a, b in state.get("last_pair", [(0.0, 0.0)] * len(self.scored))]
         self.ready = [bool(v) for v in state["ready"]]
         self.init_lr, self.step_size = float(state["init_lr"]), int(state["step_size"])
         self.gamma, self.beta = float(state["gamma"]), float(state["beta"])

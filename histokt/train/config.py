@@ -185,16 +185,17 @@ def resolved(cfg: TrainConfig, card: str | None = None) -> TrainConfig:
     ``card``: the dataset's card (its attrs), which decides the paper's validation transform and LR."""
     values = asdict(cfg)
     stage_a, paper = cfg.mode == "scratch", cfg.protocol == "paper"
+    card = card or cfg.dataset
     if values["optimizer"] is None:
         values["optimizer"] = ("adas" if paper else "sgd") if stage_a else "adamp"
     if values["valid_transform"] == "auto":
-        values["valid_transform"] = protocol.valid_transform(cfg.protocol, card or cfg.dataset)
+        values["valid_transform"] = protocol.valid_transform(cfg.protocol, card)
     if paper and values["precision"] == "auto":
         values["precision"] = protocol.PRECISION
     if values["step_size"] is None:
         values["step_size"] = 25 if stage_a else 20
     if values["lr"] is None:
-        values["lr"] = 0.03 if stage_a else protocol.TARGET_LR.get(card or cfg.dataset, 1e-4)
+        values["lr"] = 0.03 if stage_a else protocol.TARGET_LR.get(card, 1e-4)
     return TrainConfig(**values)
 
 

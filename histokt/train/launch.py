@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from histokt import protocol
 from histokt.errors import UserError
 from histokt.store import stage
 from histokt.train import distributed, rundir
@@ -59,7 +60,7 @@ def card_of(cfg: TrainConfig) -> str | None:
     where the store does not hold it yet (the Trainer then says what is wrong)."""
     from histokt.store.schema import dataset_attrs
 
-    return ((dataset_attrs(cfg.store, cfg.dataset) or {}).get("card") or {}).get("card")
+    return protocol.card_of(dataset_attrs(cfg.store, cfg.dataset) or {})
 
 
 def _spawn(cfg: TrainConfig) -> Outcome:

@@ -120,6 +120,7 @@ class Trainer:
         self._read_dataset()
         ckpt = self._load_checkpoint()
         self.settings = self._settings(ckpt)
+        precision.allow_tf32(self.settings["precision"])
         self._seed()
         self._build_model()
         self._build_optimizer()
@@ -247,7 +248,8 @@ class Trainer:
         augment = Augment(seed=cfg.seed, crop=cfg.crop) if cfg.augment else None
         # the original chose checkpoints on validation images under the training transform (--valid-transform
         # train): draws of their own, from (seed, epoch, index), so a resumed run sees the same images
-        self.valid_augment = Augment(seed=cfg.seed, crop=cfg.crop, stream=1) if cfg.valid_transform == "train" else None
+        augmented = cfg.valid_transform == "train" and cfg.augment  # --no-augment: no transform to validate under
+        self.valid_augment = Augment(seed=cfg.seed, crop=cfg.crop, stream=1) if augmented else None
         on_device = self.settings["warp"] == "device"
         self.resident = self._data_on_device()
         self.eval_data: dict[str, Any] = {}  # split -> its ResidentSplit, or a loader made on first use
@@ -517,7 +519,7 @@ class Trainer:
         if best is None:
             raise RuntimeError("finished without a validation epoch (epochs must be at least 1)")
         config = config_dict(self.cfg)
-        card = self.dataset_attrs.get("card", {}).get("card", self.cfg.dataset)
+        card = protocol.card_of(self.dataset_attrs) or self.cfg.dataset
         deviations = protocol.cell_deviations(card, config, self.settings, self.dataset_attrs)
         result = CellResult(
             config=config,

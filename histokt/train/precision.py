@@ -80,3 +80,12 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     its overflow check on the host each step (GradScaler; fused optimizers would avoid it, AdamP is not one):
     a V100 or T4 syncs every step, bf16 GPUs do not."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def allow_tf32(precision: str) -> None:
+    """fp32 means fp32: convolutions and matmuls on Ampere and later GPUs run in TF32 (10-bit mantissa) unless
+    told not to, which is neither the paper's V100 fp32 nor what a cell records. The lower precisions keep TF32
+    for what autocast leaves in fp32. Set per cell, as a pool worker runs cells of either kind in turn."""
+    tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -489,10 +489,9 @@ def test_another_rank_of_a_blocked_cell_writes_nothing(runs, rank1):
     assert time.monotonic() - started < cellrun.JOIN_TIMEOUT_S / 10
 
 
-@pytest.mark.parametrize("planned", [{}, {"evbmf_search": "reference"}])
+@pytest.mark.parametrize("planned", [{}, {"evbmf_search": "grid"}])
 def test_a_merge_cell_runs_with_its_planned_evbmf_search(tmp_path, monkeypatch, planned):
     from histokt.distill import merge
-    from histokt.distill.evbmf import DEFAULT_SEARCH
 
     asked = []
     monkeypatch.setattr(merge, "distill", lambda cfg: asked.append(cfg) or {"rule": cfg.rule})
@@ -500,5 +499,6 @@ def test_a_merge_cell_runs_with_its_planned_evbmf_search(tmp_path, monkeypatch, 
         "merge", "M-x", "merge", {"sources": ["a", "b"], "rule": "kappa-select", "lowrank": False, **planned}
     )
     assert cellrun._execute(tmp_path, cell, tmp_path) == 0
-    assert asked[0].evbmf_search == planned.get("evbmf_search", DEFAULT_SEARCH) and asked[0].rule == "kappa-select"
+    # a cell planned before the search was named keeps the search it was planned with: the reference's
+    assert asked[0].evbmf_search == planned.get("evbmf_search", "reference") and asked[0].rule == "kappa-select"
     assert json.loads((tmp_path / "done.json").read_text()) == {"rule": "kappa-select"}

@@ -545,3 +545,15 @@ def test_results_without_a_deviation_record_are_never_like_for_like(tmp_path):
     rows = {r["what"]: r for r in read_csv(root / "summary" / "deviations.csv") if r["scope"] == "random"}
     assert rows["unrecorded"]["cells"] == "45/45"
     assert "Differs in: unrecorded" in (root / "summary" / "compare_random_deep.md").read_text()
+
+
+def test_a_plan_without_deviations_says_so_instead_of_looking_like_the_paper(tmp_path):
+    root = make_run_root(tmp_path / "runs")  # plan.json as written before deviations were recorded
+    _with_deviations(root, "histokt", [], lambda c: [])
+    doc = json.loads((root / "plan.json").read_text())
+    del doc["deviations"]
+    (root / "plan.json").write_text(json.dumps(doc))
+    collect(root, compare_paper=True)
+    rows = read_csv(root / "summary" / "deviations.csv")
+    assert [r["what"] for r in rows] == ["unrecorded plan"]
+    assert "Differs in: unrecorded plan" in (root / "summary" / "compare_random_deep.md").read_text()

@@ -61,6 +61,7 @@ def test_distill_cells_merge_one_family_then_deep_tune(paper):
         "sources": ["{run_root}/cells/pretrain/A-adp-random-s1", "{run_root}/cells/pretrain/A-bcss-random-s1"],
         "rule": "kg-select",
         "lowrank": True,
+        "evbmf_search": "grid",
     }
     tune = {c.id: c for c in cells["distill"]}["D-imagenet-adp+crc+os+bcss-kg-select-bach-lr2e-4-s0"]
     assert tune.args["init"] == "{run_root}/cells/merge/M-imagenet-adp+crc+os+bcss-kg-select-s0/merged.pt"
@@ -85,10 +86,11 @@ def test_array_chunks_stay_below_max_array_size():
 
 # Computed from the plan of jobs/paper.toml before expand() was split into one function per stage: the ids, and
 # every cell's fields (the run root's temporary path written as TMP). A change of either means re-planned studies
-# lose their cells' directories: change them only on purpose, with a note in the release. The fields changed once,
-# on purpose: a training cell's inputs list its dataset's standardize markers first (ids unchanged).
+# lose their cells' directories: change them only on purpose, with a note in the release. The fields changed twice,
+# on purpose: a training cell's inputs list its dataset's standardize markers first; a merge cell names its EVBMF
+# search (a merge cell planned before runs the reference search it was planned with). Ids unchanged both times.
 PAPER_IDS_SHA256 = "5925a5b3ab74738415b1ddc8348282c9b8d789b5ab5491ed74f7d2f495220f02"
-PAPER_CELLS_SHA256 = "a98ab9ead032aaef646c62e583a8278cfed9d2df55d165db5007399febd41a78"
+PAPER_CELLS_SHA256 = "696cf4639fe6ca446b544010eb304e05ab4f22386248ee0931625a7b47245c45"
 
 
 def test_paper_cell_ids_and_fields_are_unchanged(paper, tmp_path):
@@ -175,6 +177,7 @@ def test_the_recommended_study_states_its_plan_deviations(paper, tmp_path):
 def test_a_spec_option_overrides_its_protocol_default(parity):
     parity.stages["transfer"].trial_sources = "matched"
     parity.stages["distill"].trial_sources = "matched"
+    parity.datasets["os"].split_seed = 7
     parity.datasets["bach"].split_rule = "grouped"
     parity.datasets["adp"].filter = True
     cells = plan.expand(parity)
@@ -185,8 +188,12 @@ def test_a_spec_option_overrides_its_protocol_default(parity):
     assert "trials" in [d.what for d in plan.deviations(parity)]
     parity.stages["distill"].trial_sources = "first"
     assert "trials" not in [d.what for d in plan.deviations(parity)]
+    parity.stages["distill"].seeds = [0]  # one trial of each merged model: a mean without a std
+    assert [d.what for d in plan.deviations(parity) if not d.fixed] == ["trials per result"]
     assert "split_rule" not in next(c for c in cells["standardize"] if c.args["name"] == "bach").args
     assert "filter" not in next(c for c in cells["standardize"] if c.args["name"] == "adp").args
+    seeds = {c.args["name"]: c.args.get("split_seed") for c in cells["standardize"]}
+    assert seeds["os"] == 7 and seeds["bach"] is None  # a seed of 0, the default, is not written
 
 
 def test_the_light_copies_of_the_merge_rules_and_searches_match_the_merge_module():
@@ -197,6 +204,6 @@ def test_the_light_copies_of_the_merge_rules_and_searches_match_the_merge_module
 
 
 def test_a_distill_stage_passes_its_evbmf_search_to_every_merge(paper):
-    assert all("evbmf_search" not in c.args for c in plan.expand(paper)["merge"])  # unset: the merge's default
+    assert {c.args["evbmf_search"] for c in plan.expand(paper)["merge"]} == {"grid"}  # unset: the default
     paper.stages["distill"].evbmf_search = "reference"
     assert {c.args["evbmf_search"] for c in plan.expand(paper)["merge"]} == {"reference"}

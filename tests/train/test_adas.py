@@ -2,6 +2,8 @@
 
 import io
 import json
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -10,11 +12,11 @@ from torch import nn
 from histokt.errors import UserError
 from histokt.train import adas, checkpoint
 from histokt.train.adas import Adas, AdasSchedule
-from histokt.train.launch import train
 from histokt.train.models import build_model
 from histokt.train.optim import build_optimizer, build_scheduler
 from tests.fixtures.trainstore import make_store
-from tests.train.test_ckpt_policy import Killed, assert_same_run, cfg, wrap_step
+from tests.train.test_ckpt_policy import assert_same_run
+from tests.train.test_loop import cli_args, wait_for
 
 
 def _p(*shape, dtype=torch.float32):
@@ -118,10 +120,11 @@ def _rank_two(n):
 def test_the_default_knowledge_gain_is_evbmf_of_both_unfoldings():
     """Real EVBMF on weights whose KG follows by hand: EVBMF keeps exactly the nonzero singular values of an
     exact low-rank unfolding, and equal singular values shrink alike, so G_d = (1/N_d) * sum d_h/d_1 = r/N_d;
-    the zero weight keeps nothing (G = 0)."""
+    the zero weight keeps nothing (no value: the previous one, 0 before any)."""
     a = nn.Parameter(_rank_one(8, 8))  # G_in = G_out = 1/8: G = 0.125
     b = nn.Parameter(torch.zeros(8, 4, 3, 3, dtype=torch.float64))  # G = 0
-    assert adas.layer_kg(a) == pytest.approx(0.125, abs=1e-12)
+    assert adas.layer_kg(a) == pytest.approx((0.125, 0.125), abs=1e-12)
+    assert adas.layer_kg(b) == (None, None)
     opt = Adas([a, b], lr=0.03)
     sched = AdasSchedule(opt)  # paper values: step_size 25, gamma 0.5, beta 0.98
     sched.step()
@@ -304,37 +307,27 @@ def _cheap_kg(calls):
     return kg
 
 
-def test_a_killed_adas_run_resumes_exactly(store, tmp_path, monkeypatch):
-    """ResNet18, 3 epochs of 3 steps, zeta halved every epoch. Killed in epoch 1 after the step-4 checkpoint, the
-    rerun needs the checkpoint's Adas state (epoch 0's KGs, velocities, zeta, epoch) for epoch 1's update, whose
-    LRs epoch 2 trains with: it must end bit for bit as the uninterrupted run."""
-    calls: list = []
-    monkeypatch.setattr(adas, "layer_kg", _cheap_kg(calls))
-    kw = dict(optimizer="adas", step_size=1, batch_size=4, ckpt_every_steps=2)
+def test_a_sigkilled_adas_run_resumes_exactly(store, tmp_path, cli_env):
+    """ResNet18 through the CLI, real EVBMF, 3 epochs of 3 steps, zeta halved every epoch. SIGKILLed after a
+    checkpoint in epoch 1 or 2, the rerun needs the checkpoint's Adas state (the last epoch's KGs, velocities,
+    zeta, epoch) for the next update, whose LRs the rest trains with: it must end bit for bit as the
+    uninterrupted run."""
+    kw = dict(optimizer="adas", step_size=1, batch_size=4, ckpt_every_steps=1)
     ref = tmp_path / "ref"
-    result = train(cfg(store, ref, **kw)).result
-    assert result is not None and result.steps == 9
-    assert len(calls) == 3 * 17 and calls[0] == (64, 3, 7, 7)
-
-    def kill_at_step_6(trainer):
-        if trainer.state["step"] == 5:
-            raise Killed
-
+    assert subprocess.run(cli_args(store, ref, **kw), env=cli_env).returncode == 0
     out = tmp_path / "run"
-    with monkeypatch.context() as mp:
-        wrap_step(mp, before=kill_at_step_6)
-        with pytest.raises(Killed):
-            train(cfg(store, out, **kw))
-    last = checkpoint.load(out / "last.pt")
-    assert (last["step"], last["epoch"], last["batch"]) == (4, 1, 1)
+    proc = subprocess.Popen(cli_args(store, out, **kw), env=cli_env)
+    wait_for(lambda: (out / "previous.pt").exists() and checkpoint.load_latest(out)[0]["step"] >= 4, proc, "step 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists()
+    last = checkpoint.load_latest(out)[0]
     state = last["scheduler"]
-    assert state["epoch"] == 1 and state["zeta"] == 1.0 and state["velocity"] == [0.03] * 17
-    assert len(state["last_kg"]) == 17 and min(state["last_kg"]) > 0
-
-    train(cfg(store, out, **kw))
+    assert state["epoch"] == last["epoch"] >= 1 and len(state["velocity"]) == 17  # epoch ends the update has seen
+    assert subprocess.run(cli_args(store, out, **kw), env=cli_env).returncode == 0
     assert_same_run(out, ref)
     lrs = [json.loads(line)["lr"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
-    assert lrs[0] == 0.03 and len(set(lrs)) == 3  # conv1's LR, set by Adas at each epoch's end
+    assert len(lrs) == 3 and lrs[0] == 0.03 and lrs[1] != lrs[0]  # conv1's LR, set by Adas at each epoch's end
 
 
 def test_adas_scores_layers_with_the_references_evbmf_search():
@@ -344,6 +337,59 @@ def test_adas_scores_layers_with_the_references_evbmf_search():
     from tests.distill.test_evbmf import known_rank_matrix
 
     stem = torch.from_numpy(known_rank_matrix(64, 147, 32, (2, 4), 0.1, 1)).reshape(64, 3, 7, 7)
-    reference, grid = layer_metrics(stem, search="reference").kg, layer_metrics(stem, search="grid").kg
-    assert reference != grid
-    assert adas.layer_kg(stem) == reference
+    reference, grid = layer_metrics(stem, search="reference"), layer_metrics(stem, search="grid")
+    assert reference.kg != grid.kg
+    kept = lambda m: (m.inp.kg if m.inp.rank else None, m.out.kg if m.out.rank else None)
+    assert adas.layer_kg(stem) == kept(reference)
+
+
+def test_an_unfolding_without_a_value_keeps_its_previous_gain():
+    """method.md §4.4: where EVBMF keeps nothing (or fails), the previous epoch's value, per unfolding."""
+    w = _p(4, 4, 3, 3)
+    gains = iter([(0.2, 0.4), (None, 0.6), (None, None)])
+    opt = Adas([w], lr=0.03)
+    sched = AdasSchedule(opt, step_size=10, kg=lambda _: next(gains))
+    sched.step()  # G = (0.2 + 0.4) / 2 = 0.3; v = 0.03
+    sched.step()  # G_in kept: (0.2 + 0.6) / 2 = 0.4; ready: v = 0.98*0.03 + (0.4 - 0.3) = 0.1294
+    assert sched.last_kg == pytest.approx([0.4]) and _lrs(opt) == pytest.approx([0.1294])
+    state = sched.state_dict()
+    resumed = AdasSchedule(Adas([w], lr=0.03), step_size=10, kg=lambda _: (None, None))
+    resumed.load_state_dict(state)
+    resumed.step()  # both kept: G = 0.4, Delta = 0; v = 0.98*0.1294 = 0.126812 (not the 1e-10 floor of G = 0)
+    assert resumed.last_kg == pytest.approx([0.4]) and _lrs(resumed.optimizer) == pytest.approx([0.126812])
+
+
+def _two_ranks_disagree(rank: int, port: int, queue) -> None:
+    """Each rank's own 'BLAS' gives a different gain; rank 0's must set both ranks' learning rates."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        calls: list = []
+        own = iter([0.1, 0.1] if rank == 0 else [0.5, 0.9])  # rank 1 alone would move: v = 0.0294 + 0.4
+        opt = Adas([_p(4, 4, 3, 3)], lr=0.03)
+        sched = AdasSchedule(opt, kg=lambda _: calls.append(rank) or next(own))
+        sched.step()
+        sched.step()
+        queue.put((rank, _lrs(opt), calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_rank_0_measures_the_gains_and_every_rank_takes_them():
+    import multiprocessing as mp
+
+    from histokt.train.distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.SimpleQueue(), free_port()
+    procs = [ctx.Process(target=_two_ranks_disagree, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    seen = {rank: (lrs, calls) for rank, lrs, calls in (queue.get() for _ in procs)}
+    # epoch 1: rank 0's G = 0.1 both times, so Delta = 0: v = 0.98 * 0.03 = 0.0294 on both ranks
+    assert seen[0][0] == seen[1][0] == pytest.approx([0.0294])
+    assert seen[0][1] == [0, 0] and seen[1][1] == []  # rank 1 never ran EVBMF

@@ -79,3 +79,15 @@ def test_a_resume_keeps_the_first_starts_settings_on_another_device_and_result_j
     result = json.loads((out / "result.json").read_text())
     assert result["settings"] == {"precision": "fp32", "compile": False, "warp": "loader"}
     assert result["config"]["precision"] == "auto"
+
+
+@pytest.mark.parametrize("chosen, tf32", [("fp32", False), ("bf16", True), ("fp16", True)])
+def test_fp32_turns_tf32_off_and_the_lower_precisions_keep_it(chosen, tf32):
+    """The paper trained in true fp32 (V100): on Ampere and later, cuDNN would run fp32 convolutions in TF32."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
+        precision.allow_tf32(chosen)
+        assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

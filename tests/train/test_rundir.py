@@ -62,6 +62,17 @@ def test_a_key_only_one_config_has_is_a_difference(tmp_path, edit):
         rundir.prepare_run_dir(_cfg(out))
 
 
+def test_a_config_written_before_the_protocol_existed_resumes_as_the_histokt_protocol(tmp_path):
+    out = tmp_path / "run"
+    rundir.prepare_run_dir(_cfg(out, valid_transform="clean"))
+    old = json.loads((out / rundir.CONFIG).read_text())
+    del old["protocol"], old["valid_transform"]  # what they meant by their absence: histokt, clean
+    (out / rundir.CONFIG).write_text(json.dumps(old))
+    rundir.prepare_run_dir(_cfg(out, valid_transform="clean"))
+    with pytest.raises(UserError, match=r"protocol: 'histokt' -> 'paper'"):
+        rundir.prepare_run_dir(_cfg(out, valid_transform="clean", protocol="paper"))
+
+
 def test_a_config_differing_in_many_keys_shows_the_first_four_sorted(tmp_path):
     out = tmp_path / "run"
     rundir.prepare_run_dir(_cfg(out))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from histokt.train import distributed
-from histokt.train.config import resolved
+from histokt.train.config import TrainConfig, resolved
 from histokt.train.launch import train
 from histokt.train.loop import Trainer
 from tests.fixtures.trainstore import make_store
@@ -28,16 +28,33 @@ def valid_loss(t: Trainer, epoch: int) -> float:
     return t.evaluate("valid", t.model, epoch)["loss"]
 
 
-@pytest.mark.parametrize("data_on", ["loader", "device"])
-def test_train_transform_validates_on_new_draws_each_epoch(store, tmp_path, data_on):
-    augmented = trainer(store, tmp_path / "a", valid_transform="train", data_on=data_on, augment_on="device")
-    clean = trainer(store, tmp_path / "c", valid_transform="clean", data_on=data_on, augment_on="device")
+@pytest.mark.parametrize("data_on, warp", [("loader", "loader"), ("loader", "device"), ("device", "device")])
+def test_train_transform_validates_on_new_draws_each_epoch(store, tmp_path, data_on, warp):
+    augmented = trainer(store, tmp_path / "a", valid_transform="train", data_on=data_on, augment_on=warp)
+    clean = trainer(store, tmp_path / "c", valid_transform="clean", data_on=data_on, augment_on=warp)
     clean.model.load_state_dict(augmented.model.state_dict())
     a0, a1, again = valid_loss(augmented, 0), valid_loss(augmented, 1), valid_loss(augmented, 0)
     c0, c1 = valid_loss(clean, 0), valid_loss(clean, 1)
     assert c0 == c1  # clean images: the epoch changes nothing
     assert a0 != c0 and a1 != c0 and a0 != a1  # augmented, and drawn anew each epoch
     assert a0 == again  # from (seed, epoch, index): a resumed run sees the same images
+
+
+def test_validation_draws_are_their_own_and_no_augment_means_clean_validation(store, tmp_path):
+    from histokt.store.augment import Augment
+
+    train_draws, valid_draws = Augment(seed=0), Augment(seed=0, stream=1)
+    assert (train_draws.params(5, 2, 64, 64) != valid_draws.params(5, 2, 64, 64)).any()
+    assert (Augment(seed=0, stream=1).params(5, 2, 64, 64) == valid_draws.params(5, 2, 64, 64)).all()
+    off = trainer(store, tmp_path / "n", valid_transform="train", augment=False, data_on="loader")
+    assert off.valid_augment is None and valid_loss(off, 0) == valid_loss(off, 1)
+
+
+def test_the_card_of_a_dataset_comes_from_the_store(store, tmp_path):
+    from histokt.train.launch import card_of
+
+    assert card_of(cfg(store, tmp_path)) == "folder"  # the dataset is named "toy"
+    assert card_of(TrainConfig(store=store, dataset="absent", out=tmp_path)) is None
 
 
 def test_loader_and_device_paths_draw_the_same_validation_images(store, tmp_path):
@@ -58,8 +75,17 @@ def test_the_paper_protocol_resolves_its_defaults_and_result_json_lists_what_dif
     doc = json.loads((tmp_path / "run" / "result.json").read_text())
     assert doc["protocol"] == "histokt" and doc["deviations"] == result.deviations
     whats = [d["what"] for d in doc["deviations"]]
-    # a folder card's store, split grouped; SGD for Stage A; clean validation; the test recipe's epochs and batch
-    assert whats == ["folder split", "stage A optimizer", "folder validation transform", "epochs", "batch_size"]
+    # a folder card's store (split grouped, 64 px patches without overlap); the test recipe's epochs and batch;
+    # SGD for Stage A; clean validation
+    assert whats == [
+        "folder split",
+        "patches",
+        "folder stride",
+        "epochs",
+        "batch_size",
+        "stage A optimizer",
+        "folder validation transform",
+    ]
     assert doc["config"]["valid_transform"] == "clean"
 
 
@@ -76,4 +102,10 @@ def test_a_paper_protocol_cell_trains_with_adas_and_states_only_what_its_data_an
     assert doc["config"]["optimizer"] == "adas" and len(calls) == 2 * 17  # Adas scored 17 convs each epoch
     assert doc["config"]["valid_transform"] == "train" and doc["settings"]["precision"] == "fp32"
     assert doc["protocol"] == "paper"
-    assert [d["what"] for d in doc["deviations"]] == ["folder split", "epochs", "batch_size"]
+    assert [d["what"] for d in doc["deviations"]] == [
+        "folder split",
+        "patches",
+        "folder stride",
+        "epochs",
+        "batch_size",
+    ]
