@@ -181,9 +181,11 @@ def _state(directory: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _read_plan(run_root: Path) -> dict:
+def _read_plan(run_root: Path) -> tuple[dict, dict]:
+    """plan.json, read once: the document (study name, protocol, deviations) and its cells by stage."""
     try:
-        return plan.read(run_root)
+        doc = plan.read_doc(run_root)
+        return doc, plan.cells_of(doc)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UserError(
             f"{run_root}/plan.json is corrupt ({type(exc).__name__}: {exc}); re-plan it with "
@@ -191,8 +193,8 @@ def _read_plan(run_root: Path) -> dict:
         ) from None
 
 
-def _scan(run_root: Path, cells: dict) -> _Scan:
-    scan = _Scan()
+def _scan(run_root: Path, cells: dict, deviations: Deviations) -> _Scan:
+    scan = _Scan(deviations=deviations)
     for stage, members in cells.items():
         counts = scan.stages.setdefault(stage, dict.fromkeys(STATUSES, 0))
         for cell in members:
@@ -308,8 +310,8 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     started = time.perf_counter()
     run_root = Path(run_root)
     out = Path(out) if out else run_root / "summary"
-    scan = _scan(run_root, _read_plan(run_root))
-    scan.deviations = _plan_deviations(run_root, scan.deviations)
+    doc, cells = _read_plan(run_root)
+    scan = _scan(run_root, cells, Deviations.of_plan(doc))
     groups = versions.by_version(scan.runtimes)
     mixed = _mixed_note(groups)
     files = {}
@@ -341,7 +343,7 @@ def collect(run_root, out=None, compare_paper: bool = False) -> dict:
     for m in matrices:
         figures.heatmap(m, out / f"{m.name}.png")
     names = sorted([*files, *(f"{m.name}.png" for m in matrices), "report.md"])
-    report = _report(run_root, out, scan, matrices, distill, groups, time.perf_counter() - started)
+    report = _report(doc, run_root, out, scan, matrices, distill, groups, time.perf_counter() - started)
     atomic.write_bytes(out / "report.md", report.encode())
     return {
         "rows": len(rows),
@@ -620,17 +622,6 @@ def _compare_md(m: Matrix, rows: list[list], label: str) -> str:
 # ---- report ---------------------------------------------------------------------------------------------------
 
 
-def _plan_deviations(run_root: Path, found: Deviations) -> Deviations:
-    """The cells' deviations under the plan's protocol and study-level deviations (plan.json)."""
-    try:
-        doc = atomic.read_json(run_root / "plan.json") or {}
-    except (OSError, ValueError):
-        doc = {}
-    study = Deviations.of_plan(doc if isinstance(doc, dict) else {})
-    study.cells = found.cells
-    return study
-
-
 def _mixed_note(groups: dict[str, list[str]]) -> str:
     """The flag on every table of a study whose cells ran under more than one version ('' where one did)."""
     if len(groups) < 2:
@@ -639,12 +630,15 @@ def _mixed_note(groups: dict[str, list[str]]) -> str:
 
 
 def _report(
-    run_root: Path, out: Path, scan: _Scan, matrices: list, distill: list, groups: dict[str, list[str]], seconds: float
+    doc: dict,
+    run_root: Path,
+    out: Path,
+    scan: _Scan,
+    matrices: list,
+    distill: list,
+    groups: dict[str, list[str]],
+    seconds: float,
 ) -> str:
-    try:
-        doc = atomic.read_json(run_root / "plan.json") or {}
-    except (OSError, ValueError):
-        doc = {}
     st = scan.status
     total = sum(len(v) for v in st.values())
     lines = [

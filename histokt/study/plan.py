@@ -257,6 +257,8 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
     HistoKT merged Stage-A models of one family (random or ImageNet init) and deep-tuned the result with the
     Stage-B recipe over the LR grid; normalization: the target's own statistics (random family) or ImageNet's.
     """
+    from histokt.distill.evbmf import DEFAULT_SEARCH  # numpy: loaded only where a study distills
+
     st = spec.stages["distill"]
     # "first" (the paper): one merged model per rule, from the first seed's Stage-A models, tuned with every seed
     first = trial_sources(spec, st) == "first"
@@ -272,8 +274,6 @@ def distill_cells(spec: Spec, store: str) -> tuple[list[Cell], list[Cell]]:
         for lr in target_lrs(spec, st, target)
         for seed in (st.seeds if first else [m.seed])
     ]
-    from histokt.distill.evbmf import DEFAULT_SEARCH
-
     merge_cells = [merge_cell(m) for m in merges]
     for cell in merge_cells:  # named in every merge cell: one planned before it ran the reference search
         cell.args["evbmf_search"] = st.evbmf_search or DEFAULT_SEARCH
@@ -382,7 +382,17 @@ def write(run_root, spec: Spec, plan: dict[str, list[Cell]], force: bool = False
 
 
 def read(run_root) -> dict[str, list[Cell]]:
+    return cells_of(read_doc(run_root))
+
+
+def read_doc(run_root) -> dict:
+    """plan.json as written (study, protocol, deviations, stages); a UserError where there is none."""
     doc = atomic.read_json(Path(run_root) / "plan.json")
     if doc is None:
         raise UserError(f"{run_root}: no plan.json here; run 'histokt sweep SPEC' first")
+    return doc
+
+
+def cells_of(doc: dict) -> dict[str, list[Cell]]:
+    """The cells of a plan.json document, by stage."""
     return {stage: [Cell(**c) for c in cells] for stage, cells in doc["stages"].items()}

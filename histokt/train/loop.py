@@ -258,7 +258,7 @@ class Trainer:
                 cfg.store, cfg.dataset, "train", self.device, augment=augment, progress=self._progress()
             )
             train_set = split.dataset
-            counts = open_attrs(cfg.store, cfg.dataset)["counts"]
+            counts = self.dataset_attrs["counts"]
             for name in ("valid", "test"):  # a rank evaluates only its shard: it holds only that
                 rows = eval_rows(int(counts[name]), world.size, world.rank)
                 draws = self.valid_augment if name == "valid" else None
