@@ -75,13 +75,19 @@ def _demo(argv):
 
 
 def _train(argv):
+    from histokt.train.distributed import from_environment
     from histokt.train.launch import TrainConfig, train
 
     cfg = _parse(TrainConfig, "train", argv, "Train one cell: Stage A on a source, or Stage B transfer to a target.")
     outcome = train(cfg)
+    world = from_environment()  # srun, torchrun: every rank gets here; one of them speaks
+    quiet = world is not None and not world.main
     if outcome.result is None:  # interrupted: checkpointed on a signal
-        print(f"{cfg.out}: {outcome.message}", file=sys.stderr)
+        if not quiet:
+            print(f"{cfg.out}: {outcome.message}", file=sys.stderr)
         return EXIT_REQUEUE
+    if quiet:
+        return 0
     valid, test = outcome.result.valid, outcome.result.test
     print(
         f"{cfg.out}: done: test top1 {test['top1']:.4f}, balanced {test['balanced_acc']:.4f} "

@@ -10,7 +10,9 @@ Use in a test module::
         job_id = slurm_cluster.sbatch("--wrap", "true", cwd=tmp_path, wait=True)
 
 Without a cluster the fixture skips with the reason; with ``HISTOKT_REQUIRE_SLURM=1`` it fails instead
-(CI jobs that started the cluster set it, so a broken cluster cannot pass as "skipped").
+(CI jobs that started the cluster set it, so a broken cluster cannot pass as "skipped"). The
+``multinode_cluster`` fixture needs two usable nodes (``HISTOKT_SLURM_NODES=2 slurm/local/start.sh``); with
+``HISTOKT_REQUIRE_SLURM_NODES=2`` a cluster of fewer fails instead of skipping.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 REQUIRE_ENV = "HISTOKT_REQUIRE_SLURM"
+REQUIRE_NODES_ENV = "HISTOKT_REQUIRE_SLURM_NODES"
 START_HINT = "start one with: sudo slurm/local/start.sh (see slurm/local/README.md)"
 #: node states (sinfo %T) in which the cluster can run jobs; a trailing '*' (not responding) or
 #: '+drain' etc. makes a state unusable.
@@ -136,3 +139,18 @@ def slurm_cluster() -> SlurmCluster:
             pytest.fail(f"{reason} ({REQUIRE_ENV}=1 requires a cluster; {START_HINT})", pytrace=False)
         pytest.skip(f"{reason}; {START_HINT}")
     return SlurmCluster(states=states, reason=reason)
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster(slurm_cluster: SlurmCluster) -> SlurmCluster:
+    """The running cluster where it has at least two usable nodes; a skip (a failure where
+    HISTOKT_REQUIRE_SLURM_NODES asks for them) otherwise."""
+    states = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%T", timeout=30).stdout.split()  # one line a node
+    usable = [s for s in states if s in USABLE_STATES]
+    required = int(os.environ.get(REQUIRE_NODES_ENV) or 0)
+    if len(usable) < 2:
+        why = f"{len(usable)} usable SLURM node(s); multi-node tests need 2: HISTOKT_SLURM_NODES=2 slurm/local/start.sh"
+        if required >= 2:
+            pytest.fail(f"{why} ({REQUIRE_NODES_ENV}={required})", pytrace=False)
+        pytest.skip(why)
+    return slurm_cluster

@@ -241,10 +241,10 @@ def test_ci_runs_the_cluster_script_then_make_test():
         if line.strip() and not line.startswith(("#", "set ", "cd "))
     ]
     assert steps == [
-        "bash slurm/local/start.sh",
+        "HISTOKT_SLURM_NODES=2 bash slurm/local/start.sh",
         "HISTOKT_APPTAINER_INSTALLER=../shared/tools/install-apptainer.sh bash containers/install-apptainer.sh",
         "bash containers/build.sh histokt.sif",
-        "export HISTOKT_REQUIRE_SLURM=1 HISTOKT_REQUIRE_APPTAINER=1",
+        "export HISTOKT_REQUIRE_SLURM=1 HISTOKT_REQUIRE_SLURM_NODES=2 HISTOKT_REQUIRE_APPTAINER=1",
         "make test",
     ]
     assert subprocess.run(["bash", "-n", ROOT / ".ci" / "run"]).returncode == 0

@@ -45,9 +45,10 @@ from typing import NoReturn
 
 from histokt import atomic, lease, provenance
 from histokt.batch import rehearse, retry
-from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key
+from histokt.batch.slurm import REQUEUE_DIR, is_rank0, job_key, step_tasks
 from histokt.errors import EXIT_BLOCKED, EXIT_BUSY, EXIT_REQUEUE, UserError, full_disk
 from histokt.study import plan, versions
+from histokt.train.signals import StopRequested
 
 LEASE = "cell.lease"
 # An input cell failed or has not finished: not this cell's fault and nothing a rerun of it alone can fix,
@@ -246,6 +247,17 @@ def _execute(run_root, cell: plan.Cell, directory: Path) -> int:
     raise UserError(f"unknown cell kind {cell.kind!r}")
 
 
+def leave(code: int) -> NoReturn:
+    """End the task's process with ``code``. A rank of a multi-task step leaves at once: Python's shutdown puts
+    the default SIGTERM action back while it unloads torch, and the SIGTERM srun sends once another rank has
+    ended would turn this rank's code into 143 (every file it wrote is already renamed into place)."""
+    if step_tasks() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 @dataclass
 class CellTask:
     """The callable submitit runs in a job: one cell. Small and importable, so it pickles cleanly."""
@@ -259,6 +271,15 @@ class CellTask:
         in the module docstring): a SystemExit passes through submitit's ``process_job``, which catches
         Exception only (writing no result pickle: nothing reads them, docs/cluster.md blocker 8). A crash
         is left to submitit: it saves the traceback as the task's result and re-raises, so Python exits 1."""
+        if step_tasks() > 1:
+            # a rank of a multi-task step: once another rank has ended, srun (--kill-on-bad-exit) sends SIGTERM
+            # to the others, which must not cut short rank 0's checkpoint, state.json or requeue marker; kept
+            # until the process exits (the training loop's own handlers nest inside, and start stopped where a
+            # signal came before it)
+            StopRequested().install()
+        return self._run()
+
+    def _run(self) -> int:
         self.clear_requeue_request()
         try:
             code = run_cell(self.run_root, self.stage, self.index)
@@ -275,13 +296,13 @@ class CellTask:
             raise
         if code == EXIT_REQUEUE:
             self.request_requeue()
-            raise SystemExit(EXIT_REQUEUE)
+            leave(EXIT_REQUEUE)
         return code
 
     @staticmethod
     def _exit(error: UserError) -> NoReturn:
         print(f"histokt run-cell: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(error.exit_code) from None
+        leave(error.exit_code)
 
     def request_requeue(self) -> None:
         """Leave the marker the batch script's teardown requeues this task on, unless the task was requeued

@@ -78,7 +78,7 @@ def study_cost(
             name = plan.cell_dataset(cell)
             res = r.for_dataset(name) if r else None
             if res is not None:
-                c.requested_gpu_h += max(res.gpus, 0) * res.time_min / 60
+                c.requested_gpu_h += max(res.gpus, 0) * res.nodes * res.time_min / 60  # G GPUs on each node
             c.files += CELL_FILES
             n = counts.get(name) if name else None
             if cell.kind == "standardize" and n is not None:
@@ -93,7 +93,7 @@ def study_cost(
                 epochs = int(cell.args.get("epochs", TrainConfig.__dataclass_fields__["epochs"].default))
                 images = epochs * (n.get("train", 0) + n.get("valid", 0)) + n.get("test", 0)
                 hours = images / img_per_s / 3600
-                c.estimated_gpu_h += hours * max(1, res.gpus if res else 1)
+                c.estimated_gpu_h += hours * max(1, res.gpus * res.nodes if res else 1)
                 saves = math.floor(hours * 60 / ckpt_min) if ckpt_min else 0  # by wall time only
                 final = "final" in str(cell.args.get("keep", "best,final"))
                 c.bytes_written += saves * CKPT_BYTES + (BEST_WRITES + final) * WEIGHTS_BYTES

@@ -218,6 +218,11 @@ def job_key() -> str | None:
     return None if job is None else job if "_" in job else f"{job}_0"
 
 
+def step_tasks() -> int:
+    """How many tasks (DDP ranks) the job step of this process has: 1 outside SLURM."""
+    return int(os.environ.get("SLURM_NTASKS") or 1)
+
+
 def is_rank0() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 

@@ -66,6 +66,8 @@ class Resources:
     extra: list = field(default_factory=list)  # raw sbatch options, e.g. ["--exclusive", "--mail-type=END"]
     array_parallelism: int = 64
     nodes: int = 1
+    # DDP ranks per node: 0 = one per GPU (one task without GPUs); N without GPUs: N gloo ranks per node on CPU
+    tasks_per_node: int = 0
     max_requeues: int = 0  # a cell checkpointed on a signal is requeued at most this often (0: no cap)
     max_retries: int = 2  # a crashed cell is run again at most this often (histokt.batch.retry)
     per_dataset: dict = field(default_factory=dict)  # {dataset: {"time_min": .., "mem_gb": ..}}
@@ -372,6 +374,13 @@ def _resources(t, key, where) -> Resources:
             raise UserError(f"{where}: {key}.{name}: {getattr(r, name)} is impossible; must be at least 1")
     if r.gpus < 0:
         raise UserError(f"{where}: {key}.gpus: {r.gpus} is impossible; must be at least 0")
+    if r.tasks_per_node < 0:
+        raise UserError(f"{where}: {key}.tasks_per_node: {r.tasks_per_node} is impossible; must be at least 0")
+    if r.gpus and r.tasks_per_node not in (0, r.gpus):
+        raise UserError(
+            f"{where}: {key}.tasks_per_node: {r.tasks_per_node} with gpus = {r.gpus}: a GPU stage runs one task "
+            f"(rank) per GPU; remove tasks_per_node"
+        )
     if r.max_requeues < 0:
         raise UserError(f"{where}: {key}.max_requeues: {r.max_requeues} must be at least 0 (0: no cap)")
     if r.max_retries < 0:

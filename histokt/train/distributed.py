@@ -4,16 +4,27 @@ The world comes from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK), from S
 started several tasks (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or from ``--nproc K`` on one
 machine. gloo on CPU, NCCL on GPU. With one process nothing is initialised and every collective is a
 no-op, so the same loop serves all cases.
+
+Where the ranks meet: a launcher that names MASTER_ADDR and MASTER_PORT (torchrun, ``--nproc``) decides.
+srun names neither, so the tasks of a step meet through the cell's run directory, which every node sees:
+rank 0 opens the rendezvous store on a port its own host's kernel picks (so two cells whose rank 0 share a
+node never collide, whatever their job ids) and leaves ``host port`` in ``RUN_DIR/.rendezvous-<attempt>``;
+the other ranks wait for that file, connect, and rank 0 removes it once all have.
 """
 
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from histokt import atomic
 
 
 @dataclass(frozen=True)
@@ -51,15 +62,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(world: World, device: torch.device) -> None:
-    """Join the process group (nothing to do for a world of one)."""
+RENDEZVOUS_TIMEOUT_S = 600.0  # how long ranks wait for each other (rank 0 may be copying the dataset first)
+POLL_S = 0.2
+
+
+def init(world: World, device: torch.device, meeting: Path | None = None) -> None:
+    """Join the process group (nothing to do for a world of one): at the launcher's MASTER_ADDR/PORT where it
+    names them, else through ``meeting`` (the run directory: ``rendezvous``)."""
     if world.size == 1:
         return
-    os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-    # srun tasks of one job agree on a port derived from the job id (stable across requeues)
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 40000))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+    named = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if named or meeting is None:
+        os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        os.environ.setdefault("MASTER_PORT", "29500")  # torchrun's default
+        dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+        return
+    store = rendezvous(world, meeting)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size)
+
+
+def attempt() -> str:
+    """This launch of the job step, as the tasks of one step (and no other) agree: job, step and requeue count."""
+    env = os.environ
+    return f"{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '0')}.{env.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def rendezvous(world: World, folder: Path, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> dist.TCPStore:
+    """The store every rank of this launch connects to: rank 0 serves it on a port its kernel picks and
+    leaves its address in ``folder/.rendezvous-<attempt>``; the others read it there."""
+    path = Path(folder) / f".rendezvous-{attempt()}"
+    timeout = timedelta(seconds=timeout_s)
+    if world.main:
+        for stale in Path(folder).glob(".rendezvous-*"):  # a killed attempt's: nobody reads it again
+            stale.unlink(missing_ok=True)
+        store = dist.TCPStore("0.0.0.0", 0, world.size, True, timeout=timeout, wait_for_workers=False)
+        # the host name, as the other nodes resolve it (the node's NCCL/gloo interface: README, cluster guide)
+        atomic.write_bytes(path, f"{socket.gethostname()} {store.port}\n".encode())
+        store.wait([f"histokt/joined/{r}" for r in range(1, world.size)])
+        path.unlink(missing_ok=True)
+        return store
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path}: rank 0 did not open the rendezvous in {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+    host, port = path.read_text().split()
+    store = dist.TCPStore(host, int(port), world.size, False, timeout=timeout)
+    store.set(f"histokt/joined/{world.rank}", "1")
+    return store
 
 
 def shutdown() -> None:

@@ -110,9 +110,22 @@ def _rank_main(cfg: TrainConfig, rank: int, port: int, errors: Any) -> None:
 def device_for(cfg: TrainConfig, world: distributed.World) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    index = world.local_rank % torch.cuda.device_count()
+    index = device_index(world.local_rank, torch.cuda.device_count())
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The GPU of a rank among the ``visible`` ones of its node: its local rank where the node's tasks share
+    every GPU (srun --gpus-per-node), the one GPU where the launcher bound each task to its own."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise UserError(
+            f"local rank {local_rank} but {visible} GPUs visible on this node: run one task per GPU "
+            f"(a stage's tasks_per_node is its gpus; srun --ntasks-per-node = --gpus-per-node)"
+        )
+    return local_rank
 
 
 def run(cfg: TrainConfig, world: distributed.World) -> Outcome:
@@ -127,7 +140,7 @@ def run(cfg: TrainConfig, world: distributed.World) -> Outcome:
         return Outcome.finished(done)
     device = device_for(cfg, world)
     with staged_data(cfg, world) as data_cfg:  # before the process group: no collective waits on a copy
-        distributed.init(world, device)
+        distributed.init(world, device, run_dir)
         try:
             return Trainer(data_cfg, world, device).fit()
         finally:

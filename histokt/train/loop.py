@@ -307,6 +307,32 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.state = state_of(ckpt)
+        self._prime_gradient_buckets()
+        if self.world.main:  # the log says where an interrupted or crashed attempt is picked up
+            print(
+                f"histokt train: {self.run_dir}: resuming at step {self.state['step']} (epoch {self.state['epoch']}, "
+                f"batch {self.state['batch']})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _prime_gradient_buckets(self) -> None:
+        """DDP reduces a fresh process's first backward in one bucket and regroups the gradients in the order
+        they came for the steps after; over more than two ranks another grouping sums in another order. A
+        resumed run's first step would so round otherwise than the uninterrupted run's: one throwaway pass
+        (zero loss, BatchNorm statistics put back, gradients dropped) makes DDP regroup before it."""
+        if self.world.size < 3:
+            return  # a sum of two is the same in either order
+        kept = [b.detach().clone() for b in self.model.buffers()]
+        self.net.train()
+        self.apply_bn_mode(self.model)
+        x = torch.zeros((2, 3, 64, 64), device=self.device).to(memory_format=self.memory_format)
+        with self._autocast():
+            (self.net(x).float().sum() * 0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, value in zip(self.model.buffers(), kept, strict=True):
+                buffer.copy_(value)
 
     def save(self) -> None:
         """All ranks reach this at the same step; rank 0 writes (replicated weights)."""

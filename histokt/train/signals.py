@@ -19,7 +19,11 @@ class _Process(Protocol):
 
 
 class StopRequested:
-    """SIGUSR2/SIGTERM only set a flag; the loop checks it at the next step boundary (docs/cluster.md §4.2)."""
+    """SIGUSR2/SIGTERM only set a flag; the loop checks it at the next step boundary (docs/cluster.md §4.2).
+
+    Nested in another StopRequested (a rank of a multi-task job step holds one around the whole cell), it
+    starts with the outer one's flag (a signal that came while the data was staged stops the training at its
+    first step) and hands its own back on exit, so a signal is never lost between the two, nor fatal."""
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -28,16 +32,27 @@ class StopRequested:
         self.previous: dict[int, _Handler] = {}
 
     def __enter__(self) -> "StopRequested":
+        return self.install()
+
+    def install(self) -> "StopRequested":
+        """The handlers in place (``with`` puts the previous ones back; a process that ends under them need not)."""
         for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
+        self.flag = self.flag or any(outer.flag for outer in self._outer())
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.flag = True
 
+    def _outer(self) -> list["StopRequested"]:
+        bound = (getattr(handler, "__self__", None) for handler in self.previous.values())
+        return [outer for outer in bound if isinstance(outer, StopRequested) and outer is not self]
+
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        for outer in self._outer():
+            outer.flag = outer.flag or self.flag
 
 
 class ForwardSignals:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Stop the single-node SLURM started by start.sh: slurmd, slurmctld, then munged.
+# Stop the local SLURM started by start.sh: every slurmd, slurmctld, then munged, and remove the test
+# network of an N-node cluster (its namespaces, veth pairs, bridge and /etc/hosts lines).
 #   sudo slurm/local/stop.sh
 # HISTOKT_SLURM_KEEP_MUNGE=1 leaves munged running. Jobs still running are killed with slurmd;
 # slurmctld saves its state, so queued jobs are back after start.sh.
 set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm/local/network.sh
+. "$HERE/network.sh"
 
 log() { printf 'histokt-slurm stop: %s\n' "$*"; }
 
@@ -32,11 +36,21 @@ stop_pidfile() {  # pidfile name -> stop the process by its pid: TERM, wait, the
 
 [ "$(id -u)" -eq 0 ] || { echo "histokt-slurm stop: ERROR: run as root" >&2; exit 1; }
 
-stop_pidfile /var/run/slurmd.pid slurmd
+for pidfile in /var/run/slurmd.pid /var/run/slurmd-*.pid; do  # slurmd.pid: a cluster started before %n
+    [ -e "$pidfile" ] && stop_pidfile "$pidfile" slurmd
+done
 stop_pidfile /var/run/slurmctld.pid slurmctld
 if [ "${HISTOKT_SLURM_KEEP_MUNGE:-0}" = 1 ]; then
     log "leaving munged running (HISTOKT_SLURM_KEEP_MUNGE=1)"
 else
     stop_pidfile /run/munge/munged.pid munged
 fi
+# the nodes' task processes (slurmstepd) left in a namespace die with it only once they end: kill them
+for ns in /var/run/netns/histokt-node*; do
+    [ -e "$ns" ] || continue
+    pids=$(ip netns pids "$(basename "$ns")" 2>/dev/null)
+    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+done
+network_stop
+log "test network removed"
 exit 0

@@ -95,3 +95,11 @@ def test_paper_study_cost_is_printed_before_anything_is_submitted(tmp_path, cli_
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "what it will cost" in r.stdout and "queue budget of 500 tasks" in r.stdout and "2,500 images/s" in r.stdout
+
+
+def test_a_cell_on_several_nodes_asks_for_the_gpus_of_each(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(SPEC.format(root=tmp_path).replace("gpus = 2\n", "gpus = 2\nnodes = 3\n"))
+    c = costs(load(path), img_per_s=100.0)["pretrain"]
+    assert c.requested_gpu_h == pytest.approx(6 * 3 * 2 * 90 / 60)
+    assert c.estimated_gpu_h == pytest.approx(3 * (10 * (800 + 100) + 100) / 100 / 3600 * 6)

@@ -89,8 +89,49 @@ def test_per_dataset_overrides_go_into_arrays_of_their_own(tmp_path):
         (("time_min = 15,", "minutes = 15,"), r"mhist.minutes: unknown key; allowed here: mem_gb, time_min"),
         (("mem_gb = 8 ", "mem_gb = -1 "), r"per_dataset.mhist.mem_gb: -1.0 must be a positive"),
         (("time_floor_min = 120", "time_floor_min = 700"), r"time_floor_min: 700 must be between 1 and time_min"),
+        (("max_requeues = 3", "tasks_per_node = -1"), r"pretrain.resources.tasks_per_node: -1 is impossible"),
+        (("max_requeues = 3", "tasks_per_node = 2"), r"tasks_per_node: 2 with gpus = 1: a GPU stage runs one task"),
     ],
 )
 def test_resource_mistakes_name_the_key(tmp_path, edit, message):
     with pytest.raises(UserError, match=message):
         load(write(tmp_path, SPEC.replace(*edit)))
+
+
+def ddp_script(tmp_path, resources: str) -> str:
+    text = SPEC.split("[stages.pretrain.resources]")[0] + "[stages.pretrain.resources]\n" + resources
+    out = sweep(
+        SweepConfig(spec=write(tmp_path, text), executor="slurm", dry_run=True, only="pretrain", progress=False)
+    )
+    return out["scripts"]["pretrain"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "tasks", "gpus"),
+    [
+        ("nodes = 2\ntasks_per_node = 2\n", 2, None),  # CPU ranks (gloo): the srun path of GPU cells, here
+        ("nodes = 2\ngpus = 4\n", 4, 4),  # one task (rank) per GPU
+        ("gpus = 4\ntasks_per_node = 4\n", 4, 4),  # the same, said twice
+    ],
+)
+def test_a_ddp_stage_asks_for_its_ranks_and_ends_its_step_when_one_dies(tmp_path, resources, tasks, gpus):
+    lines = ddp_script(tmp_path, resources).splitlines()
+    assert f"#SBATCH --ntasks-per-node={tasks}" in lines
+    assert ("#SBATCH --gpus-per-node=4" in lines) == (gpus == 4)
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun.split()
+
+
+@pytest.mark.parametrize("resources", ["", "gpus = 1\n", "tasks_per_node = 1\n"])
+def test_a_one_task_stage_runs_as_before(tmp_path, resources):
+    lines = ddp_script(tmp_path, resources).splitlines()
+    assert "#SBATCH --ntasks-per-node=1" in lines
+    assert "--kill-on-bad-exit=1" not in next(line for line in lines if line.startswith("srun ")).split()
+
+
+def test_only_one_task_cells_are_pooled():
+    from histokt.batch.pool import poolable
+    from histokt.study.spec import Resources
+
+    assert poolable(Resources()) and poolable(Resources(gpus=1)) and poolable(Resources(tasks_per_node=1))
+    assert not poolable(Resources(tasks_per_node=2)) and not poolable(Resources(nodes=2))

@@ -355,6 +355,11 @@ def test_a_crashed_task_is_requeued_and_retried_by_slurm(slurm_cluster, tmp_path
     assert crc["status"] == "done" and len(crc["failures"]) == 1 and crc["attempts"] == 2
     assert mhist["status"] == "failed" and len(mhist["failures"]) == 2 and mhist["retry"] is False
     assert mhist["failures"][0]["job"] == mhist["failures"][1]["job"]  # the same task, requeued
+    from histokt.batch.slurm import partition_nodes
+
+    if len(partition_nodes() or ()) >= 2:  # the two-node cluster: the watching sweep kept the retry off its node
+        assert mhist["failures"][0]["node"] != mhist["failures"][1]["node"], mhist["failures"]
+        assert crc["failures"][0]["node"] in partition_nodes()
     assert sum("A-mhist-random-s0" in rec["cells"] for rec in submissions(runs)) == 1  # never resubmitted
     assert (runs / "cells" / "transfer" / "B-random-crc-mhist-deep-lr1e-3-s0" / "result.json").exists()
     assert state(runs / "cells" / "transfer" / "B-random-mhist-crc-deep-lr1e-3-s0")["status"] == "blocked"

@@ -22,6 +22,33 @@ def test_stop_requested_installs_its_handler_and_starts_as_a_real_bool():
     assert _handlers() == before
 
 
+def test_a_nested_stop_starts_with_the_outer_ones_signal_and_hands_its_own_back():
+    """A rank of a multi-task step holds one StopRequested around the cell; the training loop's nests inside."""
+    before = _handlers()
+    with StopRequested() as outer:
+        signal.raise_signal(signal.SIGTERM)  # while the data was staged: not fatal, not lost
+        with StopRequested() as loop:
+            assert loop.flag is True
+        assert _handlers() == {sig: outer._handle for sig in StopRequested.SIGNALS}
+    with StopRequested() as outer:
+        with StopRequested() as loop:
+            assert loop.flag is False
+            signal.raise_signal(signal.SIGUSR2)
+        assert outer.flag is True  # the loop's stop, kept for the rest of the cell
+        signal.raise_signal(signal.SIGTERM)  # srun ending the step while rank 0 writes its marker: not fatal
+    assert _handlers() == before
+
+
+def test_installed_for_good_it_outlives_no_block():
+    before = _handlers()
+    try:
+        stop = StopRequested().install()
+        assert _handlers() == {sig: stop._handle for sig in StopRequested.SIGNALS}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_forward_signals_ignores_during_start_up_then_forwards_to_live_ranks(monkeypatch):
     sent = []
     monkeypatch.setattr(signals.os, "kill", lambda pid, sig: sent.append((pid, sig)))

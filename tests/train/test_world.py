@@ -87,41 +87,126 @@ def test_free_port_is_bindable():
 def joins(monkeypatch):
     calls = []
 
-    def init_process_group(backend, *, rank, world_size):
-        calls.append((backend, rank, world_size))
+    def init_process_group(backend, *, rank, world_size, store=None):
+        calls.append((backend, rank, world_size) if store is None else (backend, rank, world_size, store))
 
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     unset(monkeypatch, "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
     return calls
 
 
-def test_a_world_of_one_joins_nothing(joins):
-    distributed.init(World(0, 1, 0), CPU)
+def test_a_world_of_one_joins_nothing(joins, tmp_path):
+    distributed.init(World(0, 1, 0), CPU, tmp_path)
     assert joins == [] and "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_joining_on_one_machine(joins):
+def test_without_a_meeting_place_the_ranks_meet_at_torchruns_default(joins):
     distributed.init(World(1, 2, 1), CPU)
     assert joins == [("gloo", 1, 2)]
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("127.0.0.1", "20000")
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("127.0.0.1", "29500")
 
 
-def test_srun_tasks_meet_on_the_first_host_at_a_port_from_the_job_id(joins, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-05,7],cpu1")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    distributed.init(World(3, 4, 1), torch.device("cuda"))
-    assert joins == [("nccl", 3, 4)]
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu03", str(20000 + 123456 % 40000))
-
-
-def test_a_launchers_address_and_port_are_kept(joins, monkeypatch):
+def test_a_launchers_address_and_port_are_kept(joins, monkeypatch, tmp_path):
     monkeypatch.setenv("MASTER_ADDR", "head")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-05]")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    distributed.init(World(0, 3, 0), CPU)
-    assert joins == [("gloo", 0, 3)]
+    distributed.init(World(0, 3, 0), torch.device("cuda"), tmp_path)
+    assert joins == [("nccl", 0, 3)]
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29500")
+    assert list(tmp_path.iterdir()) == []  # no rendezvous file: the launcher's address decides
+
+
+# ---- the rendezvous of srun tasks through the run directory (real TCPStores, ranks as threads) ---------------
+
+
+def meet(folder, size: int, results: dict, key: str, alive: list) -> list:
+    """Every rank of a world of ``size`` calls ``rendezvous`` at once (rank 0 last, so the others wait for its
+    file); each records the store's port and a value rank 0 set. The stores are kept in ``alive`` until the
+    test ends: rank 0's serves the others."""
+    import threading
+
+    def rank(r: int) -> None:
+        store = distributed.rendezvous(World(r, size, r), folder, timeout_s=60)
+        alive.append(store)
+        if r == 0:
+            store.set(f"{key}/hello", key)
+        results[(key, r)] = (store.port, store.get(f"{key}/hello").decode())
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in [*range(1, size), 0]]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.fixture
+def in_a_step(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+
+
+def test_ranks_meet_where_rank_0_leaves_its_port_and_the_file_goes(in_a_step, tmp_path):
+    stale = tmp_path / ".rendezvous-41.0.1"  # the attempt before the last requeue, killed
+    stale.write_text("deadhost 1\n")
+    results: dict = {}
+    for t in meet(tmp_path, 3, results, "cell", []):
+        t.join(timeout=90)
+    ports = {results[("cell", r)] for r in range(3)}
+    assert len(ports) == 1 and next(iter(ports))[1] == "cell"  # all on rank 0's store, which it opened
+    assert list(tmp_path.iterdir()) == []  # the stale file and this attempt's, gone once all joined
+
+
+def test_two_cells_whose_rank_0_share_a_node_never_share_a_port(in_a_step, tmp_path):
+    """Two cells with the same job id modulo anything: each rank 0 takes a port its kernel picks."""
+    results: dict = {}
+    alive: list = []
+    threads = meet(tmp_path / "a", 2, results, "a", alive) + meet(tmp_path / "b", 2, results, "b", alive)
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    for t in threads:
+        t.join(timeout=90)
+    assert results[("a", 0)] == results[("a", 1)] and results[("b", 0)] == results[("b", 1)]
+    assert results[("a", 0)][0] != results[("b", 0)][0]
+
+
+def test_the_attempt_names_the_job_step_and_requeue(in_a_step, monkeypatch):
+    assert distributed.attempt() == "41.0.2"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert distributed.attempt() == "41.0.3"
+
+
+def test_a_rank_waiting_for_a_rank_0_that_never_comes_says_so(in_a_step, tmp_path):
+    with pytest.raises(RuntimeError, match=r"rank 0 did not open the rendezvous in 1 s"):
+        distributed.rendezvous(World(1, 2, 1), tmp_path, timeout_s=1)
+
+
+# ---- the GPU of a rank (a faked device count) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "visible", "index"),
+    [(0, 4, 0), (3, 4, 3), (1, 2, 1), (0, 1, 0), (3, 1, 0)],  # one GPU visible: srun bound the task to it
+)
+def test_a_local_rank_takes_its_gpu(local_rank, visible, index, monkeypatch):
+    from histokt.train import launch
+    from histokt.train.config import TrainConfig
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    device = launch.device_for(TrainConfig(store="s", dataset="d", out="o"), World(5, 8, local_rank))
+    assert device == torch.device("cuda", index) and chosen == [index]
+
+
+def test_more_ranks_than_gpus_on_a_node_is_refused(monkeypatch):
+    from histokt.errors import UserError
+    from histokt.train.launch import device_index
+
+    with pytest.raises(UserError, match="local rank 2 but 2 GPUs visible on this node: run one task per GPU"):
+        device_index(2, 2)
 
 
 # ---- collectives: no-ops alone, real calls in a group of one -------------------------------------------------
