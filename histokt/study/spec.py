@@ -291,7 +291,12 @@ def _stage(name: str, t, where) -> Stage:
         raise UserError(f"{where}: {key}: expected a table")
     _keys(t, STAGE_KEYS[name], key, where)
     stage = Stage(name=name)
-    stage.resources = _resources(t.get("resources", {}), f"{key}.resources", where)
+    stage.resources = r = _resources(t.get("resources", {}), f"{key}.resources", where)
+    if name in ("standardize", "collect") and r.nodes * max(1, r.gpus, r.tasks_per_node) > 1:
+        raise UserError(
+            f"{where}: {key}.resources: nodes = {r.nodes}, gpus = {r.gpus}, tasks_per_node = {r.tasks_per_node}: "
+            f"only training stages run several ranks (DDP); a {name} cell is one task: ask for 1"
+        )
     for attr, typ in (
         ("datasets", str),
         ("sources", str),

@@ -135,3 +135,11 @@ def test_only_one_task_cells_are_pooled():
 
     assert poolable(Resources()) and poolable(Resources(gpus=1)) and poolable(Resources(tasks_per_node=1))
     assert not poolable(Resources(tasks_per_node=2)) and not poolable(Resources(nodes=2))
+
+
+@pytest.mark.parametrize("resources", ["nodes = 2", "gpus = 2", "tasks_per_node = 4"])
+@pytest.mark.parametrize("stage", ["standardize", "collect"])
+def test_a_stage_that_is_no_training_runs_one_task(tmp_path, stage, resources):
+    text = SPEC + f"\n[stages.{stage}.resources]\n{resources}\n"
+    with pytest.raises(UserError, match=rf"stages.{stage}.resources: .*only training stages run several ranks"):
+        load(write(tmp_path, text))
