@@ -184,7 +184,7 @@ CASES = [
         {f"{RES}.gpu": 1},
         f"{RES}.gpu: unknown key; allowed here: "
         "account, array_parallelism, constraint, cpus, extra, gpus, gres, max_requeues, max_retries, mem_gb, nodes, "
-        "partition, per_dataset, qos, time_floor_min, time_min",
+        "partition, per_dataset, qos, tasks_per_node, time_floor_min, time_min",
         "resources-unknown",
     ),
     case({f"{RES}.gpus": "1"}, f"{RES}.gpus: '1' is not a int", "gpus-str"),
