@@ -55,7 +55,7 @@ SAFETY = 1.25  # on the longest duration seen
 
 def poolable(r: Resources) -> bool:
     """One task on one node: a DDP cell of several GPUs or nodes needs a job step of its own."""
-    return r.nodes == 1 and r.gpus <= 1 and r.tasks_per_node <= 1
+    return r.nodes == 1 and r.ranks_per_node == 1
 
 
 def kind(r: Resources) -> tuple:

@@ -656,11 +656,6 @@ def slurm_parameters(spec, stage: str, run_root: Path, dependency: list[str], da
     return batch_parameters(resources(spec, stage, dataset), f"histokt-{spec.name}-{stage}", run_root, dependency)
 
 
-def tasks_per_node(r: Resources) -> int:
-    """DDP ranks per node: one per GPU, or the stage's ``tasks_per_node`` (CPU ranks, gloo)."""
-    return r.tasks_per_node or max(1, r.gpus)
-
-
 def batch_parameters(r: Resources, job_name: str, run_root: Path, dependency: list[str]) -> dict:
     """submitit's parameters for an array whose tasks each get ``r``."""
     extra: dict[str, Any] = {"requeue": True}
@@ -670,7 +665,7 @@ def batch_parameters(r: Resources, job_name: str, run_root: Path, dependency: li
         "nodes": r.nodes,
         "cpus_per_task": r.cpus,
         "mem": f"{int(r.mem_gb * 1024)}MB",
-        "ntasks_per_node": tasks_per_node(r),  # DDP: each task is one rank
+        "ntasks_per_node": r.ranks_per_node,  # DDP: each task is one rank
         "array_parallelism": r.array_parallelism,
         "signal_delay_s": 120,
         "additional_parameters": extra,
@@ -685,7 +680,7 @@ def batch_parameters(r: Resources, job_name: str, run_root: Path, dependency: li
         "teardown": slurm.teardown_lines(run_root),
         "stderr_to_stdout": True,
     }
-    if r.nodes * tasks_per_node(r) > 1:
+    if r.nodes * r.ranks_per_node > 1:
         # a rank that dies (a lost node, an OOM kill) ends the whole step at once: the others would wait in
         # a collective until the NCCL timeout
         params["srun_args"] = ["--kill-on-bad-exit=1"]

@@ -72,6 +72,11 @@ class Resources:
     max_retries: int = 2  # a crashed cell is run again at most this often (histokt.batch.retry)
     per_dataset: dict = field(default_factory=dict)  # {dataset: {"time_min": .., "mem_gb": ..}}
 
+    @property
+    def ranks_per_node(self) -> int:
+        """DDP ranks (srun tasks) per node: one per GPU, or ``tasks_per_node`` CPU ranks (gloo)."""
+        return self.tasks_per_node or max(1, self.gpus)
+
     def for_dataset(self, name: str | None) -> "Resources":
         """These resources with ``name``'s overrides applied."""
         override = self.per_dataset.get(name, {}) if name else {}
@@ -292,7 +297,7 @@ def _stage(name: str, t, where) -> Stage:
     _keys(t, STAGE_KEYS[name], key, where)
     stage = Stage(name=name)
     stage.resources = r = _resources(t.get("resources", {}), f"{key}.resources", where)
-    if name in ("standardize", "collect") and r.nodes * max(1, r.gpus, r.tasks_per_node) > 1:
+    if name in ("standardize", "collect") and r.nodes * r.ranks_per_node > 1:
         raise UserError(
             f"{where}: {key}.resources: nodes = {r.nodes}, gpus = {r.gpus}, tasks_per_node = {r.tasks_per_node}: "
             f"only training stages run several ranks (DDP); a {name} cell is one task: ask for 1"
